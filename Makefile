@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make run` (the pipeline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# DVC runs each stage's `python ...` through a shell: put the venv first on PATH for it.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test bench clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# Fashion-MNIST, the default data set, comes from Debian's package when we can install it; otherwise
+# the download stage tries the official mirrors (or set data.source).
+fashion-mnist:
+	@if [ ! -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	fi
+
+setup: $(BIN)/.installed fashion-mnist
+	@test -d .dvc || (echo "no .dvc/ here: run from the repository root" && false)
+
+run: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean-venv:
+	rm -rf $(VENV)

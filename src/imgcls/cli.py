@@ -1,0 +1,40 @@
+"""What every stage entrypoint shares: the project root, strict params, and user errors as exit status 1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import CheckpointError
+from .export import ExportError
+from .fetch import DataError
+from .params import Params, ParamsError, load_params
+from .paths import ProjectPaths
+from .runtime import RuntimeChoiceError
+
+USER_ERRORS = (ParamsError, DataError, CheckpointError, ExportError, RuntimeChoiceError)
+
+
+def project_root() -> Path:
+    """The folder holding dvc.yaml and params.yaml; stages run from there (DVC's working directory)."""
+    return Path.cwd()
+
+
+def run_stage(name: str, body: Callable[[Params, ProjectPaths], None]) -> None:
+    """Validate all params before any work, run ``body``, and turn user errors into one clear line + exit 1."""
+    root = project_root()
+    try:
+        params = load_params(root / "params.yaml")
+        body(params, ProjectPaths(root))
+    except USER_ERRORS as error:
+        print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def log(stage: str) -> Callable[[str], None]:
+    def emit(message: str) -> None:
+        prefix = "" if message.startswith(f"{stage}:") else f"{stage}: "
+        print(prefix + message, flush=True)
+
+    return emit

@@ -1,0 +1,106 @@
+"""Test-set metrics and the pictures people look at: confusion matrix and misclassified images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .fileio import atomic_path
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
+    """Accuracy (= recall: share of the class's images classified right), precision and recall per class."""
+    metrics = {}
+    for c, name in enumerate(class_names):
+        true_positive = confusion[c, c]
+        actual = confusion[c].sum()
+        predicted = confusion[:, c].sum()
+        recall = float(true_positive / actual) if actual else 0.0
+        metrics[name] = {
+            "accuracy": recall,
+            "precision": float(true_positive / predicted) if predicted else 0.0,
+            "recall": recall,
+            "support": int(actual),
+        }
+    return metrics
+
+
+def write_per_class_csv(path: Path, per_class: dict[str, dict[str, float]]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame.from_dict(per_class, orient="index")
+    frame.index.name = "class"
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, float_format="%.4f")
+
+
+def write_predictions_csv(path: Path, labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> None:
+    """One row per test image (actual, predicted class names): DVC's confusion-matrix plot reads this."""
+    import pandas as pd
+
+    names = np.array(class_names, dtype=object)
+    frame = pd.DataFrame({"actual": names[labels], "predicted": names[predictions]})
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def plot_confusion_matrix(path: Path, confusion: np.ndarray, class_names: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    size = max(5.0, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    row_share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if row_share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_misclassified(path: Path, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                       class_names: list[str], limit: int) -> int:
+    """Grid of misclassified images (uint8 (N, C, H, W)) titled 'true -> predicted'; returns how many."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(labels != predictions)[:limit]
+    columns = max(1, min(6, len(wrong)))
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong):
+        image = images[index].transpose(1, 2, 0)  # (H, W, C)
+        ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
+        ax.set_title(f"{class_names[labels[index]]}\n-> {class_names[predictions[index]]}", fontsize=8)
+    if not len(wrong):
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle("misclassified test images (true -> predicted)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return len(wrong)

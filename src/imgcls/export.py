@@ -1,0 +1,104 @@
+"""TorchScript and ONNX exports, checked for parity against the PyTorch model and timed at batch 1.
+
+The exported graphs take float images in [0, 1], shape (N, C, H, W): normalization is inside the model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ExportError(RuntimeError):
+    """An export that does not match the PyTorch model closely enough."""
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    traced.save(str(path))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    # The TorchScript-based exporter (dynamo=False) writes one self-contained file and needs no onnxscript.
+    torch.onnx.export(
+        model, (example,), str(path), input_names=["images"], output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+    )
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    return {
+        "max_abs_logit_diff": float(np.abs(reference - candidate).max()) if reference.size else 0.0,
+        "same_predictions": bool((reference.argmax(1) == candidate.argmax(1)).all()),
+        "prediction_mismatches": int((reference.argmax(1) != candidate.argmax(1)).sum()),
+    }
+
+
+def batched(fn, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    return np.concatenate([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def check_parity(model: nn.Module, torchscript_path: Path, onnx_path: Path, images01: np.ndarray, atol: float) -> dict:
+    """Compare logits of PyTorch (fp32, eval), TorchScript and ONNX Runtime on ``images01`` (float32 [0, 1])."""
+    with torch.no_grad():
+        reference = batched(lambda x: model(torch.from_numpy(x)).numpy(), images01)
+        scripted = torch.jit.load(str(torchscript_path)).eval()
+        torchscript_logits = batched(lambda x: scripted(torch.from_numpy(x)).numpy(), images01)
+    session = onnx_session(onnx_path)
+    onnx_logits = batched(lambda x: session.run(None, {"images": x})[0], images01)
+    result = {"images": int(len(images01)), "atol": atol,
+              "torchscript": parity(reference, torchscript_logits), "onnx": parity(reference, onnx_logits)}
+    for runtime in ("torchscript", "onnx"):
+        check = result[runtime]
+        if check["max_abs_logit_diff"] > atol or not check["same_predictions"]:
+            raise ExportError(
+                f"{runtime} export differs from the PyTorch model on {len(images01)} test images: max |logit diff| "
+                f"{check['max_abs_logit_diff']:.3g} (allowed {atol:g}), {check['prediction_mismatches']} different "
+                "predicted classes; the export is not written. Check for ops that differ between runtimes"
+            )
+    return result
+
+
+def median_latency_ms(call, calls: int, warmup: int = 20) -> float:
+    for _ in range(warmup):
+        call()
+    timings = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def measure_latency(torchscript_path: Path, onnx_path: Path, image01: np.ndarray, calls: int) -> dict:
+    """Median batch-1 latency with one thread for ONNX Runtime and TorchScript."""
+    batch = np.ascontiguousarray(image01[None], dtype=np.float32)  # (1, C, H, W)
+    session = onnx_session(onnx_path, threads=1)
+    onnx_ms = median_latency_ms(lambda: session.run(None, {"images": batch}), calls)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scripted = torch.jit.load(str(torchscript_path)).eval()
+        tensor = torch.from_numpy(batch)
+        with torch.no_grad():
+            torchscript_ms = median_latency_ms(lambda: scripted(tensor), calls)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"calls": calls, "threads": 1, "onnxruntime_median_ms": onnx_ms, "torchscript_median_ms": torchscript_ms}

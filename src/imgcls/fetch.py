@@ -1,0 +1,140 @@
+"""Getting files from a source: local paths, HTTP(S) URLs with bounded retries, and source lists.
+
+A *location* is a local file, a local folder or a URL. A *source list* is a ``.txt`` file naming
+locations one per line (``#`` starts a comment); they are tried in order until one yields every file
+with the right checksum. Relative paths in a source list are relative to the list's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+CHUNK_BYTES = 1 << 20
+
+
+class DataError(Exception):
+    """A data problem the user can fix (bad source, checksum, archive or image); the message says how."""
+
+
+class PermanentFetchError(DataError):
+    """A failure that retrying the same URL will not fix (HTTP 404, missing local file)."""
+
+
+def is_url(location: str) -> bool:
+    return urllib.parse.urlsplit(location).scheme in ("http", "https")
+
+
+def read_source_list(path: Path) -> list[str]:
+    """Locations from a source list, relative paths resolved against the list's folder."""
+    locations = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not is_url(line) and not Path(line).is_absolute():
+            line = str((path.parent / line).resolve())
+        locations.append(line)
+    if not locations:
+        raise DataError(f"source list {path} names no location; add a path or URL per line")
+    return locations
+
+
+def expand_source(source: str) -> list[str]:
+    """The locations to try for ``data.source``: a source list expands, anything else is one location."""
+    if not is_url(source) and source.endswith(".txt"):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"data.source: source list {source} does not exist")
+        return read_source_list(path)
+    return [source]
+
+
+def join_location(location: str, filename: str) -> str:
+    """``filename`` inside a folder location (URL or path)."""
+    if is_url(location):
+        return location.rstrip("/") + "/" + urllib.parse.quote(filename)
+    return str(Path(location) / filename)
+
+
+@dataclass(frozen=True)
+class Digest:
+    sha256: str
+    md5: str
+    size: int
+
+
+def digest_file(path: Path) -> Digest:
+    sha, md5, size = hashlib.sha256(), hashlib.md5(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            sha.update(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+    return Digest(sha.hexdigest(), md5.hexdigest(), size)
+
+
+def _download_once(url: str, dest: Path, timeout_s: float, progress: Callable[[int, int | None], None] | None) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
+            expected = response.headers.get("Content-Length")
+            expected_bytes = int(expected) if expected and expected.isdigit() else None
+            received = 0
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+                received += len(chunk)
+                if progress:
+                    progress(received, expected_bytes)
+            if expected_bytes is not None and received != expected_bytes:
+                raise DataError(
+                    f"connection to {url} dropped after {received} of {expected_bytes} bytes"
+                )
+    except urllib.error.HTTPError as error:
+        if 400 <= error.code < 500 and error.code not in (408, 429):
+            raise PermanentFetchError(f"HTTP {error.code} {error.reason} for {url}") from None
+        raise DataError(f"HTTP {error.code} {error.reason} for {url}") from None
+    except urllib.error.URLError as error:
+        raise DataError(f"cannot reach {url}: {error.reason}") from None
+    except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
+        # IncompleteRead, RemoteDisconnected and resets: the connection dropped mid-file.
+        raise DataError(f"connection to {url} dropped mid-file ({type(error).__name__}: {error})") from None
+
+
+def fetch_file(
+    location: str,
+    dest: Path,
+    *,
+    retries: int,
+    timeout_s: float,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> None:
+    """Copy or download one file to ``dest``; URLs get up to ``retries`` attempts with a short back-off."""
+    if not is_url(location):
+        path = Path(location)
+        if not path.is_file():
+            raise PermanentFetchError(f"{location} does not exist or is not a file")
+        shutil.copyfile(path, dest)
+        return
+    last_error: DataError | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            _download_once(location, dest, timeout_s, progress)
+            return
+        except PermanentFetchError:
+            raise
+        except DataError as error:
+            last_error = error
+            if attempt < retries:
+                log(f"download: attempt {attempt}/{retries} failed: {error}; retrying")
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+    raise DataError(f"{last_error} (gave up after {retries} attempts)")

@@ -1,0 +1,113 @@
+"""Decoding a folder of images laid out as ``<split>/<class>/<file>`` into uint8 arrays."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .datasets import IMAGE_SUFFIXES, SPLIT_NAMES, DecodedDataset
+from .fetch import DataError
+
+# Decoding runs in worker processes in chunks of this many files: large enough that process start-up and
+# result transfer cost little next to decoding, small enough to keep both cores busy to the end.
+CHUNK_FILES = 2000
+
+
+def _decode_one(path: str, image_size: int, channels: int) -> np.ndarray:
+    with Image.open(path) as image:
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Composite transparent pixels onto white instead of whatever colour the hidden pixels hold.
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("L" if channels == 1 else "RGB")
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _decode_chunk(paths: list[str], image_size: int, channels: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode a chunk; returns the stacked images of the good files and (path, reason) for bad ones."""
+    images = np.zeros((len(paths), channels, image_size, image_size), dtype=np.uint8)
+    ok = np.ones(len(paths), dtype=bool)
+    bad = []
+    for i, path in enumerate(paths):
+        try:
+            images[i] = _decode_one(path, image_size, channels)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            ok[i] = False
+            bad.append((path, f"{type(error).__name__}: {error}"))
+    return images[ok], bad
+
+
+def list_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], list[Path], list[int], int]:
+    """Class names, image paths and labels of one split folder; also the count of ignored non-image files."""
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = class_names if class_names is not None else found
+    if class_names is not None and found != class_names:
+        raise DataError(
+            f"class folders differ between splits: train has {class_names}, {split_dir.name} has {found}; "
+            "every split needs the same class folders"
+        )
+    paths, labels, ignored = [], [], 0
+    for label, name in enumerate(names):
+        class_files = sorted(p for p in (split_dir / name).rglob("*") if p.is_file())
+        images = [p for p in class_files if p.suffix.lower() in IMAGE_SUFFIXES]
+        ignored += len(class_files) - len(images)
+        if not images:
+            raise DataError(
+                f"class folder {split_dir.name}/{name} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                "add images or remove the folder"
+            )
+        paths += images
+        labels += [label] * len(images)
+    ignored += sum(1 for p in split_dir.iterdir() if p.is_file())
+    return names, paths, labels, ignored
+
+
+def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_image: str,
+                        log: Callable[[str], None] = print, workers: int | None = None) -> DecodedDataset:
+    class_names, _, _, _ = list_split(root / "train", None)
+    if len(class_names) < 2:
+        raise DataError(
+            f"{root / 'train'} has {len(class_names)} class folder(s) {class_names}; a classifier needs at least two"
+        )
+    workers = workers or min(4, os.cpu_count() or 1)
+    splits, ignored_total, bad_total = {}, 0, []
+    with ProcessPoolExecutor(workers) as pool:
+        for split in SPLIT_NAMES:
+            if not (root / split).is_dir():
+                continue
+            _, paths, labels, ignored = list_split(root / split, class_names)
+            ignored_total += ignored
+            chunks = [[str(p) for p in paths[i:i + CHUNK_FILES]] for i in range(0, len(paths), CHUNK_FILES)]
+            results = list(pool.map(_decode_chunk, chunks, [image_size] * len(chunks), [channels] * len(chunks)))
+            bad = [b for _, chunk_bad in results for b in chunk_bad]
+            if bad and on_bad_image == "error":
+                path, reason = bad[0]
+                raise DataError(
+                    f"{len(bad)} unreadable image file(s) in {split}/, first {path} ({reason}); "
+                    "remove or replace them, or set data.on_bad_image: skip"
+                )
+            bad_set = {b[0] for b in bad}
+            kept_labels = np.array([l for p, l in zip(paths, labels) if str(p) not in bad_set], dtype=np.int64)
+            images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, channels, image_size, image_size), np.uint8)
+            splits[split] = (images, kept_labels)
+            bad_total += bad
+    if ignored_total:
+        log(f"preprocess: ignored {ignored_total} file(s) that are not images (by extension)")
+    if bad_total:
+        listed = "\n".join(f"  - {p}: {r}" for p, r in bad_total[:20])
+        more = f"\n  ... and {len(bad_total) - 20} more" if len(bad_total) > 20 else ""
+        log(f"preprocess: skipped {len(bad_total)} unreadable image file(s) (data.on_bad_image: skip):\n{listed}{more}")
+    for split, (_, labels) in splits.items():
+        empty = [class_names[c] for c in range(len(class_names)) if not (labels == c).any()]
+        if empty:
+            raise DataError(f"after skipping unreadable files, {split}/ has no images of class(es) {empty}")
+    return DecodedDataset(splits, class_names)

@@ -1,0 +1,183 @@
+"""The model registry. Every model takes float images in [0, 1], shape (N, C, H, W), and normalizes
+them itself, so TorchScript/ONNX exports and the evaluate stage feed the same input as training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean and std are buffers, so they travel in the state_dict."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class LeNet(nn.Module):
+    """The PyTorch tutorial's network, with its first conv and first Linear sized from the input."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        side = ((image_size - 4) // 2 - 4) // 2  # two (5x5 valid conv, 2x2 pool) steps
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class TutorialCNN(nn.Module):
+    """Three 5x5 conv + 2x2 max-pool blocks of 32/32/64 channels, then Linear 64 and Linear to classes."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        layers, channels = [], in_channels
+        for width in (32, 32, 64):
+            layers += [nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        side = image_size // 8
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale can be frozen at 1 (airbench: the following GELU's scale does the job)."""
+
+    def __init__(self, num_features: int, frozen_scale: bool):
+        super().__init__(num_features, eps=1e-12 if frozen_scale else 1e-5, momentum=0.4 if frozen_scale else 0.1)
+        self.weight.requires_grad = not frozen_scale
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv without bias; optional identity-like (dirac) init of the first in-channels filters."""
+
+    def __init__(self, in_channels: int, out_channels: int, dirac: bool):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding="same", bias=False)
+        if dirac:
+            # Start close to identity on the first in_channels filters: a deep stack trains like a shallow one.
+            torch.nn.init.dirac_(self.weight.data[:in_channels])
+
+
+class ConvGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the second conv's cost)."""
+
+    def __init__(self, in_channels: int, out_channels: int, fast: bool):
+        super().__init__()
+        self.conv1 = Conv(in_channels, out_channels, dirac=fast)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = BatchNorm(out_channels, frozen_scale=fast)
+        self.conv2 = Conv(out_channels, out_channels, dirac=fast)
+        self.norm2 = BatchNorm(out_channels, frozen_scale=fast)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(self.norm1(self.pool(self.conv1(x))))
+        return self.activation(self.norm2(self.conv2(x)))
+
+
+class ConvNet(nn.Module):
+    """The BatchNorm CNN behind ``convnet`` (default) and ``fast`` (the airbench recipe's network).
+
+    fast: a 2x2 first conv whose weights are set from the eigenvectors of training-image patches
+    (whitening, after tysam-code/hlb-cifar10 and airbench), BatchNorm with frozen scale, dirac init,
+    a bias-free head scaled by 1/9. convnet: a learnable 3x3 stem conv and ordinary BatchNorm.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float],
+                 widths: tuple[int, int, int], fast: bool):
+        super().__init__()
+        self.fast = fast
+        self.normalize = Normalize(mean, std)
+        if fast:
+            stem_width = 2 * in_channels * 2 * 2  # each 2x2 patch eigenvector, positive and negated
+            self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=2, padding=0, bias=True)
+            self.stem.weight.requires_grad = False  # set by init_whitening, never trained
+            self.stem_post = nn.GELU()
+        else:
+            stem_width = widths[0]
+            self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=3, padding=1, bias=False)
+            self.stem_post = nn.Sequential(nn.BatchNorm2d(stem_width), nn.GELU())
+        self.groups = nn.Sequential(
+            ConvGroup(stem_width, widths[0], fast), ConvGroup(widths[0], widths[1], fast),
+            ConvGroup(widths[1], widths[2], fast),
+        )
+        self.head = nn.Linear(widths[2], num_classes, bias=not fast)
+        self.head_scale = 1 / 9 if fast else 1.0  # airbench: keeps initial logits small with frozen-scale BN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_post(self.stem(self.normalize(x)))  # (N, stem, H, W)
+        x = self.groups(x)  # (N, widths[2], H/8, W/8)
+        x = torch.amax(x, dim=(2, 3))  # global max pool -> (N, widths[2])
+        return self.head(x) * self.head_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the 2x2 stem to whiten patches of ``images`` (float [0, 1], (N, C, H, W))."""
+        if not self.fast:
+            return
+        x = self.normalize(images.float())
+        c = x.shape[1]
+        patches = x.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, c, 2, 2).float()  # (P, C, 2, 2)
+        flat = patches.reshape(len(patches), -1)
+        flat = flat - flat.mean(dim=0)
+        covariance = flat.T @ flat / len(flat)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+        filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).view(-1, c, 2, 2)
+        self.stem.weight.copy_(torch.cat([filters, -filters]))
+
+
+def build_model(name: str, **arguments: Any) -> nn.Module:
+    """Build a registered model; ``arguments`` are what the checkpoint stores to rebuild it."""
+    width = arguments.pop("width", 32)
+    common = dict(arguments)
+    if name == "lenet":
+        return LeNet(**common)
+    if name == "tutorial_cnn":
+        return TutorialCNN(**common)
+    if name == "convnet":
+        return ConvNet(**common, widths=(width, 2 * width, 4 * width), fast=False)
+    if name == "fast":
+        return ConvNet(**common, widths=(width, 4 * width, 4 * width), fast=True)
+    raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
+
+
+MODEL_NAMES = ("lenet", "tutorial_cnn", "convnet", "fast")
+
+
+class TestTimeAugmentation(nn.Module):
+    """Average logits over the image, its mirror, and both shifted by one pixel (airbench's TTA level 2)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        both = torch.cat([x, torch.flip(x, dims=[3])])  # (2N, C, H, W): image and mirror
+        padded = F.pad(both, (1, 1, 1, 1), mode="reflect")
+        views = torch.cat([both, padded[:, :, 0:h, 0:w], padded[:, :, 2:h + 2, 2:w + 2]])  # (6N, C, H, W)
+        logits = self.model(views).view(3, 2, n, -1)  # (view, mirror, N, classes)
+        return 0.5 * logits[0].mean(dim=0) + 0.5 * logits[1:].mean(dim=(0, 1))

@@ -1,0 +1,47 @@
+"""Where every artifact lives, relative to the project root (dvc.yaml's `vars` reads this too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    @property
+    def raw_dir(self) -> Path:  # verified downloads (download stage)
+        return self.root / "data" / "raw"
+
+    @property
+    def prepared_dir(self) -> Path:  # uint8 tensors + meta.json (preprocess stage)
+        return self.root / "data" / "prepared"
+
+    @property
+    def model_dir(self) -> Path:  # checkpoint (train stage)
+        return self.root / "data" / "model"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.model_dir / "checkpoint.pt"
+
+    @property
+    def train_log_dir(self) -> Path:  # dvclive output: metrics/train.json and plots
+        return self.root / "metrics" / "train"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "data" / "tensorboard"
+
+    @property
+    def eval_dir(self) -> Path:  # evaluate stage outputs that are not metrics
+        return self.root / "data" / "eval"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "data" / "export"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"

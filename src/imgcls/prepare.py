@@ -1,0 +1,113 @@
+"""Splits, normalization statistics and the prepared-data format (uint8 .npy files plus meta.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import DecodedDataset
+from .fetch import DataError
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held_out): ``fraction`` of each class held out, chosen by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_held = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) > 1:
+            n_held = min(max(n_held, 1), len(idx) - 1)  # every class keeps and holds out at least one image
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
+
+
+def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of at most ``limit`` images with the class mix of ``labels`` (seeded)."""
+    if limit <= 0 or limit >= len(labels):
+        return np.arange(len(labels))
+    _, held = stratified_split(labels, limit / len(labels), seed)
+    return held
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
+    x = images.astype(np.float64) / 255.0
+    return x.mean(axis=(0, 2, 3)).tolist(), x.std(axis=(0, 2, 3)).tolist()
+
+
+def make_splits(decoded: DecodedDataset, *, val_fraction: float, test_fraction: float, limit: int,
+                seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train/val/test from the decoded splits: carve test (if absent) and val out of train, then apply limit."""
+    splits = dict(decoded.splits)
+    train_images, train_labels = splits["train"]
+    if "test" not in splits:
+        kept, held = stratified_split(train_labels, test_fraction, seed)
+        splits["test"] = (train_images[held], train_labels[held])
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    if limit:
+        keep = stratified_subset(train_labels, limit, seed)
+        train_images, train_labels = train_images[keep], train_labels[keep]
+        test_images, test_labels = splits["test"]
+        keep = stratified_subset(test_labels, limit, seed + 1)
+        splits["test"] = (test_images[keep], test_labels[keep])
+    if "val" not in splits and val_fraction > 0:
+        kept, held = stratified_split(train_labels, val_fraction, seed)
+        splits["val"] = (train_images[held], train_labels[held])
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    splits["train"] = (train_images, train_labels)
+    return splits
+
+
+def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str], dataset: str) -> dict:
+    train_images = splits["train"][0]
+    mean, std = channel_stats(train_images)  # training split only: val and test stay unseen
+    if min(std) == 0:
+        raise DataError("training images have zero variance in a channel; the data set is empty or constant")
+    return {
+        "dataset": dataset,
+        "class_names": class_names,
+        "image_shape": list(train_images.shape[1:]),  # (C, H, W)
+        "counts": {
+            split: {name: int((labels == c).sum()) for c, name in enumerate(class_names)}
+            for split, (_, labels) in splits.items()
+        },
+        "mean": mean,
+        "std": std,
+    }
+
+
+def save_prepared(directory: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    for split, (images, labels) in splits.items():
+        np.save(directory / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+        np.save(directory / f"{split}_labels.npy", labels.astype(np.int64))
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass
+class PreparedData:
+    meta: dict
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["class_names"]
+
+
+def load_prepared(directory: Path, split_names: tuple[str, ...] = ("train", "val", "test")) -> PreparedData:
+    """Load prepared splits (plain .npy, no pickle); missing optional splits are left out."""
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} is missing; run the preprocess stage first (dvc repro preprocess)")
+    meta = json.loads(meta_path.read_text())
+    splits = {}
+    for split in split_names:
+        images_path = directory / f"{split}_images.npy"
+        if images_path.is_file():
+            splits[split] = (np.load(images_path, allow_pickle=False),
+                             np.load(directory / f"{split}_labels.npy", allow_pickle=False))
+    return PreparedData(meta, splits)

@@ -1,0 +1,81 @@
+"""Device, precision and seed: each decided in one place, and said once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+class RuntimeChoiceError(ValueError):
+    """A device or precision that this machine cannot provide."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed random, NumPy and torch; returns the generator that orders batches."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` takes the GPU when one is present; asking for CUDA without one is an error, not a fallback."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeChoiceError(f"base.device = {requested!r} but no CUDA GPU is visible; set base.device: auto or cpu")
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeChoiceError(
+                f"base.device = {requested!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return torch.device(requested)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix math runs natively (AVX512-BF16 or AMX on CPU, Ampere+ on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.backends.cpu
+    capability = cpu.get_cpu_capability() if hasattr(cpu, "get_cpu_capability") else ""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return capability.startswith("AVX512") and any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` takes bf16 only where it is native (else fp32, which emulated bf16 would only slow down)."""
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {cpu_model()})"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
