@@ -4,6 +4,7 @@ import json
 
 from imgcls.cli import log, run_stage
 from imgcls.datasets import decode
+from imgcls.errors import DataError
 from imgcls.fileio import atomic_dir
 from imgcls.prepare import build_meta, make_splits, save_prepared
 
@@ -13,7 +14,8 @@ def main() -> None:
         data, emit = params.data, log("preprocess")
         provenance = json.loads((paths.raw_dir / "source.json").read_text())
         if provenance["dataset"] != data.dataset:
-            raise RuntimeError(f"data/raw holds {provenance['dataset']}, params ask for {data.dataset}")
+            raise DataError(f"data/raw holds {provenance['dataset']} but data.dataset is {data.dataset}; "
+                            "run the download stage again (dvc repro)")
         decoded = decode(data.dataset, paths.raw_dir, image_size=data.image_size, channels=data.channels,
                          on_bad_image=data.on_bad_image, log=emit)
         splits = make_splits(decoded, val_fraction=params.preprocess.val_fraction,

@@ -19,8 +19,7 @@ FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says why and what to do."""
+from .errors import CheckpointError
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,14 +6,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import CheckpointError
-from .export import ExportError
-from .fetch import DataError
-from .params import Params, ParamsError, load_params
+from .errors import UserError
+from .params import Params, load_params
 from .paths import ProjectPaths
-from .runtime import RuntimeChoiceError
-
-USER_ERRORS = (ParamsError, DataError, CheckpointError, ExportError, RuntimeChoiceError)
 
 
 def project_root() -> Path:
@@ -27,7 +22,7 @@ def run_stage(name: str, body: Callable[[Params, ProjectPaths], None]) -> None:
     try:
         params = load_params(root / "params.yaml")
         body(params, ProjectPaths(root))
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -135,18 +135,15 @@ def _get_image_folder(location: str, raw_dir: Path, *, retries: int, timeout_s: 
         return {"files": {}}
     if not is_archive(location):
         raise PermanentFetchError("expected a folder or a .tar, .tar.gz, .tgz or .zip archive")
-    archive = raw_dir / ("source" + "".join(Path(urlsafe_name(location)).suffixes[-2:]))
+    name = Path(location.split("?", 1)[0].rstrip("/")).name  # keep the name: messages mention it
+    archive = raw_dir / name
     fetch_file(location, archive, retries=retries, timeout_s=timeout_s, log=log)
     digest = digest_file(archive)
     images_dir.mkdir()
     count = extract_archive(archive, images_dir)
     archive.unlink()
-    log(f"download: extracted {count} files from {Path(urlsafe_name(location)).name}")
-    return {"files": {Path(urlsafe_name(location)).name: {"sha256": digest.sha256, "bytes": digest.size}}}
-
-
-def urlsafe_name(location: str) -> str:
-    return location.split("?", 1)[0].rstrip("/")
+    log(f"download: extracted {count} files from {name}")
+    return {"files": {name: {"sha256": digest.sha256, "bytes": digest.size}}}
 
 
 def _gunzip(path: Path) -> bytes:

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 
-class ExportError(RuntimeError):
-    """An export that does not match the PyTorch model closely enough."""
+from .errors import ExportError
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -21,12 +21,7 @@ from typing import Callable
 CHUNK_BYTES = 1 << 20
 
 
-class DataError(Exception):
-    """A data problem the user can fix (bad source, checksum, archive or image); the message says how."""
-
-
-class PermanentFetchError(DataError):
-    """A failure that retrying the same URL will not fix (HTTP 404, missing local file)."""
+from .errors import DataError, PermanentFetchError  # noqa: F401  (re-exported for callers)
 
 
 def is_url(location: str) -> bool:

@@ -15,8 +15,7 @@ from typing import Any, Literal
 import yaml
 
 
-class ParamsError(ValueError):
-    """A params.yaml value a user has to fix; the message names the key."""
+from .errors import ParamsError
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,12 @@ class DataParams:
     timeout_s: float = 30.0  # socket timeout per HTTP request
 
     def validate(self) -> None:
+        list_name = Path(self.source).name
+        if list_name in ("fashion-mnist.txt", "cifar10.txt") and list_name != f"{self.dataset}.txt":
+            raise ParamsError(
+                f"params: data.source = {self.source!r} lists {list_name[:-4]} locations but data.dataset = "
+                f"{self.dataset!r}; set data.source to sources/{self.dataset}.txt or to your own copy"
+            )
         _require(self.source.strip() != "", "data.source", self.source, "a path, a URL or a source list")
         _require(self.limit >= 0, "data.limit", self.limit, "0 (all images) or a positive count")
         _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 
-class RuntimeChoiceError(ValueError):
-    """A device or precision that this machine cannot provide."""
+from .errors import RuntimeChoiceError
 
 
 def seed_everything(seed: int) -> torch.Generator:
