@@ -1,6 +1,5 @@
 """evaluate stage: test-set accuracy/loss, per-class accuracy/precision/recall, confusion matrix, misclassified grid."""
 
-import numpy as np
 import torch
 
 from imgcls.checkpoint import load_checkpoint

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ from torch import nn
 
 
 from .errors import ExportError
+
+# torch.jit is deprecated in favour of torch.export, but TorchScript files are still what C++ and mobile
+# runtimes load; the deprecation warnings say nothing a user of this stage can act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from imgcls.checkpoint import load_checkpoint, plain_state_dict, save_checkpoint
+from imgcls.errors import CheckpointError, ExportError
+from imgcls.export import check_parity, export_onnx, export_torchscript, measure_latency
+from imgcls.models import TestTimeAugmentation, build_model
+
+ARGUMENTS = {"in_channels": 1, "num_classes": 3, "image_size": 16, "mean": [0.3], "std": [0.2], "width": 8}
+
+
+def trained_looking_model(name="convnet"):
+    torch.manual_seed(0)
+    model = build_model(name, **ARGUMENTS)
+    model.train()
+    with torch.no_grad():  # move BatchNorm statistics away from their defaults
+        model(torch.rand(32, 1, 16, 16))
+    return model.eval()
+
+
+def test_checkpoint_round_trip_is_self_describing_and_safe(tmp_path):
+    model = trained_looking_model()
+    path = tmp_path / "model" / "checkpoint.pt"
+    save_checkpoint(path, torch.compile(model), architecture="convnet", arguments=ARGUMENTS,
+                    class_names=["a", "b", "c"], mean=[0.3], std=[0.2], params={"train": {"lr": 0.1}})
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in raw["state_dict"])
+    assert raw["architecture"] == "convnet" and raw["class_names"] == ["a", "b", "c"]
+    assert raw["normalization"]["mean"] == [0.3] and raw["params"]["train"]["lr"] == 0.1
+    loaded, checkpoint = load_checkpoint(path)
+    x = torch.rand(8, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
+    assert not loaded.training
+    assert [p.name for p in tmp_path.joinpath("model").iterdir()] == ["checkpoint.pt"]  # no temp files
+
+
+def test_plain_state_dict_strips_wrappers():
+    model = trained_looking_model()
+    wrapped = torch.nn.DataParallel(model)
+    assert plain_state_dict(wrapped).keys() == model.state_dict().keys()
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError, match="run the train stage first"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable imgcls checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name, tta", [("convnet", False), ("fast", True), ("lenet", False)])
+def test_exports_match_pytorch_and_take_images_in_unit_range(tmp_path, name, tta):
+    model = trained_looking_model(name)
+    if tta:
+        model = TestTimeAugmentation(model).eval()
+    images = np.random.default_rng(0).random((40, 1, 16, 16), dtype=np.float32)
+    example = torch.from_numpy(images[:2])
+    export_torchscript(model, example, tmp_path / "m.pt")
+    export_onnx(model, example, tmp_path / "m.onnx", opset=17)
+    result = check_parity(model, tmp_path / "m.pt", tmp_path / "m.onnx", images, atol=1e-4)
+    assert result["onnx"]["same_predictions"] and result["onnx"]["max_abs_logit_diff"] <= 1e-4
+    assert result["torchscript"]["max_abs_logit_diff"] <= 1e-4
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images[:7])).numpy()
+    # Batch size differs from the export example: the batch axis is dynamic; normalization is inside.
+    np.testing.assert_allclose(session.run(None, {"images": images[:7]})[0], expected, atol=1e-4)
+    latency = measure_latency(tmp_path / "m.pt", tmp_path / "m.onnx", images[0], calls=200)
+    assert latency["onnxruntime_median_ms"] > 0 and latency["torchscript_median_ms"] > 0
+
+
+def test_parity_failure_stops_the_export(tmp_path):
+    model = trained_looking_model()
+    images = np.random.default_rng(1).random((20, 1, 16, 16), dtype=np.float32)
+    example = torch.from_numpy(images[:2])
+    export_torchscript(model, example, tmp_path / "m.pt")
+    export_onnx(model, example, tmp_path / "m.onnx", opset=17)
+    with torch.no_grad():
+        model.head.bias.add_(0.01)  # the PyTorch model drifts from what was exported
+    with pytest.raises(ExportError, match=r"differs from the PyTorch model on 20 test images: max \|logit diff\| 0.01"):
+        check_parity(model, tmp_path / "m.pt", tmp_path / "m.onnx", images, atol=1e-4)
