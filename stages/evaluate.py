@@ -7,7 +7,7 @@ from imgcls.cli import log, run_stage
 from imgcls.evaluation import (confusion_matrix, per_class_metrics, plot_confusion_matrix, plot_misclassified,
                                write_per_class_csv, write_predictions_csv)
 from imgcls.fileio import write_json
-from imgcls.models import TestTimeAugmentation
+from imgcls.models import TTAModel
 from imgcls.prepare import load_prepared
 from imgcls.runtime import resolve_device, resolve_precision
 from imgcls.training import evaluate
@@ -20,7 +20,7 @@ def main() -> None:
         precision = resolve_precision(params.train.precision, device)
         model, checkpoint = load_checkpoint(paths.checkpoint, device)
         if config.tta:
-            model = TestTimeAugmentation(model)
+            model = TTAModel(model)
         prepared = load_prepared(paths.prepared_dir, ("test",))
         images, labels = prepared.splits["test"]
         class_names = checkpoint["class_names"]

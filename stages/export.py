@@ -7,7 +7,7 @@ from imgcls.checkpoint import load_checkpoint
 from imgcls.cli import log, run_stage
 from imgcls.export import check_parity, export_onnx, export_torchscript, measure_latency
 from imgcls.fileio import atomic_dir, write_json
-from imgcls.models import TestTimeAugmentation
+from imgcls.models import TTAModel
 from imgcls.prepare import load_prepared
 
 
@@ -16,7 +16,7 @@ def main() -> None:
         config, emit = params.export, log("export")
         model, checkpoint = load_checkpoint(paths.checkpoint, "cpu")  # exports are fp32 CPU graphs
         if params.evaluate.tta:
-            model = TestTimeAugmentation(model).eval()
+            model = TTAModel(model).eval()
         images, _ = load_prepared(paths.prepared_dir, ("test",)).splits["test"]
         images01 = images[:config.parity_images].astype(np.float32) / 255  # (N, C, H, W) in [0, 1]
         example = torch.from_numpy(images01[:2])

@@ -5,7 +5,7 @@ import torch
 from imgcls.checkpoint import load_checkpoint, plain_state_dict, save_checkpoint
 from imgcls.errors import CheckpointError, ExportError
 from imgcls.export import check_parity, export_onnx, export_torchscript, measure_latency
-from imgcls.models import TestTimeAugmentation, build_model
+from imgcls.models import TTAModel, build_model
 
 ARGUMENTS = {"in_channels": 1, "num_classes": 3, "image_size": 16, "mean": [0.3], "std": [0.2], "width": 8}
 
@@ -55,7 +55,7 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
 def test_exports_match_pytorch_and_take_images_in_unit_range(tmp_path, name, tta):
     model = trained_looking_model(name)
     if tta:
-        model = TestTimeAugmentation(model).eval()
+        model = TTAModel(model).eval()
     images = np.random.default_rng(0).random((40, 1, 16, 16), dtype=np.float32)
     example = torch.from_numpy(images[:2])
     export_torchscript(model, example, tmp_path / "m.pt")

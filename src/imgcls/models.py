@@ -167,7 +167,7 @@ def build_model(name: str, **arguments: Any) -> nn.Module:
 MODEL_NAMES = ("lenet", "tutorial_cnn", "convnet", "fast")
 
 
-class TestTimeAugmentation(nn.Module):
+class TTAModel(nn.Module):
     """Average logits over the image, its mirror, and both shifted by one pixel (airbench's TTA level 2)."""
 
     def __init__(self, model: nn.Module):
