@@ -36,8 +36,14 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
-    x = images.astype(np.float64) / 255.0
-    return x.mean(axis=(0, 2, 3)).tolist(), x.std(axis=(0, 2, 3)).tolist()
+    # Exact integer sums per channel instead of a float64 copy (8x the data: 1.1 GB for CIFAR-10).
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    values = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)  # (C, N*H*W)
+    sums = values.sum(axis=1, dtype=np.int64)
+    squares = np.array([np.dot(v.astype(np.int64), v) for v in values], dtype=np.float64)
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return (mean / 255.0).tolist(), (std / 255.0).tolist()
 
 
 def make_splits(decoded: DecodedDataset, *, val_fraction: float, test_fraction: float, limit: int,

@@ -1,0 +1,74 @@
+"""Helpers the benchmarks share: a scratch project, timed child processes with their peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR_IMAGES = REPO_ROOT.parent / "shared" / "data" / "cifar10-images.tar.gz"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run_timed(args: list[str], cwd: Path, log_path: Path | None = None) -> dict:
+    """Run a child process; returns wall seconds, exit code and its peak resident memory (MiB)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    started = time.perf_counter()
+    with open(log_path or os.devnull, "w") as log:
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # rusage of this child alone
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "returncode": os.waitstatus_to_exitcode(status), "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def scratch_project(where: Path, params_update: dict) -> Path:
+    """A copy of the pipeline (stages, sources, params) to run stages in without touching the checkout."""
+    if where.exists():
+        shutil.rmtree(where)
+    where.mkdir(parents=True)
+    for name in ("stages", "sources"):
+        shutil.copytree(REPO_ROOT / name, where / name)
+    set_params(where, params_update)
+    return where
+
+
+def set_params(project: Path, update: dict) -> None:
+    source = project / "params.yaml" if (project / "params.yaml").exists() else REPO_ROOT / "params.yaml"
+    params = yaml.safe_load(source.read_text())
+    for section, values in update.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
