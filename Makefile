@@ -33,6 +33,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python bench/data.py
 	$(BIN)/python bench/run.py
 
 clean-venv:

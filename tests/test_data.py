@@ -421,3 +421,29 @@ def test_download_and_preprocess_stages_on_an_image_folder(tmp_path):
     assert images.shape == (18, 1, 10, 10)
     assert abs(meta["mean"][0] - images.mean() / 255) < 1e-6  # statistics of the training split only
     assert [p for p in os.listdir(project / "data") if p.startswith(".")] == []  # no temporary folders left
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10"])
+def test_preprocess_stage_refuses_records_of_the_wrong_size(tmp_path, dataset):
+    # data/raw as a download would leave it, then damaged: preprocess must stop and publish nothing.
+    project = tmp_path / "project"
+    raw = project / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "source.json").write_text(json.dumps({"dataset": dataset}))
+    if dataset == "fashion-mnist":
+        make_fashion_like(raw)
+        labels = raw / "train-labels-idx1-ubyte.gz"
+        labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:-7]))
+        expect = "train-labels: IDX records of the wrong size: header says shape (200,)"
+    else:
+        folder = raw / datasets.CIFAR10_FOLDER
+        folder.mkdir()
+        for name in datasets.CIFAR10_TRAIN_FILES + datasets.CIFAR10_TEST_FILES:
+            (folder / name).write_bytes(cifar_records(10, 0)[:-1 if name == "data_batch_1.bin" else None])
+        (folder / "batches.meta.txt").write_text("\n".join("abcdefghij"))
+        expect = "data_batch_1.bin: CIFAR records of the wrong size: 30729 bytes is not a multiple of 3073"
+    result = run_stage(project, "preprocess", dataset=dataset,
+                       source="sources/cifar10.txt" if dataset == "cifar10" else "sources/fashion-mnist.txt")
+    assert result.returncode == 1 and expect in result.stderr, result.stderr
+    assert not (project / "data" / "prepared").exists()
+    assert [p for p in os.listdir(project / "data") if p.startswith(".")] == []
