@@ -8,7 +8,8 @@ from imgcls import runtime
 from imgcls.errors import RuntimeChoiceError
 from imgcls.models import MODEL_NAMES, TTAModel, build_model
 from imgcls.params import TrainParams
-from imgcls.training import (Lookahead, batch_flip, batch_translate, evaluate, fit, lr_factor, make_optimizer)
+from imgcls.training import (Lookahead, batch_flip, batch_translate, evaluate, fit, iterate_batches, lr_factor,
+                             make_optimizer, reflect_pad, Augmentation)
 
 
 def arguments(channels=3, size=32, classes=10, width=8):
@@ -65,6 +66,24 @@ def test_batch_translate_moves_whole_images_within_the_padding():
     padded = nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
     for i in range(2):
         assert any(torch.equal(moved[i], padded[i, :, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
+
+
+def test_reflect_pad_matches_torch_for_uint8_data():
+    images = torch.randint(0, 256, (3, 2, 7, 5), dtype=torch.uint8)
+    expected = nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    assert torch.equal(reflect_pad(images, 2), expected)
+
+
+def test_iterate_batches_covers_each_image_once_per_epoch_as_unit_floats():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
+    labels = torch.arange(10)
+    batches = list(iterate_batches(images, labels, 4, generator=torch.Generator().manual_seed(0),
+                                   augmentation=Augmentation(flip=True, translate=1), drop_last=False))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    seen = torch.cat([b[1] for b in batches])
+    assert sorted(seen.tolist()) == list(range(10))
+    for batch, batch_labels in batches:  # constant images: augmentation keeps each image's value
+        assert batch.dtype == torch.float32 and torch.allclose(batch[:, 0, 0, 0], batch_labels.float() / 255)
 
 
 def test_batch_flip_mirrors_only_the_masked_images():

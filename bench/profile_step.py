@@ -1,0 +1,119 @@
+"""Where a training step's time goes: data (batching + augmentation), forward, backward, optimizer,
+and evaluation, for one recipe of bench/recipes.yaml on CIFAR-10-shaped data.
+
+    .venv/bin/python bench/profile_step.py [RECIPE] [--steps N]
+
+Uses the prepared CIFAR-10 images from a previous `make bench` when present (else random uint8 images
+of the same shape: the timings do not depend on pixel values). Prints a table; writes
+bench/results/profile-RECIPE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from common import REPO_ROOT, machine, write_results
+
+from imgcls.models import build_model
+from imgcls.params import build, TrainParams, EvaluateParams
+from imgcls.runtime import autocast, resolve_precision, seed_everything
+from imgcls.training import (Augmentation, Lookahead, iterate_batches, make_optimizer, predict, reflect_pad,
+                             REFERENCE_BATCH_SIZE)
+from imgcls.models import TTAModel
+
+PREPARED = Path("/tmp/imgcls-bench/cifar10-jpeg/data/prepared")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe", nargs="?", default="cifar10-fast")
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    recipe = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())[args.recipe]
+    committed = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    train_raw = {**committed["train"], **recipe.get("train", {})}
+    train_raw["augment"] = {**committed["train"]["augment"], **recipe.get("train", {}).get("augment", {})}
+    config: TrainParams = build(TrainParams, train_raw, "train")
+    evaluate_config: EvaluateParams = build(EvaluateParams, {**committed["evaluate"], **recipe.get("evaluate", {})}, "evaluate")
+
+    generator = seed_everything(0)
+    if (PREPARED / "train_images.npy").is_file():
+        images = torch.from_numpy(np.load(PREPARED / "train_images.npy"))
+        test_images = torch.from_numpy(np.load(PREPARED / "test_images.npy"))
+        data = "prepared CIFAR-10 (JPEG copy)"
+    else:
+        images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8)
+        test_images = torch.randint(0, 256, (10000, 3, 32, 32), dtype=torch.uint8)
+        data = "random uint8 images, CIFAR-10 shape"
+    labels = torch.randint(0, 10, (len(images),))
+    device = torch.device("cpu")
+    precision = resolve_precision(config.precision, device)
+    model = build_model(config.model, in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3, std=[0.25] * 3,
+                        width=config.width).to(memory_format=torch.channels_last)
+    if config.model == "fast":
+        model.init_whitening(images[:5000].float() / 255)
+    optimizer = make_optimizer(model, name=config.optimizer, lr=config.lr * config.batch_size / REFERENCE_BATCH_SIZE,
+                               momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay,
+                               bias_lr_scale=config.bias_lr_scale)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * 0.01  # tiny steps: the profile measures time, not learning
+    lookahead = Lookahead(model, config.ema) if config.ema else None
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    augmentation = Augmentation(config.augment.flip, config.augment.translate, alternate_flip=config.model == "fast")
+    padded = reflect_pad(images, config.augment.translate) if config.augment.translate else None
+    batches = iterate_batches(images, labels, config.batch_size, generator=generator, augmentation=augmentation,
+                              flip_halves=torch.rand(len(images)) < 0.5, padded_images=padded)
+    totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
+    model.train()
+    for step in range(args.steps + 3):
+        marks = [time.perf_counter()]
+        batch, batch_labels = next(batches)
+        marks.append(time.perf_counter())
+        with autocast(device, precision):
+            loss = loss_fn(model(batch), batch_labels)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(time.perf_counter())
+        optimizer.step()
+        if lookahead is not None:
+            lookahead.update(model, step, 1.0)
+        marks.append(time.perf_counter())
+        if step >= 3:  # the first steps warm up allocators and kernels
+            for key, begin, finish in zip(totals, marks, marks[1:]):
+                totals[key] += finish - begin
+    step_seconds = sum(totals.values()) / args.steps
+    steps_per_epoch = len(images) // config.batch_size
+    eval_model = TTAModel(model) if evaluate_config.tta else model
+    started = time.perf_counter()
+    predict(eval_model, test_images, batch_size=evaluate_config.batch_size, device=device, precision=precision)
+    evaluation_seconds = time.perf_counter() - started
+
+    print(f"recipe {args.recipe}: {config.model} width {config.width}, batch {config.batch_size}, {precision}, "
+          f"{args.steps} steps timed; data: {data}")
+    print(f"{'phase':<12}{'ms/step':>9}{'share':>8}{'s/epoch':>9}")
+    for key, seconds in totals.items():
+        per_step = seconds / args.steps
+        print(f"{key:<12}{per_step * 1000:>9.1f}{per_step / step_seconds:>8.1%}{per_step * steps_per_epoch:>9.1f}")
+    print(f"{'step':<12}{step_seconds * 1000:>9.1f}{1:>8.0%}{step_seconds * steps_per_epoch:>9.1f}"
+          f"   ({config.batch_size / step_seconds:,.0f} training images/s)")
+    print(f"evaluation of {len(test_images)} test images (tta={evaluate_config.tta}): {evaluation_seconds:.1f} s")
+    payload = {"machine": machine(), "recipe": args.recipe, "data": data, "precision": precision,
+               "steps": args.steps, "batch_size": config.batch_size,
+               "ms_per_step": {k: v / args.steps * 1000 for k, v in totals.items()},
+               "training_images_per_second": config.batch_size / step_seconds,
+               "epoch_seconds": step_seconds * steps_per_epoch, "evaluation_seconds": evaluation_seconds}
+    print(f"wrote {write_results(f'profile-{args.recipe}', payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
