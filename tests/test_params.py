@@ -14,7 +14,7 @@ def committed_params() -> dict:
 
 def test_committed_params_parse_and_match_their_types():
     params = parse_params(committed_params())
-    assert params.train.model == "convnet"
+    assert params.train.model == "fast"
     assert params.data.dataset == "fashion-mnist"
     assert isinstance(params.train.weight_decay, float)
     assert params.train.augment.translate == 2

@@ -122,7 +122,7 @@ def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
     third = sh(project, DVC, "repro")
     assert ran_stages(third.stdout) == ["train", "evaluate", "export"]
     params_diff = json.loads(sh(project, DVC, "params", "diff", "--json").stdout)
-    assert params_diff["params.yaml"]["train.lr"]["old"] == 0.1 and params_diff["params.yaml"]["train.lr"]["new"] == 0.2
+    assert params_diff["params.yaml"]["train.lr"]["old"] == 0.375 and params_diff["params.yaml"]["train.lr"]["new"] == 0.2
     diff = json.loads(sh(project, DVC, "metrics", "diff", "--json").stdout)
     accuracy = diff["metrics/eval.json"]["test.accuracy"]
     assert accuracy["new"] == pytest.approx(json.loads((project / "metrics/eval.json").read_text())["test"]["accuracy"])
