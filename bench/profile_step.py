@@ -36,6 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("recipe", nargs="?", default="cifar10-fast")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--compile", action="store_true", help="time the step through torch.compile")
     args = parser.parse_args()
     recipe = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())[args.recipe]
     committed = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -73,12 +74,14 @@ def main() -> int:
                               flip_halves=torch.rand(len(images)) < 0.5, padded_images=padded)
     totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
     model.train()
-    for step in range(args.steps + 3):
+    step_model = torch.compile(model) if args.compile else model
+    warmup_steps = 6 if args.compile else 3  # compilation happens in the first calls
+    for step in range(args.steps + warmup_steps):
         marks = [time.perf_counter()]
         batch, batch_labels = next(batches)
         marks.append(time.perf_counter())
         with autocast(device, precision):
-            loss = loss_fn(model(batch), batch_labels)
+            loss = loss_fn(step_model(batch), batch_labels)
         marks.append(time.perf_counter())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -87,7 +90,7 @@ def main() -> int:
         if lookahead is not None:
             lookahead.update(model, step, 1.0)
         marks.append(time.perf_counter())
-        if step >= 3:  # the first steps warm up allocators and kernels
+        if step >= warmup_steps:  # the first steps warm up allocators, kernels (and compilation)
             for key, begin, finish in zip(totals, marks, marks[1:]):
                 totals[key] += finish - begin
     step_seconds = sum(totals.values()) / args.steps
@@ -98,6 +101,7 @@ def main() -> int:
     evaluation_seconds = time.perf_counter() - started
 
     print(f"recipe {args.recipe}: {config.model} width {config.width}, batch {config.batch_size}, {precision}, "
+          f"{'torch.compile, ' if args.compile else ''}"
           f"{args.steps} steps timed; data: {data}")
     print(f"{'phase':<12}{'ms/step':>9}{'share':>8}{'s/epoch':>9}")
     for key, seconds in totals.items():
@@ -106,12 +110,13 @@ def main() -> int:
     print(f"{'step':<12}{step_seconds * 1000:>9.1f}{1:>8.0%}{step_seconds * steps_per_epoch:>9.1f}"
           f"   ({config.batch_size / step_seconds:,.0f} training images/s)")
     print(f"evaluation of {len(test_images)} test images (tta={evaluate_config.tta}): {evaluation_seconds:.1f} s")
-    payload = {"machine": machine(), "recipe": args.recipe, "data": data, "precision": precision,
+    payload = {"machine": machine(), "recipe": args.recipe, "data": data, "precision": precision, "compile": args.compile,
                "steps": args.steps, "batch_size": config.batch_size,
                "ms_per_step": {k: v / args.steps * 1000 for k, v in totals.items()},
                "training_images_per_second": config.batch_size / step_seconds,
                "epoch_seconds": step_seconds * steps_per_epoch, "evaluation_seconds": evaluation_seconds}
-    print(f"wrote {write_results(f'profile-{args.recipe}', payload)}")
+    name = f"profile-{args.recipe}" + ("-compile" if args.compile else "")
+    print(f"wrote {write_results(name, payload)}")
     return 0
 
 

@@ -132,7 +132,10 @@ def main() -> int:
         if baseline and "test_accuracy" in row:
             row["accuracy_ratio_to_tutorial"] = row["test_accuracy"] / baseline["test_accuracy"]
             row["time_ratio_to_tutorial"] = row["wall_seconds"] / baseline["wall_seconds"]
-    print(f"\nmachine: {payload['machine']}\nwrote {write_results('bench', payload)}")
+    if args.only:
+        payload["command"] = "bench/run.py --only " + " ".join(args.only)
+    name = "bench" if not args.only else "bench-" + "-".join(args.only)  # a partial run keeps the full table
+    print(f"\nmachine: {payload['machine']}\nwrote {write_results(name, payload)}")
     return 0
 
 
