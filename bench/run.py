@@ -129,7 +129,7 @@ def main() -> int:
         print_row(row, baseline)
     payload = {"machine": machine(), "command": "make bench", "baseline": "tutorial" if baseline else None, "rows": rows}
     for row in rows:
-        if baseline and "test_accuracy" in row:
+        if baseline and "test_accuracy" in row and row["dataset"] == baseline["dataset"]:
             row["accuracy_ratio_to_tutorial"] = row["test_accuracy"] / baseline["test_accuracy"]
             row["time_ratio_to_tutorial"] = row["wall_seconds"] / baseline["wall_seconds"]
     if args.only:
@@ -143,7 +143,7 @@ def print_row(row: dict, baseline: dict | None) -> None:
     accuracy = f"{row['test_accuracy']:9.4f}" if "test_accuracy" in row else f"{'':>9}"
     speed = f"{row['train_images_per_second']:12.0f}" if "train_images_per_second" in row else f"{'':>12}"
     ratios = ""
-    if baseline and "test_accuracy" in row:
+    if baseline and "test_accuracy" in row and row["dataset"] == baseline["dataset"]:  # same data set only
         ratios = f"{row['test_accuracy'] / baseline['test_accuracy']:10.2f}{row['wall_seconds'] / baseline['wall_seconds']:11.2f}"
     print(f"{row['recipe']:<38}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}{ratios}",
           flush=True)
