@@ -11,7 +11,6 @@ bench/results/profile-RECIPE.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,12 +21,11 @@ import yaml
 
 from common import REPO_ROOT, machine, write_results
 
-from imgcls.models import build_model
-from imgcls.params import build, TrainParams, EvaluateParams
+from imgcls.models import TTAModel, build_model
+from imgcls.params import EvaluateParams, TrainParams, build
 from imgcls.runtime import autocast, resolve_precision, seed_everything
-from imgcls.training import (Augmentation, Lookahead, iterate_batches, make_optimizer, predict, reflect_pad,
-                             REFERENCE_BATCH_SIZE)
-from imgcls.models import TTAModel
+from imgcls.training import (REFERENCE_BATCH_SIZE, Augmentation, Lookahead, iterate_batches, make_optimizer, predict,
+                             reflect_pad)
 
 PREPARED = Path("/tmp/imgcls-bench/cifar10-jpeg/data/prepared")
 

@@ -151,16 +151,15 @@ class ConvNet(nn.Module):
 
 def build_model(name: str, **arguments: Any) -> nn.Module:
     """Build a registered model; ``arguments`` are what the checkpoint stores to rebuild it."""
-    width = arguments.pop("width", 32)
-    common = dict(arguments)
+    width = arguments.pop("width", 32)  # LeNet and TutorialCNN have fixed widths
     if name == "lenet":
-        return LeNet(**common)
+        return LeNet(**arguments)
     if name == "tutorial_cnn":
-        return TutorialCNN(**common)
+        return TutorialCNN(**arguments)
     if name == "convnet":
-        return ConvNet(**common, widths=(width, 2 * width, 4 * width), fast=False)
+        return ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False)
     if name == "fast":
-        return ConvNet(**common, widths=(width, 4 * width, 4 * width), fast=True)
+        return ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True)
     raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
 
 
