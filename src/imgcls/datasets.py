@@ -67,11 +67,11 @@ SPLIT_NAMES = ("train", "val", "test")
 def acquire(dataset: str, source: str, raw_dir: Path, *, retries: int, timeout_s: float, log: Log = print) -> dict:
     """Fill the empty folder ``raw_dir`` with verified files of ``dataset``; returns provenance for source.json."""
     locations = expand_source(source)
+    getter = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "imagefolder": _get_image_folder}[dataset]
     failures = []
     for location in locations:
         try:
-            getter = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "imagefolder": _get_image_folder}
-            provenance = getter[dataset](location, raw_dir, retries=retries, timeout_s=timeout_s, log=log)
+            provenance = getter(location, raw_dir, retries=retries, timeout_s=timeout_s, log=log)
             provenance.update(dataset=dataset, location=location)
             (raw_dir / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
             log(f"download: {dataset} verified from {location}")

@@ -73,7 +73,8 @@ def list_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str
 
 def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_image: str,
                         log: Callable[[str], None] = print, workers: int | None = None) -> DecodedDataset:
-    class_names, _, _, _ = list_split(root / "train", None)
+    listings = {"train": list_split(root / "train", None)}  # walk each split's folders once
+    class_names = listings["train"][0]
     if len(class_names) < 2:
         raise DataError(
             f"{root / 'train'} has {len(class_names)} class folder(s) {class_names}; a classifier needs at least two"
@@ -84,7 +85,7 @@ def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_im
         for split in SPLIT_NAMES:
             if not (root / split).is_dir():
                 continue
-            _, paths, labels, ignored = list_split(root / split, class_names)
+            _, paths, labels, ignored = listings.get(split) or list_split(root / split, class_names)
             ignored_total += ignored
             chunks = [[str(p) for p in paths[i:i + CHUNK_FILES]] for i in range(0, len(paths), CHUNK_FILES)]
             results = list(pool.map(_decode_chunk, chunks, [image_size] * len(chunks), [channels] * len(chunks)))
