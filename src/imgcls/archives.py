@@ -1,57 +1,76 @@
 """Safe extraction of .tar, .tar.gz and .zip archives.
 
-Members with absolute paths, ``..`` components, links that point outside the target, device files and
-FIFOs are refused before anything is written, naming the member.
+Every member is checked before anything is written, and the first bad one is named:
+- links of any kind (symbolic or hard) are refused: image data sets never need them, and a link's own
+  text says nothing about where it leads once other links are extracted before it (a chain of harmless
+  looking links can end anywhere on the machine);
+- absolute paths, ``..`` components, device files and FIFOs are refused;
+- the total uncompressed size is capped (``data.max_extract_gb``), and a member (zip) or a whole
+  compressed tar whose compression ratio is absurd (a "zip bomb") is refused.
+Writing then counts bytes again, so a header that lies about a member's size cannot get past the cap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import os
-import shutil
 import stat
 import tarfile
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO, Iterator
 
-from .fetch import DataError
+from .errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+# Real image archives compress little (JPEG/PNG are already compressed; raw BMP/PPM reach ~10:1). Ratios
+# beyond this are how zip bombs work. Small members are exempt: a few KiB of zeros compress 1000:1 harmlessly.
+MAX_COMPRESSION_RATIO = 200
+RATIO_EXEMPT_BYTES = 1 << 20
+COPY_CHUNK_BYTES = 1 << 20
 
 
 def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_bytes: int  # total uncompressed bytes the archive may write
+    max_ratio: float = MAX_COMPRESSION_RATIO
+
+
+def _refuse(archive: Path, message: str) -> DataError:
+    return DataError(f"archive {archive.name}: {message}; nothing was extracted")
+
+
 def _check_member_path(archive: Path, name: str) -> PurePosixPath:
     member = PurePosixPath(name.replace("\\", "/"))
     if member.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        raise DataError(f"archive {archive.name}: refusing member {name!r} with an absolute path")
+        raise _refuse(archive, f"refusing member {name!r} with an absolute path")
     if ".." in member.parts:
-        raise DataError(f"archive {archive.name}: refusing member {name!r}: '..' would escape the target")
+        raise _refuse(archive, f"refusing member {name!r}: '..' would escape the target")
     return member
 
 
-def _check_link_target(archive: Path, member: PurePosixPath, link: str) -> None:
-    target = PurePosixPath(link)
-    if target.is_absolute():
-        raise DataError(f"archive {archive.name}: refusing link {str(member)!r} -> {link!r} (absolute target)")
-    depth = len(member.parent.parts)
-    for part in target.parts:
-        depth += -1 if part == ".." else (0 if part == "." else 1)
-        if depth < 0:
-            raise DataError(
-                f"archive {archive.name}: refusing link {str(member)!r} -> {link!r}: it points outside the target"
-            )
+def _check_sizes(archive: Path, total: int, limits: ArchiveLimits, compressed: int) -> None:
+    if total > limits.max_bytes:
+        raise _refuse(archive, f"it would unpack to {total / 2**30:.2f} GiB, over the limit of "
+                               f"{limits.max_bytes / 2**30:.2f} GiB (data.max_extract_gb); raise the limit if the "
+                               "data set really is that large")
+    if total > RATIO_EXEMPT_BYTES and compressed and total / compressed > limits.max_ratio:
+        raise _refuse(archive, f"it would unpack {compressed:,} bytes into {total:,} "
+                               f"(ratio {total / compressed:.0f}:1, limit {limits.max_ratio:.0f}:1): a decompression bomb")
 
 
-def extract_archive(archive: Path, target: Path) -> int:
+def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> int:
     """Extract ``archive`` into the existing folder ``target``; returns the number of files written."""
     try:
         if zipfile.is_zipfile(archive):
-            return _extract_zip(archive, target)
-        return _extract_tar(archive, target)
+            return _extract_zip(archive, target, limits)
+        return _extract_tar(archive, target, limits)
     except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise DataError(
             f"archive {archive.name} is truncated or corrupt ({type(error).__name__}: {error}); "
@@ -59,64 +78,94 @@ def extract_archive(archive: Path, target: Path) -> int:
         ) from None
 
 
-def _extract_tar(archive: Path, target: Path) -> int:
+def _copy_counted(source: IO[bytes], dest: Path, budget: int, archive: Path, name: str) -> int:
+    """Copy at most ``budget`` bytes; a member that turns out larger than its header said is refused."""
     written = 0
+    with open(dest, "xb") as out:  # "x": never write through anything already at that path
+        while chunk := source.read(COPY_CHUNK_BYTES):
+            written += len(chunk)
+            if written > budget:
+                raise DataError(f"archive {archive.name}: member {name!r} holds more data than its header "
+                                "declares, or the archive passes data.max_extract_gb; extraction stopped")
+            out.write(chunk)
+    return written
+
+
+@contextlib.contextmanager
+def _named(archive: Path, name: str) -> Iterator[None]:
+    """Name the member when its path collides with another (a file twice, a file where a folder goes)."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
+        raise DataError(f"archive {archive.name}: member {name!r} collides with another member "
+                        f"({type(error).__name__}); the archive is malformed") from None
+
+
+def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()  # reads the whole index first: a truncated archive fails here
+        total = 0
         for info in members:
-            member = _check_member_path(archive, info.name)
-            if info.ischr() or info.isblk() or info.isfifo() or info.isdev():
-                raise DataError(f"archive {archive.name}: refusing device or FIFO member {info.name!r}")
+            _check_member_path(archive, info.name)
             if info.issym() or info.islnk():
-                if info.islnk():
-                    # Hard links name another member by its path from the archive root.
-                    _check_member_path(archive, info.linkname)
-                else:
-                    _check_link_target(archive, member, info.linkname)
+                kind = "symbolic" if info.issym() else "hard"
+                raise _refuse(archive, f"refusing {kind} link member {info.name!r} -> {info.linkname!r} "
+                                       "(image archives need no links)")
+            if not (info.isfile() or info.isdir()):
+                raise _refuse(archive, f"refusing device or FIFO member {info.name!r}")
+            total += info.size
+        compressed = archive.stat().st_size
+        _check_sizes(archive, total, limits, compressed if _is_compressed_tar(archive) else 0)
+        written, budget = 0, limits.max_bytes
         for info in members:
             member = PurePosixPath(info.name.replace("\\", "/"))
             dest = target.joinpath(*member.parts) if member.parts else target
             if info.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
+                with _named(archive, info.name):
+                    dest.mkdir(parents=True, exist_ok=True)
                 continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if info.issym():
-                os.symlink(info.linkname, dest)
-            elif info.islnk():
-                source = target.joinpath(*PurePosixPath(info.linkname).parts)
-                shutil.copyfile(source, dest)
-                written += 1
-            elif info.isfile():
-                source_file = tar.extractfile(info)
-                assert source_file is not None
-                with source_file, open(dest, "wb") as out:
-                    shutil.copyfileobj(source_file, out)
-                written += 1
+            with _named(archive, info.name):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            source_file = tar.extractfile(info)
+            assert source_file is not None  # a regular file: checked above
+            with source_file, _named(archive, info.name):
+                budget -= _copy_counted(source_file, dest, min(budget, info.size), archive, info.name)
+            written += 1
     return written
 
 
-def _extract_zip(archive: Path, target: Path) -> int:
-    written = 0
+def _is_compressed_tar(archive: Path) -> bool:
+    with open(archive, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> int:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
+        total = 0
         for info in infos:
-            member = _check_member_path(archive, info.filename)
+            _check_member_path(archive, info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                _check_link_target(archive, member, zf.read(info).decode())
-            elif mode and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
-                raise DataError(f"archive {archive.name}: refusing device or FIFO member {info.filename!r}")
+                raise _refuse(archive, f"refusing symbolic link member {info.filename!r} (image archives need no links)")
+            if mode and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                raise _refuse(archive, f"refusing device or FIFO member {info.filename!r}")
+            if info.file_size > RATIO_EXEMPT_BYTES and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+                raise _refuse(archive, f"refusing member {info.filename!r}: {info.compress_size:,} bytes would unpack "
+                                       f"to {info.file_size:,} (ratio {info.file_size / max(info.compress_size, 1):.0f}:1, "
+                                       f"limit {limits.max_ratio:.0f}:1): a decompression bomb")
+            total += info.file_size
+        _check_sizes(archive, total, limits, 0)
+        written, budget = 0, limits.max_bytes
         for info in infos:
-            member = _check_member_path(archive, info.filename)
-            dest = target.joinpath(*member.parts)
+            dest = target.joinpath(*PurePosixPath(info.filename.replace("\\", "/")).parts)
             if info.is_dir():
-                dest.mkdir(parents=True, exist_ok=True)
+                with _named(archive, info.filename):
+                    dest.mkdir(parents=True, exist_ok=True)
                 continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                os.symlink(zf.read(info).decode(), dest)
-                continue
-            with zf.open(info) as source_file, open(dest, "wb") as out:
-                shutil.copyfileobj(source_file, out)
+            with _named(archive, info.filename):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as source_file, _named(archive, info.filename):
+                budget -= _copy_counted(source_file, dest, min(budget, info.file_size), archive, info.filename)
             written += 1
     return written

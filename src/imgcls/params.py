@@ -43,6 +43,7 @@ class DataParams:
     channels: Literal[1, 3] = 3  # imagefolder: 1 = grayscale, 3 = RGB
     retries: int = 3  # download attempts per URL before moving to the next location
     timeout_s: float = 30.0  # socket timeout per HTTP request
+    max_extract_gb: float = 50.0  # archives: most bytes (GiB) one may unpack to
 
     def validate(self) -> None:
         list_name = Path(self.source).name
@@ -57,6 +58,7 @@ class DataParams:
         _require(8 <= self.image_size <= 512, "data.image_size", self.image_size, "8..512")
         _require(1 <= self.retries <= 20, "data.retries", self.retries, "1..20")
         _require(0 < self.timeout_s <= 600, "data.timeout_s", self.timeout_s, "0 < x <= 600")
+        _require(0 < self.max_extract_gb <= 10000, "data.max_extract_gb", self.max_extract_gb, "0 < x <= 10000")
 
 
 @dataclass(frozen=True)

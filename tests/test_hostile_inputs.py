@@ -1,0 +1,195 @@
+"""What a stranger can hand the project, built here as an attacker would: link chains in tar and zip,
+hard links through links, decompression bombs, folders whose links lead out, loop or dangle."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_folder
+from imgcls import datasets
+from imgcls.archives import ArchiveLimits, extract_archive
+from imgcls.errors import DataError
+
+LIMITS = ArchiveLimits(max_bytes=1 << 30)
+
+
+def snapshot(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+def tar_member(tar: tarfile.TarFile, name: str, *, link: str | None = None, hard: bool = False, data: bytes = b"x"):
+    info = tarfile.TarInfo(name)
+    if link is not None:
+        info.type, info.linkname = (tarfile.LNKTYPE if hard else tarfile.SYMTYPE), link
+        tar.addfile(info)
+    else:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def zip_symlink(zf: zipfile.ZipFile, name: str, target: str) -> None:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # Unix: external_attr carries the file type
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    zf.writestr(info, target)
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """target/ to extract into, deep inside tmp_path, and a 'host' folder beside it with a secret file."""
+    target = tmp_path / "a" / "b" / "target"
+    target.mkdir(parents=True)
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "secret.txt").write_text("host secret")
+    return tmp_path, target
+
+
+def test_tar_symlink_chain_is_refused_before_anything_is_written(sandbox):
+    # Each link's text looks harmless on its own: 'up -> .', 'up/up2 -> ..' (one level below the root,
+    # one up), 'up/up2/up3 -> ..' ... Extracted in order, they chain out of the target, and a member
+    # written through them lands wherever the attacker wants.
+    tmp_path, target = sandbox
+    archive = tmp_path / "chain.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar_member(tar, "train/a/ok.png", data=b"fine")
+        tar_member(tar, "up", link=".")
+        tar_member(tar, "up/up2", link="..")
+        tar_member(tar, "up/up2/up3", link="..")
+        tar_member(tar, "up/up2/up3/host/planted.txt", data=b"pwned")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError) as caught:
+        extract_archive(archive, target, LIMITS)
+    assert "refusing symbolic link member 'up' -> '.'" in str(caught.value)
+    assert snapshot(tmp_path) == before  # not even the harmless first member
+    assert not (tmp_path / "host" / "planted.txt").exists()
+
+
+def test_tar_hard_link_through_a_link_chain_copies_nothing(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "steal.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar_member(tar, "train/a/ok.png", data=b"fine")
+        tar_member(tar, "l1", link=".")
+        tar_member(tar, "l1/l2", link="..")
+        tar_member(tar, "l1/l2/l3", link="..")
+        tar_member(tar, "train/a/stolen.png", link="l1/l2/l3/host/secret.txt", hard=True)
+    with pytest.raises(DataError, match="refusing symbolic link member 'l1'"):
+        extract_archive(archive, target, LIMITS)
+    assert list(target.iterdir()) == []
+    # A hard link alone, its path harmless: refused too, by name.
+    lone = tmp_path / "lone.tar"
+    with tarfile.open(lone, "w") as tar:
+        tar_member(tar, "train/a/ok.png", data=b"fine")
+        tar_member(tar, "train/a/copy.png", link="train/a/ok.png", hard=True)
+    with pytest.raises(DataError, match="refusing hard link member 'train/a/copy.png' -> 'train/a/ok.png'"):
+        extract_archive(lone, target, LIMITS)
+    assert list(target.iterdir()) == []
+
+
+def test_zip_symlink_chain_is_refused(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "chain.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("train/a/ok.png", b"fine")
+        zip_symlink(zf, "up", ".")
+        zip_symlink(zf, "up/up2", "..")
+        zf.writestr("up/up2/host/planted.txt", b"pwned")
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match="refusing symbolic link member 'up'"):
+        extract_archive(archive, target, LIMITS)
+    assert snapshot(tmp_path) == before
+
+
+def test_zip_bomb_is_refused_by_its_compression_ratio(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train/a/ok.png", b"fine")
+        zf.writestr("train/a/huge.bmp", bytes(64 << 20))  # 64 MiB of zeros -> ~64 KiB compressed
+    assert archive.stat().st_size < 200_000
+    with pytest.raises(DataError) as caught:
+        extract_archive(archive, target, LIMITS)
+    message = str(caught.value)
+    assert "refusing member 'train/a/huge.bmp'" in message and "decompression bomb" in message
+    assert list(target.iterdir()) == []
+
+
+def test_tar_gz_bomb_is_refused_by_its_overall_ratio(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar_member(tar, "train/a/huge.bmp", data=bytes(32 << 20))
+    with pytest.raises(DataError, match=r"ratio \d+:1, limit 200:1\): a decompression bomb"):
+        extract_archive(archive, target, LIMITS)
+    assert list(target.iterdir()) == []
+
+
+def test_total_size_limit_names_the_param(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "big.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i in range(3):
+            tar_member(tar, f"train/a/{i}.png", data=os.urandom(4000))
+    with pytest.raises(DataError, match=r"over the limit .* \(data.max_extract_gb\)"):
+        extract_archive(archive, target, ArchiveLimits(max_bytes=10_000))
+    assert list(target.iterdir()) == []
+    assert extract_archive(archive, target, ArchiveLimits(max_bytes=12_000)) == 3
+
+
+def test_duplicate_member_is_a_named_error_not_a_traceback(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "dup.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar_member(tar, "train/a/x.png", data=b"one")
+        tar_member(tar, "train/a/x.png", data=b"two")
+    with pytest.raises(DataError, match="member 'train/a/x.png' collides with another member"):
+        extract_archive(archive, target, LIMITS)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def copy(source: Path, dest: Path, on_bad_link: str = "error") -> tuple[int, list[str]]:
+    messages: list[str] = []
+    return datasets.copy_folder(source, dest, on_bad_link=on_bad_link, log=messages.append), messages
+
+
+@pytest.mark.parametrize("make_link, reason", [
+    (lambda folder, outside: os.symlink(outside / "secret.txt", folder / "shadow.png"), "outside the source folder"),
+    (lambda folder, outside: os.symlink(folder / "gone.png", folder / "dangling.png"), "a dangling link or a link loop"),
+    (lambda folder, outside: os.symlink(folder / "loop.png", folder / "loop.png"), "a dangling link or a link loop"),
+    (lambda folder, outside: os.symlink(outside, folder / "linked_dir"), "links to folders are not followed"),
+    (lambda folder, outside: os.mkfifo(folder / "pipe.png"), "not a regular file"),
+])
+def test_folder_source_never_follows_links_out(tmp_path, make_link, reason):
+    root = make_image_folder(tmp_path / "src")
+    outside = tmp_path / "host"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("host secret")
+    make_link(root / "train" / "ants", outside)
+    with pytest.raises(DataError) as caught:
+        copy(root, tmp_path / "dest")
+    assert reason in str(caught.value) and "data.on_bad_image: skip" in str(caught.value)
+    count, messages = copy(root, tmp_path / "dest2", on_bad_link="skip")
+    assert count == 24  # the 24 real images, nothing else
+    assert any("skipped 1 file(s)" in m and reason in m for m in messages)
+    copied = list((tmp_path / "dest2").rglob("*"))
+    assert not any(p.is_symlink() for p in copied)
+    assert not any(p.is_file() and p.read_bytes() == b"host secret" for p in copied)
+
+
+def test_folder_link_to_a_file_inside_is_copied_as_the_file(tmp_path):
+    root = make_image_folder(tmp_path / "src")
+    os.symlink(root / "train" / "ants" / "0.jpg", root / "train" / "ants" / "alias.jpg")
+    count, _ = copy(root, tmp_path / "dest")
+    alias = tmp_path / "dest" / "train" / "ants" / "alias.jpg"
+    assert count == 25 and not alias.is_symlink()
+    assert alias.read_bytes() == (root / "train" / "ants" / "0.jpg").read_bytes()
