@@ -21,11 +21,11 @@ import yaml
 
 from common import REPO_ROOT, machine, write_results
 
-from imgcls.models import TTAModel, build_model
-from imgcls.params import EvaluateParams, TrainParams, build
-from imgcls.runtime import autocast, resolve_precision, seed_everything
-from imgcls.training import (REFERENCE_BATCH_SIZE, Augmentation, Lookahead, iterate_batches, make_optimizer, predict,
-                             reflect_pad)
+from imgcls.model.inference import predict
+from imgcls.model.networks import TTAModel, build_model
+from imgcls.params import parse_params, read_yaml
+from imgcls.runtime import resolve_precision, seed_everything
+from imgcls.train.loop import apply_update, backward, epoch_batches, forward_loss, make_training_setup, set_rate
 
 PREPARED = Path("/tmp/imgcls-bench/cifar10-jpeg/data/prepared")
 
@@ -37,11 +37,12 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="time the step through torch.compile")
     args = parser.parse_args()
     recipe = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())[args.recipe]
-    committed = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    train_raw = {**committed["train"], **recipe.get("train", {})}
-    train_raw["augment"] = {**committed["train"]["augment"], **recipe.get("train", {}).get("augment", {})}
-    config: TrainParams = build(TrainParams, train_raw, "train")
-    evaluate_config: EvaluateParams = build(EvaluateParams, {**committed["evaluate"], **recipe.get("evaluate", {})}, "evaluate")
+    raw = read_yaml(REPO_ROOT / "params.yaml")
+    for section, values in recipe.items():  # the recipe's overrides, validated like a stage validates them
+        for key, value in values.items():
+            raw[section][key] = {**raw[section][key], **value} if isinstance(value, dict) else value
+    params = parse_params(raw)
+    config, evaluate_config = params.train, params.evaluate
 
     generator = seed_everything(0)
     if (PREPARED / "train_images.npy").is_file():
@@ -56,20 +57,13 @@ def main() -> int:
     device = torch.device("cpu")
     precision = resolve_precision(config.precision, device)
     model = build_model(config.model, in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3, std=[0.25] * 3,
-                        width=config.width).to(memory_format=torch.channels_last)
-    if config.model == "fast":
-        model.init_whitening(images[:5000].float() / 255)
-    optimizer = make_optimizer(model, name=config.optimizer, lr=config.lr * config.batch_size / REFERENCE_BATCH_SIZE,
-                               momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay,
-                               bias_lr_scale=config.bias_lr_scale)
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * 0.01  # tiny steps: the profile measures time, not learning
-    lookahead = Lookahead(model, config.ema) if config.ema else None
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    augmentation = Augmentation(config.augment.flip, config.augment.translate, alternate_flip=config.model == "fast")
-    padded = reflect_pad(images, config.augment.translate) if config.augment.translate else None
-    batches = iterate_batches(images, labels, config.batch_size, generator=generator, augmentation=augmentation,
-                              flip_halves=torch.rand(len(images)) < 0.5, padded_images=padded)
+                        width=config.width, whiten_bias_epochs=config.whiten_bias_epochs)
+    model = model.to(memory_format=torch.channels_last)
+    # The same set-up and step phases as imgcls.train.loop.fit / train_one_epoch, timed one by one.
+    model.initialize_from_data(images)
+    setup = make_training_setup(model, images, config=config, generator=generator)
+    batches = epoch_batches(setup, images, labels, 1, generator)
+    factor = 0.01  # tiny steps: the profile measures time, not learning
     totals = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
     model.train()
     step_model = torch.compile(model) if args.compile else model
@@ -78,21 +72,18 @@ def main() -> int:
         marks = [time.perf_counter()]
         batch, batch_labels = next(batches)
         marks.append(time.perf_counter())
-        with autocast(device, precision):
-            loss = loss_fn(step_model(batch), batch_labels)
+        set_rate(setup.optimizer, factor)
+        _, loss = forward_loss(step_model, batch, batch_labels, setup.loss_fn, device, precision)
         marks.append(time.perf_counter())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(setup.optimizer, loss)
         marks.append(time.perf_counter())
-        optimizer.step()
-        if lookahead is not None:
-            lookahead.update(model, step, 1.0)
+        apply_update(setup.optimizer, setup.lookahead, model, step, factor)
         marks.append(time.perf_counter())
         if step >= warmup_steps:  # the first steps warm up allocators, kernels (and compilation)
             for key, begin, finish in zip(totals, marks, marks[1:]):
                 totals[key] += finish - begin
     step_seconds = sum(totals.values()) / args.steps
-    steps_per_epoch = len(images) // config.batch_size
+    steps_per_epoch = setup.steps_per_epoch
     eval_model = TTAModel(model) if evaluate_config.tta else model
     started = time.perf_counter()
     predict(eval_model, test_images, batch_size=evaluate_config.batch_size, device=device, precision=precision)

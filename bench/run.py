@@ -72,7 +72,8 @@ def _reset(overrides: dict) -> dict:
     merged = {section: dict(committed[section]) for section in ("train", "evaluate")}
     for section, values in overrides.items():
         if section in merged:
-            merged[section].update(values)
+            for key, value in values.items():
+                merged[section][key] = {**merged[section][key], **value} if isinstance(value, dict) else value
     return merged
 
 

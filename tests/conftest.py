@@ -17,8 +17,29 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR_IMAGES = REPO_ROOT.parent / "shared" / "data" / "cifar10-images.tar.gz"
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def merge(raw: dict, sections: dict) -> dict:
+    """``raw`` with ``sections`` ({"train": {"epochs": 2, "augment": {"flip": False}}}) merged in, deeply."""
+    merged = dict(raw)
+    for key, value in sections.items():
+        merged[key] = merge(raw.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def committed_params_raw() -> dict:
+    from imgcls.params import read_yaml
+
+    return read_yaml(REPO_ROOT / "params.yaml")
+
+
+def real_params(**sections):
+    """The committed params.yaml, shrunk or changed by ``sections``, validated like a stage validates it:
+    tests train on the project's real recipe, not on defaults of their own."""
+    from imgcls.params import parse_params
+
+    return parse_params(merge(committed_params_raw(), sections))
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_folder
-from imgcls import datasets
-from imgcls.archives import ArchiveLimits, extract_archive
+from imgcls.download.archives import ArchiveLimits, extract_archive
+from imgcls.download.sources import copy_folder
 from imgcls.errors import DataError
 
 LIMITS = ArchiveLimits(max_bytes=1 << 30)
@@ -159,7 +159,7 @@ def test_duplicate_member_is_a_named_error_not_a_traceback(sandbox):
 
 def copy(source: Path, dest: Path, on_bad_link: str = "error") -> tuple[int, list[str]]:
     messages: list[str] = []
-    return datasets.copy_folder(source, dest, on_bad_link=on_bad_link, log=messages.append), messages
+    return copy_folder(source, dest, on_bad_link=on_bad_link, log=messages.append), messages
 
 
 @pytest.mark.parametrize("make_link, reason", [

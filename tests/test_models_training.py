@@ -1,15 +1,16 @@
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import real_params
 from imgcls import runtime
-from imgcls.errors import RuntimeChoiceError
-from imgcls.models import MODEL_NAMES, TTAModel, build_model
-from imgcls.params import TrainParams
-from imgcls.training import (Lookahead, batch_flip, batch_translate, evaluate, fit, iterate_batches, lr_factor,
-                             make_optimizer, reflect_pad, Augmentation)
+from imgcls.errors import ParamsError, RuntimeChoiceError
+from imgcls.model.inference import evaluate_model
+from imgcls.model.networks import MODEL_NAMES, TTAModel, build_model
+from imgcls.params import MIN_IMAGE_SIZE
+from imgcls.train.batches import Augmentation, batch_flip, batch_translate, iterate_batches, reflect_pad
+from imgcls.train.loop import fit
+from imgcls.train.optim import Lookahead, lr_factor, make_optimizer
 
 
 def arguments(channels=3, size=32, classes=10, width=8):
@@ -22,6 +23,31 @@ def arguments(channels=3, size=32, classes=10, width=8):
 def test_every_model_maps_images_to_class_logits(name, channels, size):
     model = build_model(name, **arguments(channels, size, classes=7)).eval()
     assert model(torch.rand(5, channels, size, size)).shape == (5, 7)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_each_model_declares_its_true_minimum_input_size(name):
+    smallest = MIN_IMAGE_SIZE[name]
+    with torch.no_grad():
+        model = build_model(name, **arguments(3, smallest, classes=3)).eval()
+        assert model(torch.rand(2, 3, smallest, smallest)).shape == (2, 3)
+        assert TTAModel(model)(torch.rand(1, 3, smallest, smallest)).shape == (1, 3)
+        with pytest.raises(RuntimeError):
+            build_model(name, **arguments(3, smallest - 1, classes=3)).eval()(torch.rand(2, 3, smallest - 1, smallest - 1))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_params_refuse_an_image_size_the_model_cannot_take(name):
+    smallest = MIN_IMAGE_SIZE[name]
+    data = {"dataset": "imagefolder", "source": "images.tar"}
+    assert real_params(data={**data, "image_size": smallest}, train={"model": name}).train.model == name
+    # Below 8 pixels data.image_size's own range refuses first; above it, the model's minimum does.
+    expected = (rf"train.model = '{name}' needs images of at least {smallest}x{smallest}" if smallest > 8
+                else r"data.image_size = 7 is not allowed; expected 8..512")
+    with pytest.raises(ParamsError, match=expected):
+        real_params(data={**data, "image_size": smallest - 1}, train={"model": name})
+    if name == "lenet":  # Fashion-MNIST's fixed 28 pixels are enough; the message names the data set otherwise
+        assert real_params(train={"model": name}).train.model == "lenet"
 
 
 def test_lenet_is_the_tutorial_network_on_cifar_shapes():
@@ -135,24 +161,24 @@ def separable_data(n=256, seed=0):
     return images, labels
 
 
-def train_tiny(seed: int, model_name="convnet", **overrides):
+def train_tiny(seed: int, model_name="fast", **overrides):
+    """The committed recipe (params.yaml), shrunk to 256 tiny images: the code path a real run takes."""
     images, labels = separable_data()
     # Six epochs: with only 8 steps an epoch, BatchNorm's running statistics need that long to settle.
-    settings = dict(model=model_name, width=8, epochs=6, batch_size=32, lr=0.1, warmup_epochs=0.5, precision="fp32")
-    config = dataclasses.replace(TrainParams(), **{**settings, **overrides})
+    shrink = dict(model=model_name, width=8, epochs=6, batch_size=32, precision="fp32", compile=False)
+    config = real_params(train={**shrink, **overrides}).train
     generator = runtime.seed_everything(seed)
-    model = build_model(model_name, **arguments(1, 12, classes=4, width=8))
-    if model_name == "fast":
-        model.init_whitening(images.float() / 255)
+    model = build_model(model_name, **arguments(1, 12, classes=4, width=8),
+                        whiten_bias_epochs=config.whiten_bias_epochs)
     records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=torch.device("cpu"),
                   precision="fp32", generator=generator)
     return model, records
 
 
 def test_fit_learns_and_is_identical_for_the_same_seed():
-    model_a, records_a = train_tiny(0)
-    model_b, records_b = train_tiny(0)
-    _, records_c = train_tiny(1)
+    model_a, records_a = train_tiny(0, "convnet", lr=0.1, ema=0.0)
+    model_b, records_b = train_tiny(0, "convnet", lr=0.1, ema=0.0)
+    _, records_c = train_tiny(1, "convnet", lr=0.1, ema=0.0)
     assert records_a[-1]["val_accuracy"] > 0.9
     keys = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     assert [[r[k] for k in keys] for r in records_a] == [[r[k] for k in keys] for r in records_b]
@@ -160,19 +186,48 @@ def test_fit_learns_and_is_identical_for_the_same_seed():
     assert records_a[-1]["train_loss"] != records_c[-1]["train_loss"]
 
 
-def test_fast_recipe_trains_with_lookahead_and_bias_schedule():
-    model, records = train_tiny(0, "fast", ema=0.9, bias_lr_scale=16.0, whiten_bias_epochs=1.0, lr=0.2)
+def test_fast_recipe_whitens_trains_and_owns_its_bias_schedule(monkeypatch):
+    # fit() knows nothing of the fast model: the model whitens its stem from the data and freezes the stem's
+    # bias after whiten_bias_epochs through its own hooks.
+    bias_trainable = []
+    original = nn.Module.train
+
+    def spy(self, mode=True):
+        if hasattr(self, "stem") and mode:
+            bias_trainable.append(self.stem.bias.requires_grad)
+        return original(self, mode)
+
+    monkeypatch.setattr(nn.Module, "train", spy)
+    model, records = train_tiny(0, "fast", whiten_bias_epochs=2.0)
+    assert bias_trainable == [True, True, False, False, False, False]  # one entry per epoch
     assert records[-1]["val_accuracy"] > 0.75  # chance is 0.25; 48 steps are few for frozen-scale BatchNorm
     assert model.stem.bias.requires_grad  # restored after training
+    assert model.stem.weight.abs().sum() > 0 and not model.stem.weight.requires_grad  # whitened, never trained
 
 
-def test_evaluate_reports_loss_accuracy_and_predictions():
-    images, labels = separable_data(64)
-    model = build_model("convnet", **arguments(1, 12, classes=4))
-    result = evaluate(model, images, labels, batch_size=10, device=torch.device("cpu"), precision="fp32")
-    assert result["predictions"].shape == (64,)
-    assert result["accuracy"] == pytest.approx(float((result["predictions"] == labels).float().mean()))
-    assert result["loss"] > 0
+def test_one_epoch_runs_with_the_other_defaults():
+    # whiten_bias_epochs (3) and warmup_epochs longer than the run: clamped to the run, not refused.
+    _, records = train_tiny(0, "fast", epochs=1, warmup_epochs=4.0)
+    assert len(records) == 1 and records[0]["train_loss"] > 0
+
+
+class FirstPixelClassifier(nn.Module):
+    """Logits that are known in advance: class = first pixel value (0..3), as a one-hot times 5."""
+
+    def forward(self, x):
+        return nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long() % 4, 4).float() * 5
+
+
+def test_evaluate_reports_loss_accuracy_and_predictions_across_batches():
+    labels = torch.arange(10) % 4
+    predicted = torch.tensor([0, 1, 2, 3, 0, 1, 3, 3, 1, 0])  # 7 of 10 right
+    images = predicted.to(torch.uint8).view(10, 1, 1, 1).expand(10, 1, 3, 3).contiguous()
+    result = evaluate_model(FirstPixelClassifier(), images, labels, batch_size=3, device=torch.device("cpu"),
+                            precision="fp32")
+    assert result["predictions"].tolist() == predicted.tolist()
+    assert result["accuracy"] == pytest.approx(0.7)
+    expected_loss = nn.functional.cross_entropy(nn.functional.one_hot(predicted, 4).float() * 5, labels)
+    assert result["loss"] == pytest.approx(float(expected_loss))
 
 
 def test_precision_auto_is_bf16_only_where_native(monkeypatch):

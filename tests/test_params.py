@@ -2,60 +2,88 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+from pydantic import BaseModel
 
-from conftest import REPO_ROOT
-from imgcls.params import Params, ParamsError, load_params, parse_params
-
-
-def committed_params() -> dict:
-    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+from conftest import REPO_ROOT, committed_params_raw, merge
+from imgcls.errors import ParamsError
+from imgcls.params import Params, load_params, parse_params
 
 
-def test_committed_params_parse_and_match_their_types():
-    params = parse_params(committed_params())
-    assert params.train.model == "fast"
-    assert params.data.dataset == "fashion-mnist"
-    assert isinstance(params.train.weight_decay, float)
-    assert params.train.augment.translate == 2
+def test_committed_params_parse():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params.train.weight_decay, float) and isinstance(params.train.augment.translate, int)
 
 
-def test_every_dataclass_field_appears_in_params_yaml():
-    # params.yaml is the one place users read and edit: nothing may hide in code defaults only.
-    raw = committed_params()
-    for section, values in Params().__dict__.items():
-        for key in values.__dict__:
-            assert key in raw[section], f"{section}.{key} is missing from params.yaml"
+def required_everywhere(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Keys of the schema that carry a default (there must be none: params.yaml is the one home of values)."""
+    found = []
+    for name, info in model.model_fields.items():
+        if not info.is_required():
+            found.append(prefix + name)
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found += required_everywhere(info.annotation, f"{prefix}{name}.")
+    return found
+
+
+def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values():
+    assert required_everywhere(Params) == []
+    raw = committed_params_raw()
+    del raw["train"]["lr"]
+    with pytest.raises(ParamsError, match="params: train.lr is missing; params.yaml must set it"):
+        parse_params(raw)
 
 
 @pytest.mark.parametrize(
-    "mutate, fragment",
+    "change, fragment",
     [
-        (lambda p: p.update(trian={"lr": 1}), "unknown key 'trian'"),
-        (lambda p: p["train"].update(lrr=0.1), "unknown key 'train.lrr'"),
-        (lambda p: p["train"].update(lr="fast"), "train.lr = 'fast' has the wrong type; expected a number"),
-        (lambda p: p["train"].update(epochs=2.5), "train.epochs = 2.5 has the wrong type; expected an integer"),
-        (lambda p: p["train"].update(lr=-1), "train.lr = -1.0 is not allowed; expected 0 < lr <= 10"),
-        (lambda p: p["train"].update(model="resnet9000"), "train.model = 'resnet9000' has the wrong type; expected one of 'lenet'"),
-        (lambda p: p["train"]["augment"].update(flip="yes"), "train.augment.flip = 'yes' has the wrong type; expected true or false"),
-        (lambda p: p["preprocess"].update(val_fraction=1.5), "preprocess.val_fraction = 1.5 is not allowed"),
-        (lambda p: p["data"].update(dataset="mnist"), "data.dataset = 'mnist'"),
-        (lambda p: p["base"].update(device="tpu"), "base.device = 'tpu' is not allowed"),
-        (lambda p: p["train"].update(warmup_epochs=50), "train.warmup_epochs = 50.0 is not allowed; expected 0..train.epochs (10)"),
+        ({"trian": {"lr": 1}}, "unknown key 'trian' (value {'lr': 1}); params.yaml allows: base, data"),
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr' (value 0.1); train allows: model, width"),
+        ({"train": {"lr": "fast"}}, "train.lr = 'fast' has the wrong type; expected a number"),
+        ({"train": {"epochs": 2.5}}, "train.epochs = 2.5 has the wrong type; expected an integer"),
+        ({"train": {"epochs": True}}, "train.epochs = True has the wrong type; expected an integer"),
+        ({"train": {"lr": -1}}, "train.lr = -1 is not allowed; expected 0 < x <= 10"),
+        ({"train": {"width": 100000}}, "train.width = 100000 is not allowed; expected 8..256"),
+        ({"train": {"model": "resnet9000"}}, "train.model = 'resnet9000' is not allowed; expected one of 'lenet'"),
+        ({"train": {"augment": {"flip": "yes"}}}, "train.augment.flip = 'yes' has the wrong type; expected true or false"),
+        ({"preprocess": {"val_fraction": 1.5}}, "preprocess.val_fraction = 1.5 is not allowed; expected 0 <= x < 1"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset = 'mnist' is not allowed"),
+        ({"base": {"device": "tpu"}}, "base.device = 'tpu' is not allowed; expected auto, cpu, cuda or cuda:N"),
+        ({"base": {"seed": 4294967296}}, "base.seed = 4294967296 is not allowed; expected 0..4294967295"),
+        ({"base": {"seed": -1}}, "base.seed = -1 is not allowed"),
+        ({1: {"x": 1}}, "key 1 in params.yaml is not a name"),
+        ({"train": {2: 0.1}}, "key 2 in train is not a name"),
+        ({"data": {"source": "sources/cifar10.txt"}}, "lists cifar10 locations but data.dataset = 'fashion-mnist'"),
+        ({"data": {"dataset": "imagefolder", "source": "x.zip", "image_size": 8}},
+         "train.model = 'fast' needs images of at least 9x9 pixels, but data.image_size is 8"),
     ],
 )
-def test_bad_values_name_the_key_the_value_and_what_is_allowed(mutate, fragment):
-    raw = committed_params()
-    mutate(raw)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(change, fragment):
     with pytest.raises(ParamsError) as caught:
-        parse_params(raw)
+        parse_params(merge(committed_params_raw(), change))
     assert fragment in str(caught.value)
 
 
+def write_params(tmp_path, text_edit):
+    text = (REPO_ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text_edit(text))
+    return path
+
+
+def test_yaml_1_2_numbers_are_numbers_as_dvc_reads_them(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; DVC and YAML 1.2 read a number.
+    path = write_params(tmp_path, lambda t: t.replace("  lr: 0.375", "  lr: 1e-3", 1))
+    assert load_params(path).train.lr == 0.001
+
+
+def test_a_duplicate_key_is_refused_naming_it(tmp_path):
+    path = write_params(tmp_path, lambda t: t.replace("  lr: 0.375", "  lr: 0.375\n  lr: 0.5", 1))
+    with pytest.raises(ParamsError, match=r'is not valid YAML: found duplicate key "lr" with value "0.5" \(original value: "0.375"\) \(line 31\)'):
+        load_params(path)
+
+
 def test_stage_exits_1_with_a_message_and_no_traceback_on_a_typo(tmp_path):
-    raw = committed_params()
-    raw["trian"] = {"lr": 1}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, lambda t: t + "trian:\n  lr: 1\n")
     result = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 1

@@ -1,244 +1,222 @@
-"""Strict parsing of params.yaml into frozen dataclasses.
+"""The params schema: types, ranges and allowed values of every key in params.yaml. The values themselves
+live only in params.yaml (no defaults here): a key missing from the file is an error, not a silent default.
 
-Every section is checked before a stage does any work: unknown keys (a typo such as ``trian.lr``),
-wrong types and out-of-range values raise ``ParamsError`` naming the key, the value and what is allowed.
+The file is read as YAML 1.2, as DVC reads it (``1e-3`` is a number; a duplicate key is an error). Every
+section is checked before a stage does any work: an unknown key (a typo such as ``trian.lr``), a wrong type
+or an out-of-range value raises ``ParamsError`` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ParamsError
 
-
-@dataclass(frozen=True)
-class BaseParams:
-    seed: int = 0  # one seed for random, NumPy, torch and batch order
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-    def validate(self) -> None:
-        allowed = self.device in ("auto", "cpu", "cuda") or (
-            self.device.startswith("cuda:") and self.device[5:].isdigit()
-        )
-        _require(allowed, "base.device", self.device, "auto, cpu, cuda or cuda:N")
-        _require(self.seed >= 0, "base.seed", self.seed, "an integer >= 0")
+DATASET_IMAGE_SIZE = {"fashion-mnist": 28, "cifar10": 32}  # fixed sizes; imagefolder takes data.image_size
+# The registered models and the smallest input side (pixels) each one's layers can take. Validation refuses
+# smaller inputs before any stage runs; tests/test_models_training.py checks each value against the layers.
+MIN_IMAGE_SIZE = {
+    "lenet": 16,  # two (5x5 valid conv, 2x2 pool) steps must leave a pixel: 16 -> 12 -> 6 -> 2 -> 1
+    "tutorial_cnn": 8,  # three 2x2 pools
+    "convnet": 8,  # three 2x2 pools
+    "fast": 9,  # the 2x2 valid whitening stem loses a pixel, then three 2x2 pools
+}
 
 
-@dataclass(frozen=True)
-class DataParams:
-    dataset: Literal["fashion-mnist", "cifar10", "imagefolder"] = "fashion-mnist"
-    # A local file or folder, a URL, or a source list (*.txt: one location per line, tried in order).
-    source: str = "sources/fashion-mnist.txt"
-    limit: int = 0  # keep at most this many train and test images (0 = all); for quick runs and tests
-    test_fraction: float = 0.1  # imagefolder without test/: share of train carved out as test
-    on_bad_image: Literal["error", "skip"] = "error"
-    image_size: int = 32  # imagefolder: images are resized to image_size x image_size
-    channels: Literal[1, 3] = 3  # imagefolder: 1 = grayscale, 3 = RGB
-    retries: int = 3  # download attempts per URL before moving to the next location
-    timeout_s: float = 30.0  # socket timeout per HTTP request
-    max_extract_gb: float = 50.0  # archives: most bytes (GiB) one may unpack to
-
-    def validate(self) -> None:
-        list_name = Path(self.source).name
-        if list_name in ("fashion-mnist.txt", "cifar10.txt") and list_name != f"{self.dataset}.txt":
-            raise ParamsError(
-                f"params: data.source = {self.source!r} lists {list_name[:-4]} locations but data.dataset = "
-                f"{self.dataset!r}; set data.source to sources/{self.dataset}.txt or to your own copy"
-            )
-        _require(self.source.strip() != "", "data.source", self.source, "a path, a URL or a source list")
-        _require(self.limit >= 0, "data.limit", self.limit, "0 (all images) or a positive count")
-        _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")
-        _require(8 <= self.image_size <= 512, "data.image_size", self.image_size, "8..512")
-        _require(1 <= self.retries <= 20, "data.retries", self.retries, "1..20")
-        _require(0 < self.timeout_s <= 600, "data.timeout_s", self.timeout_s, "0 < x <= 600")
-        _require(0 < self.max_extract_gb <= 10000, "data.max_extract_gb", self.max_extract_gb, "0 < x <= 10000")
+class Section(BaseModel):
+    # strict: no "3" -> 3 or 1 -> True coercion; ints are still accepted where numbers (floats) are expected.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    val_fraction: float = 0.1  # stratified share of the training set held out for validation
-
-    def validate(self) -> None:
-        _require(0 <= self.val_fraction < 1, "preprocess.val_fraction", self.val_fraction, "0 <= x < 1")
+class BaseParams(Section):
+    seed: int = Field(ge=0, le=2**32 - 1)  # random, NumPy (which takes at most 2^32 - 1), torch, batch order
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    flip: bool = True  # horizontal flip; the fast recipe alternates it by epoch
-    translate: int = 2  # random crop after reflect-padding by this many pixels (0 = off)
-
-    def validate(self) -> None:
-        _require(0 <= self.translate <= 8, "train.augment.translate", self.translate, "0..8")
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    model: Literal["lenet", "tutorial_cnn", "convnet", "fast"] = "convnet"
-    width: int = 32  # channels of the first block; later blocks scale from it (convnet and fast)
-    epochs: int = 8
-    batch_size: int = 256
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    bias_lr_scale: float = 1.0  # multiplier on lr for BatchNorm biases (airbench uses 64)
-    label_smoothing: float = 0.1
-    schedule: Literal["constant", "cosine", "linear"] = "linear"
-    warmup_epochs: float = 0.5
-    ema: float = 0.0  # 0 = off; else decay per step of an exponential moving average of weights
-    whiten_bias_epochs: float = 0.0  # fast model: epochs during which the whitening bias trains
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    log_images: int = 64  # sample images in the TensorBoard grid
-
-    def validate(self) -> None:
-        _require(8 <= self.width <= 512, "train.width", self.width, "8..512")
-        _require(1 <= self.epochs <= 1000, "train.epochs", self.epochs, "1..1000")
-        _require(1 <= self.batch_size <= 65536, "train.batch_size", self.batch_size, "1..65536")
-        _require(0 < self.lr <= 10, "train.lr", self.lr, "0 < lr <= 10")
-        _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "0 <= x < 1")
-        _require(0 <= self.weight_decay < 1, "train.weight_decay", self.weight_decay, "0 <= x < 1")
-        _require(0 < self.bias_lr_scale <= 1000, "train.bias_lr_scale", self.bias_lr_scale, "0 < x <= 1000")
-        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "0 <= x < 1")
-        _require(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
-                 f"0..train.epochs ({self.epochs})")
-        _require(0 <= self.ema < 1, "train.ema", self.ema, "0 (off) or 0 < x < 1")
-        _require(0 <= self.whiten_bias_epochs <= self.epochs, "train.whiten_bias_epochs",
-                 self.whiten_bias_epochs, f"0..train.epochs ({self.epochs})")
-        _require(0 <= self.log_images <= 1024, "train.log_images", self.log_images, "0..1024")
-        self.augment.validate()
+class DataParams(Section):
+    dataset: Literal["fashion-mnist", "cifar10", "imagefolder"]
+    source: str = Field(min_length=1, description="a path, a URL or a source list (.txt)")
+    limit: int = Field(ge=0)  # at most this many train and test images (0 = all)
+    test_fraction: float = Field(gt=0, lt=1)
+    on_bad_image: Literal["error", "skip"]
+    image_size: int = Field(ge=8, le=512)
+    channels: Literal[1, 3]
+    max_image_pixels: int = Field(ge=1024, le=2**31)
+    retries: int = Field(ge=1, le=20)
+    timeout_s: float = Field(gt=0, le=600)
+    max_extract_gb: float = Field(gt=0, le=10000)
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = 1000
-    tta: bool = False  # test-time augmentation: average logits over mirror and one-pixel shifts
-    misclassified_images: int = 36  # how many go into the PNG grid
-
-    def validate(self) -> None:
-        _require(1 <= self.batch_size <= 65536, "evaluate.batch_size", self.batch_size, "1..65536")
-        _require(0 <= self.misclassified_images <= 400, "evaluate.misclassified_images",
-                 self.misclassified_images, "0..400")
+class PreprocessParams(Section):
+    val_fraction: float = Field(ge=0, lt=1)
 
 
-@dataclass(frozen=True)
-class ExportParams:
-    parity_images: int = 1000  # test images compared between PyTorch, TorchScript and ONNX Runtime
-    parity_atol: float = 1e-4  # max absolute logit difference allowed
-    latency_calls: int = 200  # batch-1 calls timed per runtime; the median is reported
-    opset: int = 17
-
-    def validate(self) -> None:
-        _require(1 <= self.parity_images <= 100000, "export.parity_images", self.parity_images, "1..100000")
-        _require(0 < self.parity_atol <= 1, "export.parity_atol", self.parity_atol, "0 < x <= 1")
-        _require(200 <= self.latency_calls <= 100000, "export.latency_calls", self.latency_calls,
-                 "200..100000 (the median needs enough calls to be stable)")
-        _require(13 <= self.opset <= 21, "export.opset", self.opset, "13..21")
+class AugmentParams(Section):
+    flip: bool
+    alternate_flip: bool  # flip a fixed random half in even epochs, the other half in odd ones (airbench)
+    translate: int = Field(ge=0, le=8)
 
 
-@dataclass(frozen=True)
-class Params:
-    base: BaseParams = field(default_factory=BaseParams)
-    data: DataParams = field(default_factory=DataParams)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
-
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ParamsError(f"params: {key} = {value!r} is not allowed; expected {allowed}")
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
+class TrainParams(Section):
+    model: Literal["lenet", "tutorial_cnn", "convnet", "fast"]
+    width: int = Field(ge=8, le=256)
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=65536)
+    optimizer: Literal["sgd", "adamw"]
+    lr: float = Field(gt=0, le=10)
+    momentum: float = Field(ge=0, lt=1)
+    nesterov: bool
+    weight_decay: float = Field(ge=0, lt=1)
+    bias_lr_scale: float = Field(gt=0, le=1000)
+    label_smoothing: float = Field(ge=0, lt=1)
+    schedule: Literal["constant", "cosine", "linear"]
+    warmup_epochs: float = Field(ge=0, le=1000)  # a warm-up longer than the run ends with the run
+    ema: float = Field(ge=0, lt=1)
+    whiten_bias_epochs: float = Field(ge=0, le=1000)  # longer than the run: the bias trains throughout
+    augment: AugmentParams
+    precision: Literal["auto", "fp32", "bf16"]
+    compile: bool
+    log_images: int = Field(ge=0, le=1024)
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check one YAML value against a field type; ints are accepted where floats are expected."""
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
-    if typing.get_origin(tp) is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
-            return value
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ParamsError(f"params: {key} = {value!r} has the wrong type; expected {_describe(tp)}")
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1, le=65536)
+    tta: bool
+    misclassified_images: int = Field(ge=0, le=400)
 
 
-def build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
-    where = prefix or "params.yaml"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params: {where} must be a mapping of keys to values, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+class ExportParams(Section):
+    parity_images: int = Field(ge=1, le=100000)
+    parity_atol: float = Field(gt=0, le=1)
+    latency_calls: int = Field(ge=200, le=100000, description="200..100000 (the median needs enough calls to be stable)")
+    opset: int = Field(ge=13, le=21)
+
+
+class Params(Section):
+    base: BaseParams
+    data: DataParams
+    preprocess: PreprocessParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
+
+
+def input_size(data: DataParams) -> int:
+    """The side of the images the model will see."""
+    return DATASET_IMAGE_SIZE.get(data.dataset, data.image_size)
+
+
+def _check_combinations(params: Params) -> None:
+    """Rules across keys: every value that passes is one the stages can run."""
+    data = params.data
+    list_name = Path(data.source).name
+    if list_name in ("fashion-mnist.txt", "cifar10.txt") and list_name != f"{data.dataset}.txt":
         raise ParamsError(
-            f"params: unknown key {key!r} (value {raw[unknown[0]]!r}); "
-            f"{where} allows: {', '.join(names)}"
-        )
-    values = {
-        name: _convert(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
-        for name in names
-        if name in raw
-    }
-    return cls(**values)
+            f"params: data.source = {data.source!r} lists {list_name[:-4]} locations but data.dataset = "
+            f"{data.dataset!r}; set data.source to sources/{data.dataset}.txt or to your own copy")
+    size, smallest = input_size(data), MIN_IMAGE_SIZE[params.train.model]
+    if size < smallest:
+        where = "data.image_size" if data.dataset == "imagefolder" else f"{data.dataset}'s image size"
+        raise ParamsError(f"params: train.model = {params.train.model!r} needs images of at least {smallest}x{smallest} "
+                          f"pixels, but {where} is {size}; raise data.image_size or choose another train.model")
+
+
+def _allowed(field_info: Any) -> str:
+    """The rule a field's value broke, from its description or its bounds: "8..512", "0 < x <= 10"."""
+    if field_info.description:
+        return field_info.description
+    bounds = {}
+    for item in field_info.metadata:
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(item, name, None) is not None:
+                bounds[name] = getattr(item, name)
+    if "ge" in bounds and "le" in bounds and field_info.annotation is int:
+        return f"{bounds['ge']}..{bounds['le']}"
+    lower = f"{bounds['ge']} <= " if "ge" in bounds else f"{bounds['gt']} < " if "gt" in bounds else ""
+    upper = f" <= {bounds['le']}" if "le" in bounds else f" < {bounds['lt']}" if "lt" in bounds else ""
+    return f"{lower}x{upper}" if lower or upper else str(field_info.annotation)
+
+
+def _field_info(loc: tuple) -> Any:
+    model: Any = Params
+    info = None
+    for part in loc:
+        info = model.model_fields.get(part) if isinstance(part, str) and isinstance(model, type) else None
+        if info is None:
+            return None
+        model = info.annotation
+    return info
+
+
+TYPE_NAMES = {"float_type": "a number", "int_type": "an integer", "bool_type": "true or false",
+              "string_type": "a string", "model_type": "a mapping of keys to values", "dict_type": "a mapping"}
+
+
+def _describe(error: dict, raw: Any) -> str:
+    loc = error["loc"]
+    key = ".".join(str(part) for part in loc)
+    value = error.get("input")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _field_info(loc[:-1]).annotation if len(loc) > 1 else Params
+        return (f"params: unknown key {key!r} (value {value!r}); {'.'.join(map(str, loc[:-1])) or 'params.yaml'} "
+                f"allows: {', '.join(parent.model_fields)}")
+    if kind == "missing":
+        return f"params: {key} is missing; params.yaml must set it (every key has its value there)"
+    if kind in TYPE_NAMES:
+        return f"params: {key} = {value!r} has the wrong type; expected {TYPE_NAMES[kind]}"
+    if kind == "literal_error":
+        return f"params: {key} = {value!r} is not allowed; expected one of {error['ctx']['expected']}"
+    info = _field_info(loc)
+    allowed = _allowed(info) if info is not None else error["msg"]
+    return f"params: {key} = {value!r} is not allowed; expected {allowed}"
+
+
+def _check_keys(raw: dict, prefix: str = "") -> None:
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ParamsError(f"params: key {key!r} in {prefix.rstrip('.') or 'params.yaml'} is not a name; "
+                              "keys are words such as train or lr")
+        if isinstance(value, dict):
+            _check_keys(value, f"{prefix}{key}.")
 
 
 def parse_params(raw: Any) -> Params:
-    params = build(Params, raw)
-    params.validate()
+    """Validate the parsed params file; the first problem raises ParamsError naming key, value and rule."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: params.yaml must be a mapping of sections to keys, got {raw!r}")
+    _check_keys(raw)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_describe(error.errors()[0], raw)) from None
+    _check_combinations(params)
     return params
+
+
+def read_yaml(path: Path) -> Any:
+    """YAML 1.2 as DVC reads it: ``1e-3`` is a number, ``yes`` a string, and a duplicate key an error."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"params: {path} not found; run the stage from the project root") from None
+    except YAMLError as error:
+        problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ParamsError(f"params: {path} is not valid YAML: {problem or error}{where}") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate the whole params file (a typo in any section stops every stage)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"params: {path} not found; run the stage from the project root") from None
-    except yaml.YAMLError as error:
-        raise ParamsError(f"params: {path} is not valid YAML: {error}") from None
-    return parse_params(raw)
+    return parse_params(read_yaml(Path(path)))
 
 
-def as_dict(params: Any) -> dict:
-    """Plain nested dict of a params dataclass (for checkpoints and logs)."""
-    return dataclasses.asdict(params)
-
-
-__all__ = ["ParamsError", "Params", "load_params", "parse_params", "as_dict"]
+def as_dict(params: BaseModel) -> dict:
+    """Plain nested dict of params (for checkpoints and logs)."""
+    return params.model_dump()

@@ -1,4 +1,5 @@
-"""Where every artifact lives, relative to the project root (dvc.yaml's `vars` reads this too)."""
+"""Where every artifact lives, relative to the project root. dvc.yaml names the same paths; a test
+(tests/test_project_structure.py) checks that the two agree."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ProjectPaths:
     root: Path
+
+    @property
+    def params_stamp(self) -> Path:  # validate stage: written only when params.yaml passed validation
+        return self.root / "data" / "params-valid.txt"
 
     @property
     def raw_dir(self) -> Path:  # verified downloads (download stage)
@@ -33,10 +38,6 @@ class ProjectPaths:
     @property
     def tensorboard_dir(self) -> Path:
         return self.root / "data" / "tensorboard"
-
-    @property
-    def eval_dir(self) -> Path:  # evaluate stage outputs that are not metrics
-        return self.root / "data" / "eval"
 
     @property
     def export_dir(self) -> Path:

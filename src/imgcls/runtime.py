@@ -8,7 +8,6 @@ import random
 import numpy as np
 import torch
 
-
 from .errors import RuntimeChoiceError
 
 

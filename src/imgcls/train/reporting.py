@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -57,8 +56,3 @@ class EpochReporter:
         self.live.end()
         self.writer.flush()
         self.writer.close()
-
-
-def quiet_dvclive() -> None:
-    """dvclive checks for DVC analytics and Git on import; keep it from printing warnings in stages."""
-    os.environ.setdefault("DVCLIVE_LOGLEVEL", "ERROR")

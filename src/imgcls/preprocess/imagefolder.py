@@ -3,63 +3,68 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from .datasets import IMAGE_SUFFIXES, SPLIT_NAMES, DecodedDataset
-from .fetch import DataError
+from ..datasets import IMAGE_SUFFIXES, SPLIT_NAMES
+from ..errors import DataError
+from .formats import DecodedDataset
+from .images import DECODE_ERRORS, decode_image
 
 # Decoding runs in worker processes in chunks of this many files: large enough that process start-up and
 # result transfer cost little next to decoding, small enough to keep both cores busy to the end.
 CHUNK_FILES = 2000
 
 
-def _decode_one(path: str, image_size: int, channels: int) -> np.ndarray:
-    with Image.open(path) as image:
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # Composite transparent pixels onto white instead of whatever colour the hidden pixels hold.
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
-
-
-def _decode_chunk(paths: list[str], image_size: int, channels: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+def _decode_chunk(paths: list[str], image_size: int, channels: int, max_pixels: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Decode a chunk; returns the stacked images of the good files and (path, reason) for bad ones."""
     images = np.zeros((len(paths), channels, image_size, image_size), dtype=np.uint8)
     ok = np.ones(len(paths), dtype=bool)
     bad = []
     for i, path in enumerate(paths):
         try:
-            images[i] = _decode_one(path, image_size, channels)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            images[i] = decode_image(path, image_size=image_size, channels=channels, max_pixels=max_pixels)
+        except DECODE_ERRORS as error:
             ok[i] = False
             bad.append((path, f"{type(error).__name__}: {error}"))
     return images[ok], bad
 
 
-def list_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str], list[Path], list[int], int]:
-    """Class names, image paths and labels of one split folder; also the count of ignored non-image files."""
-    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+def is_hidden(name: str) -> bool:
+    """Dot-names (.DS_Store, .ipynb_checkpoints, macOS's AppleDouble ._name.jpg) and __MACOSX: never data."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+@dataclass
+class SplitListing:
+    class_names: list[str]
+    paths: list[Path]
+    labels: list[int]
+    ignored: int  # files that are not images, by extension
+    hidden: int  # files under hidden names or folders
+
+
+def list_split(split_dir: Path, class_names: list[str] | None) -> SplitListing:
+    """Class names, image paths and labels of one split folder, and the counts of files left out."""
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not is_hidden(d.name))
     names = class_names if class_names is not None else found
     if class_names is not None and found != class_names:
         raise DataError(
             f"class folders differ between splits: train has {class_names}, {split_dir.name} has {found}; "
             "every split needs the same class folders"
         )
-    paths, labels, ignored = [], [], 0
+    paths, labels, ignored, hidden = [], [], 0, 0
     for label, name in enumerate(names):
-        class_files = sorted(p for p in (split_dir / name).rglob("*") if p.is_file())
-        images = [p for p in class_files if p.suffix.lower() in IMAGE_SUFFIXES]
-        ignored += len(class_files) - len(images)
+        class_dir = split_dir / name
+        class_files = sorted(p for p in class_dir.rglob("*") if p.is_file())
+        visible = [p for p in class_files if not any(is_hidden(part) for part in p.relative_to(class_dir).parts)]
+        hidden += len(class_files) - len(visible)
+        images = [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
+        ignored += len(visible) - len(images)
         if not images:
             raise DataError(
                 f"class folder {split_dir.name}/{name} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -67,28 +72,33 @@ def list_split(split_dir: Path, class_names: list[str] | None) -> tuple[list[str
             )
         paths += images
         labels += [label] * len(images)
-    ignored += sum(1 for p in split_dir.iterdir() if p.is_file())
-    return names, paths, labels, ignored
+    loose = [p for p in split_dir.iterdir() if p.is_file()]
+    hidden += sum(1 for p in loose if is_hidden(p.name))
+    ignored += sum(1 for p in loose if not is_hidden(p.name))
+    return SplitListing(names, paths, labels, ignored, hidden)
 
 
-def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_image: str,
+def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_image: str, max_pixels: int,
                         log: Callable[[str], None] = print, workers: int | None = None) -> DecodedDataset:
     listings = {"train": list_split(root / "train", None)}  # walk each split's folders once
-    class_names = listings["train"][0]
+    class_names = listings["train"].class_names
     if len(class_names) < 2:
         raise DataError(
             f"{root / 'train'} has {len(class_names)} class folder(s) {class_names}; a classifier needs at least two"
         )
     workers = workers or min(4, os.cpu_count() or 1)
-    splits, ignored_total, bad_total = {}, 0, []
+    splits, ignored_total, hidden_total, bad_total = {}, 0, 0, []
     with ProcessPoolExecutor(workers) as pool:
         for split in SPLIT_NAMES:
             if not (root / split).is_dir():
                 continue
-            _, paths, labels, ignored = listings.get(split) or list_split(root / split, class_names)
-            ignored_total += ignored
+            listing = listings.get(split) or list_split(root / split, class_names)
+            paths, labels = listing.paths, listing.labels
+            ignored_total += listing.ignored
+            hidden_total += listing.hidden
             chunks = [[str(p) for p in paths[i:i + CHUNK_FILES]] for i in range(0, len(paths), CHUNK_FILES)]
-            results = list(pool.map(_decode_chunk, chunks, [image_size] * len(chunks), [channels] * len(chunks)))
+            n = len(chunks)
+            results = list(pool.map(_decode_chunk, chunks, [image_size] * n, [channels] * n, [max_pixels] * n))
             bad = [b for _, chunk_bad in results for b in chunk_bad]
             if bad and on_bad_image == "error":
                 path, reason = bad[0]
@@ -103,6 +113,9 @@ def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_im
             bad_total += bad
     if ignored_total:
         log(f"preprocess: ignored {ignored_total} file(s) that are not images (by extension)")
+    if hidden_total:
+        log(f"preprocess: ignored {hidden_total} hidden file(s) (dot-names such as ._name.jpg, .ipynb_checkpoints/, "
+            "__MACOSX/)")
     if bad_total:
         listed = "\n".join(f"  - {p}: {r}" for p, r in bad_total[:20])
         more = f"\n  ... and {len(bad_total) - 20} more" if len(bad_total) > 20 else ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Iterator
 
-from .errors import DataError
+from ..errors import DataError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 # Real image archives compress little (JPEG/PNG are already compressed; raw BMP/PPM reach ~10:1). Ratios

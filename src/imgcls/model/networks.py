@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import MIN_IMAGE_SIZE
+
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; mean and std are buffers, so they travel in the state_dict."""
@@ -22,7 +24,22 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class LeNet(nn.Module):
+class Network(nn.Module):
+    """What the training loop may ask of any model. The defaults do nothing; a model with data-dependent
+    initialisation or parameters frozen on a schedule overrides them, so the recipe never needs to know
+    one model's insides."""
+
+    def initialize_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation from training images (uint8, (N, C, H, W)), before any step."""
+
+    def start_epoch(self, epochs_done: int) -> None:
+        """Called before each epoch: freeze or unfreeze parameters on the model's own schedule."""
+
+    def finish_training(self) -> None:
+        """Called once after the last epoch: undo any temporary freezing."""
+
+
+class LeNet(Network):
     """The PyTorch tutorial's network, with its first conv and first Linear sized from the input."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float]):
@@ -44,7 +61,7 @@ class LeNet(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-class TutorialCNN(nn.Module):
+class TutorialCNN(Network):
     """Three 5x5 conv + 2x2 max-pool blocks of 32/32/64 channels, then Linear 64 and Linear to classes."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float]):
@@ -97,7 +114,7 @@ class ConvGroup(nn.Module):
         return self.activation(self.norm2(self.conv2(x)))
 
 
-class ConvNet(nn.Module):
+class ConvNet(Network):
     """The BatchNorm CNN behind ``convnet`` (default) and ``fast`` (the airbench recipe's network).
 
     fast: a 2x2 first conv whose weights are set from the eigenvectors of training-image patches
@@ -106,9 +123,10 @@ class ConvNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float],
-                 widths: tuple[int, int, int], fast: bool):
+                 widths: tuple[int, int, int], fast: bool, whiten_bias_epochs: float = 0.0):
         super().__init__()
         self.fast = fast
+        self.whiten_bias_epochs = whiten_bias_epochs  # fast: the whitening stem's bias trains this long
         self.normalize = Normalize(mean, std)
         if fast:
             stem_width = 2 * in_channels * 2 * 2  # each 2x2 patch eigenvector, positive and negated
@@ -132,11 +150,24 @@ class ConvNet(nn.Module):
         x = torch.amax(x, dim=(2, 3))  # global max pool -> (N, widths[2])
         return self.head(x) * self.head_scale
 
+    # airbench whitens from 5,000 training images: enough for a stable 12x12 (RGB) patch covariance.
+    WHITENING_IMAGES = 5000
+
+    def initialize_from_data(self, images: torch.Tensor) -> None:
+        if self.fast:
+            self.init_whitening(images[:self.WHITENING_IMAGES].float() / 255)
+
+    def start_epoch(self, epochs_done: int) -> None:
+        if self.fast and epochs_done >= self.whiten_bias_epochs:
+            self.stem.bias.requires_grad_(False)  # airbench trains the whitening bias for the first epochs only
+
+    def finish_training(self) -> None:
+        if self.fast:
+            self.stem.bias.requires_grad_(True)
+
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the 2x2 stem to whiten patches of ``images`` (float [0, 1], (N, C, H, W))."""
-        if not self.fast:
-            return
         x = self.normalize(images.float())
         c = x.shape[1]
         patches = x.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, c, 2, 2).float()  # (P, C, 2, 2)
@@ -149,9 +180,12 @@ class ConvNet(nn.Module):
         self.stem.weight.copy_(torch.cat([filters, -filters]))
 
 
-def build_model(name: str, **arguments: Any) -> nn.Module:
-    """Build a registered model; ``arguments`` are what the checkpoint stores to rebuild it."""
-    width = arguments.pop("width", 32)  # LeNet and TutorialCNN have fixed widths
+MODEL_NAMES = tuple(MIN_IMAGE_SIZE)  # the registry below builds each of them
+
+
+def build_model(name: str, *, width: int = 32, whiten_bias_epochs: float = 0.0, **arguments: Any) -> Network:
+    """Build a registered model; the keyword arguments are what the checkpoint stores to rebuild it.
+    ``arguments``: in_channels, num_classes, image_size, mean, std. LeNet and TutorialCNN have fixed widths."""
     if name == "lenet":
         return LeNet(**arguments)
     if name == "tutorial_cnn":
@@ -159,11 +193,9 @@ def build_model(name: str, **arguments: Any) -> nn.Module:
     if name == "convnet":
         return ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False)
     if name == "fast":
-        return ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True)
+        return ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True,
+                       whiten_bias_epochs=whiten_bias_epochs)
     raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
-
-
-MODEL_NAMES = ("lenet", "tutorial_cnn", "convnet", "fast")
 
 
 class TTAModel(nn.Module):

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import DataError, PermanentFetchError
+
 CHUNK_BYTES = 1 << 20
-
-
-from .errors import DataError, PermanentFetchError  # noqa: F401  (re-exported for callers)
 
 
 def is_url(location: str) -> bool:

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-from .errors import ExportError
+from ..errors import ExportError
 
 # torch.jit is deprecated in favour of torch.export, but TorchScript files are still what C++ and mobile
 # runtimes load; the deprecation warnings say nothing a user of this stage can act on.

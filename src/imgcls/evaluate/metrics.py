@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path
+from ..fileio import atomic_path
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -21,7 +21,8 @@ def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str
         true_positive = confusion[c, c]
         actual = confusion[c].sum()
         predicted = confusion[:, c].sum()
-        recall = float(true_positive / actual) if actual else 0.0
+        # A class with no test images has no accuracy (None -> null in JSON), not an accuracy of 0.
+        recall = float(true_positive / actual) if actual else None
         metrics[name] = {
             "accuracy": recall,
             "precision": float(true_positive / predicted) if predicted else 0.0,

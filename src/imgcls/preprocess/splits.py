@@ -1,15 +1,11 @@
-"""Splits, normalization statistics and the prepared-data format (uint8 .npy files plus meta.json)."""
+"""Splits (train/val/test, stratified and seeded) and the normalization statistics of the training split."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
-from .datasets import DecodedDataset
-from .fetch import DataError
+from ..errors import DataError
+from .formats import DecodedDataset
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,35 +81,3 @@ def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: li
         "mean": mean,
         "std": std,
     }
-
-
-def save_prepared(directory: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
-    for split, (images, labels) in splits.items():
-        np.save(directory / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-        np.save(directory / f"{split}_labels.npy", labels.astype(np.int64))
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-@dataclass
-class PreparedData:
-    meta: dict
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.meta["class_names"]
-
-
-def load_prepared(directory: Path, split_names: tuple[str, ...] = ("train", "val", "test")) -> PreparedData:
-    """Load prepared splits (plain .npy, no pickle); missing optional splits are left out."""
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path} is missing; run the preprocess stage first (dvc repro preprocess)")
-    meta = json.loads(meta_path.read_text())
-    splits = {}
-    for split in split_names:
-        images_path = directory / f"{split}_images.npy"
-        if images_path.is_file():
-            splits[split] = (np.load(images_path, allow_pickle=False),
-                             np.load(directory / f"{split}_labels.npy", allow_pickle=False))
-    return PreparedData(meta, splits)

@@ -1,0 +1,164 @@
+"""Download stage: get a data set's files from a location (folder, file, URL or source list) into a
+(temporary) raw folder, and verify them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import datasets
+from ..datasets import CIFAR10_ARCHIVE, gunzip
+from ..errors import DataError, PermanentFetchError
+from .archives import ArchiveLimits, extract_archive, is_archive
+from .fetch import digest_file, expand_source, fetch_file, is_url, join_location
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Download stage: get the files into a (temporary) raw folder and verify them.
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    retries: int  # attempts per URL
+    timeout_s: float  # socket timeout per HTTP request
+    limits: ArchiveLimits  # what an archive may unpack to
+    on_bad_image: str = "error"  # image folders: "skip" leaves out (and lists) links that cannot be copied
+
+
+def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, log: Log = print) -> dict:
+    """Fill the empty folder ``raw_dir`` with verified files of ``dataset``; returns provenance for source.json."""
+    locations = expand_source(source)
+    getter = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "imagefolder": _get_image_folder}[dataset]
+    failures = []
+    for location in locations:
+        try:
+            provenance = getter(location, raw_dir, options, log=log)
+            provenance.update(dataset=dataset, location=location)
+            (raw_dir / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            log(f"download: {dataset} verified from {location}")
+            return provenance
+        except DataError as error:  # this location failed: remember why, try the next one
+            failures.append(f"  - {location}: {error}")
+        for child in raw_dir.iterdir():  # start the next location from an empty folder
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if len(locations) > 1:
+            log(f"download: {location} failed; trying the next location")
+    hint = {
+        "fashion-mnist": "set data.source to a folder holding the four .gz files, or install Debian's package "
+                         "(apt-get install dataset-fashion-mnist) which puts them in /usr/share/datasets/fashion-mnist",
+        "cifar10": f"download {CIFAR10_ARCHIVE} where you have a network and set data.source to that file",
+        "imagefolder": "set data.source to a folder or a .tar/.tar.gz/.zip archive laid out as train/<class>/*",
+    }[dataset]
+    raise DataError(f"could not get {dataset} from data.source={source!r}:\n" + "\n".join(failures) + f"\nNext step: {hint}")
+
+
+def _get_fashion_mnist(location: str, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
+    if not is_url(location) and not Path(location).is_dir():
+        raise PermanentFetchError("not a folder; Fashion-MNIST needs a folder (or base URL) with the four .gz files")
+    files = {}
+    for name, expected in datasets.FASHION_MNIST_FILES.items():
+        dest = raw_dir / name
+        fetch_file(join_location(location, name), dest, retries=options.retries, timeout_s=options.timeout_s, log=log)
+        content = gunzip(dest)
+        actual = hashlib.sha256(content).hexdigest()
+        if len(content) != expected.content_bytes or actual != expected.content_sha256:
+            raise DataError(
+                f"checksum mismatch for {name}: expected sha256 {expected.content_sha256} "
+                f"({expected.content_bytes} bytes decompressed), got {actual} ({len(content)} bytes); "
+                "the copy is damaged or not Fashion-MNIST"
+            )
+        files[name] = {"content_sha256": actual}
+    return {"files": files}
+
+
+def _get_cifar10(location: str, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
+    if is_url(location):
+        url = location if location.lower().endswith((".tar.gz", ".tgz")) else join_location(location, CIFAR10_ARCHIVE)
+    else:
+        url = str(Path(location) / CIFAR10_ARCHIVE) if Path(location).is_dir() else location
+    archive = raw_dir / CIFAR10_ARCHIVE
+    fetch_file(url, archive, retries=options.retries, timeout_s=options.timeout_s, log=log)
+    digest = digest_file(archive)
+    if digest.md5 != datasets.CIFAR10_ARCHIVE_MD5:
+        raise DataError(
+            f"checksum mismatch for {CIFAR10_ARCHIVE} from {url}: expected md5 {datasets.CIFAR10_ARCHIVE_MD5}, "
+            f"got {digest.md5} ({digest.size} bytes); download it again or point data.source at a good copy"
+        )
+    extract_archive(archive, raw_dir, options.limits)
+    archive.unlink()  # the extracted batches are what preprocess reads; keeping both doubles the cache
+    return {"files": {CIFAR10_ARCHIVE: {"md5": digest.md5, "sha256": digest.sha256}}}
+
+
+def _get_image_folder(location: str, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
+    images_dir = raw_dir / "images"
+    if not is_url(location) and Path(location).is_dir():
+        count = copy_folder(Path(location), images_dir, on_bad_link=options.on_bad_image, log=log)
+        log(f"download: copied {count} files from {location}")
+        return {"files": {}}
+    if not is_archive(location):
+        raise PermanentFetchError("expected a folder or a .tar, .tar.gz, .tgz or .zip archive")
+    name = Path(location.split("?", 1)[0].rstrip("/")).name  # keep the name: messages mention it
+    archive = raw_dir / name
+    fetch_file(location, archive, retries=options.retries, timeout_s=options.timeout_s, log=log)
+    digest = digest_file(archive)
+    images_dir.mkdir()
+    count = extract_archive(archive, images_dir, options.limits)
+    archive.unlink()
+    log(f"download: extracted {count} files from {name}")
+    return {"files": {name: {"sha256": digest.sha256, "bytes": digest.size}}}
+
+
+def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
+    """Copy the files under ``source`` into the new folder ``dest``, never following a link out of ``source``.
+
+    A link to a file inside ``source`` is copied as that file; links to folders, links that lead outside,
+    dangling links, link loops and special files (FIFOs, devices) are errors, or skipped and listed when
+    ``on_bad_link`` is "skip". Returns the number of files copied."""
+    root = source.resolve()
+    bad: list[tuple[Path, str]] = []
+    copied = 0
+    for folder, folder_names, file_names in os.walk(source):  # followlinks=False: linked folders are not entered
+        here = Path(folder)
+        (dest / here.relative_to(source)).mkdir(parents=True, exist_ok=True)
+        for name in sorted(folder_names):
+            if (here / name).is_symlink():
+                folder_names.remove(name)
+                bad.append((here / name, "a link to a folder (links to folders are not followed)"))
+        for name in sorted(file_names):
+            path = here / name
+            if path.is_symlink():
+                try:
+                    resolved = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    bad.append((path, "a dangling link or a link loop"))
+                    continue
+                if not resolved.is_relative_to(root):
+                    bad.append((path, f"a link to {resolved}, outside the source folder"))
+                    continue
+                path_to_copy = resolved
+            else:
+                path_to_copy = path
+            if not stat.S_ISREG(os.stat(path_to_copy).st_mode):
+                bad.append((path, "not a regular file (a FIFO, socket or device)"))
+                continue
+            shutil.copyfile(path_to_copy, dest / here.relative_to(source) / name)
+            copied += 1
+    if bad:
+        listed = "\n".join(f"  - {path}: {reason}" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        if on_bad_link != "skip":
+            raise PermanentFetchError(
+                f"{len(bad)} file(s) in {source} cannot be copied safely:\n{listed}{more}\n"
+                "replace links with the files themselves, or set data.on_bad_image: skip to leave them out")
+        log(f"download: skipped {len(bad)} file(s) that cannot be copied safely (data.on_bad_image: skip):\n{listed}{more}")
+    return copied
+
+

@@ -1,0 +1,119 @@
+"""Self-describing checkpoints: plain state_dict + everything needed to rebuild and use the model.
+
+Only tensors, strings, numbers, lists and dicts are stored, so ``torch.load(..., weights_only=True)``
+loads them without unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from ..errors import CheckpointError
+from ..fileio import atomic_path
+from ..params import MIN_IMAGE_SIZE
+from .networks import MODEL_NAMES, build_model
+
+FORMAT_VERSION = 1
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's state_dict on the CPU, with no compile/DDP prefixes."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+    state = {}
+    for name, tensor in model.state_dict().items():
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        state[name] = tensor.detach().cpu().clone()
+    return state
+
+
+def save_checkpoint(path: Path, model: nn.Module, *, architecture: str, arguments: dict[str, Any],
+                    class_names: list[str], mean: list[float], std: list[float], params: dict,
+                    extra: dict | None = None) -> None:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": plain_state_dict(model),
+        "architecture": architecture,
+        "arguments": arguments,  # build_model(architecture, **arguments) rebuilds the network
+        "class_names": list(class_names),
+        "normalization": {"mean": list(mean), "std": list(std), "input": "float images in [0, 1], (N, C, H, W)"},
+        "params": params,
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+class ModelArguments(BaseModel):
+    """What build_model takes; a checkpoint's arguments are checked against it before anything is built
+    (an absurd width would otherwise allocate gigabytes before failing)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    in_channels: Literal[1, 3]
+    num_classes: int = Field(ge=2, le=100000)
+    image_size: int = Field(ge=1, le=512)
+    mean: list[float]
+    std: list[float]
+    width: int = Field(default=32, ge=8, le=256)
+    whiten_bias_epochs: float = Field(default=0.0, ge=0)
+
+
+def _bad(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}; it is damaged or was not written by this pipeline. "
+                           f"Rebuild it with: dvc repro -f train")
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model from a checkpoint (safe loading); returns (model in eval mode, checkpoint dict).
+    The structure is checked first, so a damaged or foreign file gets a message, not a traceback."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist; run the train stage first (dvc repro train)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say so instead of a pickle traceback
+        raise CheckpointError(f"{path} is not a readable imgcls checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict):
+        raise _bad(path, f"expected a dict of model data, found {type(checkpoint).__name__}")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {checkpoint.get('format_version')!r}; this code reads {FORMAT_VERSION}. "
+            "Retrain with this version (dvc repro train)"
+        )
+    missing = [key for key in ("state_dict", "architecture", "arguments", "class_names") if key not in checkpoint]
+    if missing:
+        raise _bad(path, f"missing {', '.join(missing)}")
+    architecture = checkpoint["architecture"]
+    if architecture not in MODEL_NAMES:
+        raise _bad(path, f"unknown architecture {architecture!r} (this code builds {', '.join(MODEL_NAMES)})")
+    try:
+        arguments = ModelArguments.model_validate(checkpoint["arguments"])
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise _bad(path, f"arguments.{'.'.join(map(str, first['loc']))} = {first.get('input')!r}: {first['msg']}") from None
+    class_names = checkpoint["class_names"]
+    if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)
+            and len(class_names) == arguments.num_classes):
+        raise _bad(path, f"class_names {class_names!r} do not match the head's {arguments.num_classes} classes")
+    if len(arguments.mean) != arguments.in_channels or len(arguments.std) != arguments.in_channels:
+        raise _bad(path, f"mean/std need {arguments.in_channels} value(s), one per channel")
+    if arguments.image_size < MIN_IMAGE_SIZE[architecture]:
+        raise _bad(path, f"{architecture} needs images of at least {MIN_IMAGE_SIZE[architecture]} pixels, "
+                         f"arguments say {arguments.image_size}")
+    state = checkpoint["state_dict"]
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise _bad(path, "state_dict is not a mapping of names to tensors")
+    model = build_model(architecture, **arguments.model_dump())
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # missing or unexpected keys, tensors of the wrong shape
+        problem = str(error).split("\n\t", 1)[-1].replace("\n\t", "; ")[:600]
+        raise _bad(path, f"its weights do not fit a {architecture} model ({problem})") from None
+    return model.to(device).eval(), checkpoint

@@ -1,0 +1,108 @@
+"""The prepared-data format between preprocess and the stages after it: uint8 .npy files per split plus
+meta.json (class names, image shape, counts, normalization statistics). Plain arrays, no pickle.
+
+Loading checks the structure (keys, shapes, dtypes, label range) and names what is wrong together with
+the command that rebuilds it, instead of failing later with a traceback deep inside training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+REBUILD = "rebuild it with: dvc repro -f preprocess"
+
+
+def save_prepared(directory: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    for split, (images, labels) in splits.items():
+        np.save(directory / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+        np.save(directory / f"{split}_labels.npy", labels.astype(np.int64))
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass
+class PreparedData:
+    meta: dict
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (images uint8 (N, C, H, W), labels int64 (N,))
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["class_names"]
+
+    def require_classes(self, class_names: list[str], checkpoint: Path) -> None:
+        """The model's classes must be the data's, in the same order, or every per-class number is wrong."""
+        if list(class_names) != self.class_names:
+            raise DataError(f"{checkpoint} was trained on classes {list(class_names)[:10]} but data/prepared holds "
+                            f"{self.class_names[:10]}; retrain on this data (dvc repro train)")
+
+
+def _bad(path: Path, problem: str) -> DataError:
+    return DataError(f"{path}: {problem}; {REBUILD}")
+
+
+def _check_meta(path: Path, meta: object) -> dict:
+    if not isinstance(meta, dict):
+        raise _bad(path, "not a JSON object")
+    names = meta.get("class_names")
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names)):
+        raise _bad(path, f"class_names must be a list of at least two distinct names, found {names!r}")
+    shape = meta.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
+            and shape[0] in (1, 3)):
+        raise _bad(path, f"image_shape must be [channels (1 or 3), height, width], found {shape!r}")
+    for key in ("mean", "std"):
+        values = meta.get(key)
+        if not (isinstance(values, list) and len(values) == shape[0] and all(isinstance(v, (int, float)) for v in values)):
+            raise _bad(path, f"{key} must hold {shape[0]} number(s), one per channel, found {values!r}")
+    if min(meta["std"]) <= 0:
+        raise _bad(path, f"std must be positive, found {meta['std']}")
+    if not isinstance(meta.get("dataset"), str):
+        raise _bad(path, f"dataset must be a name, found {meta.get('dataset')!r}")
+    return meta
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise _bad(path, f"not a readable .npy array ({type(error).__name__}: {error})") from None
+
+
+def _load_split(directory: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = directory / f"{split}_images.npy", directory / f"{split}_labels.npy"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise _bad(path, f"missing (the {split} split is needed here)")
+    images, labels = _load_array(images_path), _load_array(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 4 or list(images.shape[1:]) != meta["image_shape"]:
+        raise _bad(images_path, f"expected uint8 images of shape (N, {', '.join(map(str, meta['image_shape']))}), "
+                                f"found {images.dtype} {images.shape}")
+    if labels.dtype != np.int64 or labels.ndim != 1 or len(labels) != len(images):
+        raise _bad(labels_path, f"expected {len(images)} int64 labels, found {labels.dtype} {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(meta["class_names"])):
+        raise _bad(labels_path, f"labels must lie in 0..{len(meta['class_names']) - 1}, found "
+                                f"{labels.min()}..{labels.max()}")
+    return images, labels
+
+
+def load_prepared(directory: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> PreparedData:
+    """Load and check the ``required`` splits, and the ``optional`` ones where present (plain .npy, no pickle)."""
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} is missing; run the preprocess stage first (dvc repro preprocess)")
+    try:
+        meta = _check_meta(meta_path, json.loads(meta_path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _bad(meta_path, f"not valid JSON ({error})") from None
+    splits = {split: _load_split(directory, split, meta) for split in required}
+    for split in optional:
+        if (directory / f"{split}_images.npy").is_file():
+            splits[split] = _load_split(directory, split, meta)
+    if "train" in splits and not len(splits["train"][1]):
+        raise _bad(directory / "train_labels.npy", "the training split is empty")
+    return PreparedData(meta, splits)

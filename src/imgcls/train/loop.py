@@ -1,0 +1,166 @@
+"""The training loop, top to bottom: set-up (``make_training_setup``), one step in three phases
+(``forward_loss``, ``backward``, ``apply_update``), ``train_one_epoch`` and ``fit``.
+
+bench/profile_step.py times the same set-up and phase functions, so the profile measures this code."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..model.inference import evaluate_model
+from ..model.networks import Network
+from ..params import TrainParams
+from ..runtime import autocast
+from .batches import Augmentation, iterate_batches, reflect_pad
+from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer
+
+VALIDATION_BATCH_SIZE = 1000
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a run decides once, before the first step."""
+
+    batch_size: int
+    steps_per_epoch: int
+    plan: StepPlan
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    augmentation: Augmentation
+    flip_halves: torch.Tensor  # (N,) bool: the fixed half each image is mirrored in (alternating flips)
+    padded_images: torch.Tensor | None  # the training set reflect-padded once for translation, uint8
+    lookahead: Lookahead | None
+
+
+def make_training_setup(model: nn.Module, images: torch.Tensor, *, config: TrainParams,
+                        generator: torch.Generator) -> TrainingSetup:
+    """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``."""
+    batch_size = min(config.batch_size, len(images))
+    steps_per_epoch = len(images) // batch_size
+    total_steps = steps_per_epoch * config.epochs
+    # A warm-up longer than the run (train.epochs: 1 with the default warm-up) ends with the run.
+    plan = StepPlan(total_steps=total_steps, warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps),
+                    schedule=config.schedule)
+    lr = config.lr * batch_size / REFERENCE_BATCH_SIZE
+    optimizer = make_optimizer(model, name=config.optimizer, lr=lr, momentum=config.momentum,
+                               nesterov=config.nesterov, weight_decay=config.weight_decay,
+                               bias_lr_scale=config.bias_lr_scale)
+    augment = config.augment
+    return TrainingSetup(
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, plan=plan, optimizer=optimizer,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        augmentation=Augmentation(flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip),
+        flip_halves=torch.rand(len(images), generator=generator) < 0.5,
+        padded_images=reflect_pad(images, augment.translate) if augment.translate else None,
+        lookahead=Lookahead(model, config.ema) if config.ema > 0 else None,
+    )
+
+
+def epoch_batches(setup: TrainingSetup, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                  generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    return iterate_batches(images, labels, setup.batch_size, generator=generator, augmentation=setup.augmentation,
+                           epoch=epoch, flip_halves=setup.flip_halves, padded_images=setup.padded_images)
+
+
+def set_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+                 device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, classes) and the mean loss, under autocast where the precision asks for it."""
+    with autocast(device, precision):
+        logits = model(images)
+        return logits, loss_fn(logits, labels)
+
+
+def backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+
+
+def apply_update(optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, model: nn.Module, step: int,
+                 factor: float) -> None:
+    optimizer.step()
+    if lookahead is not None:
+        lookahead.update(model, step, factor)
+
+
+def train_one_epoch(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], setup: TrainingSetup, *,
+    device: torch.device, precision: str, first_step: int, progress_label: str = "",
+) -> dict:
+    """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number."""
+    model.train()
+    step, total_loss, correct, seen = first_step, torch.zeros((), device=device), torch.zeros((), device=device), 0
+    started = time.perf_counter()
+    bar = _progress_bar(setup.steps_per_epoch, progress_label)
+    for images, labels in batches:
+        factor = lr_factor(step, setup.plan.total_steps, setup.plan.warmup_steps, setup.plan.schedule)
+        set_rate(setup.optimizer, factor)
+        logits, loss = forward_loss(model, images, labels, setup.loss_fn, device, precision)
+        backward(setup.optimizer, loss)
+        apply_update(setup.optimizer, setup.lookahead, model, step, factor)
+        # Accumulate on the device; one sync per epoch instead of one per step.
+        total_loss += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+    return {"loss": float(total_loss) / max(seen, 1), "accuracy": float(correct) / max(seen, 1), "images": seen,
+            "seconds": seconds, "next_step": step}
+
+
+def _progress_bar(total: int, label: str):
+    if not sys.stderr.isatty():
+        return None  # quiet in CI and in DVC's captured output
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, leave=False, unit="batch")
+
+
+def fit(
+    model: Network, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, *,
+    config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
+    on_epoch: Callable[[dict], None] = lambda record: None,
+) -> list[dict]:
+    """Train ``model`` (on ``device``) for ``config.epochs``; returns one record per epoch.
+
+    ``train``/``val`` are (uint8 images (N, C, H, W), int64 labels) on the device. ``model`` stays the
+    plain module: a compiled wrapper, if asked for, is used for the steps only.
+    """
+    images, labels = train
+    model.initialize_from_data(images)
+    setup = make_training_setup(model, images, config=config, generator=generator)
+    step_model = torch.compile(model) if config.compile else model
+    records, step, started = [], 0, time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.start_epoch(epoch - 1)
+        result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator), setup,
+                                 device=device, precision=precision, first_step=step,
+                                 progress_label=f"epoch {epoch}/{config.epochs}")
+        step = result.pop("next_step")
+        if setup.lookahead is not None and epoch == config.epochs:
+            setup.lookahead.finish(model)
+        record = {"epoch": epoch, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
+                  "images_per_second": result["images"] / result["seconds"], "epoch_seconds": result["seconds"]}
+        if val is not None and len(val[0]):
+            metrics = evaluate_model(model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=device,
+                               precision=precision)
+            record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+        record["elapsed_seconds"] = time.perf_counter() - started
+        records.append(record)
+        on_epoch(record)
+    model.finish_training()
+    return records

@@ -1,0 +1,52 @@
+"""train stage: fit the model chosen in params.train on data/prepared/, log curves, save the checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import torch
+
+from ..cli import log
+from ..model.checkpoint import save_checkpoint
+from ..model.networks import build_model
+from ..params import Params, as_dict
+from ..paths import ProjectPaths
+from ..prepared import load_prepared
+from ..runtime import describe_device, resolve_device, resolve_precision, seed_everything
+from .loop import fit
+from .reporting import EpochReporter
+
+
+def train(params: Params, paths: ProjectPaths) -> None:
+    config, emit = params.train, log("train")
+    generator = seed_everything(params.base.seed)
+    device = resolve_device(params.base.device)
+    precision = resolve_precision(config.precision, device)
+    emit(f"device {describe_device(device)}, precision {precision} (train.precision: {config.precision})")
+
+    prepared = load_prepared(paths.prepared_dir, ("train",), optional=("val",))
+    meta = prepared.meta
+    channels, height, width = meta["image_shape"]
+    arguments = {"in_channels": channels, "num_classes": len(meta["class_names"]), "image_size": height,
+                 "mean": meta["mean"], "std": meta["std"], "width": config.width,
+                 "whiten_bias_epochs": config.whiten_bias_epochs}
+    model = build_model(config.model, **arguments).to(device, memory_format=torch.channels_last)
+    train_images, train_labels = (torch.from_numpy(a).to(device) for a in prepared.splits["train"])
+    val = tuple(torch.from_numpy(a).to(device) for a in prepared.splits["val"]) if "val" in prepared.splits else None
+    emit(f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+         f"{len(train_images)} training images of shape {[channels, height, width]}")
+
+    shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
+    reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
+    reporter.log_images(train_images[:config.log_images].cpu())
+    started = time.perf_counter()
+    records = fit(model, (train_images, train_labels), val, config=config, device=device,
+                  precision=precision, generator=generator, on_epoch=reporter)
+    train_seconds = time.perf_counter() - started
+    reporter.close({"train_seconds": train_seconds, "precision": precision, "device": device.type,
+                    "images_per_second": sum(r["images_per_second"] for r in records) / len(records)})
+    save_checkpoint(paths.checkpoint, model, architecture=config.model, arguments=arguments,
+                    class_names=meta["class_names"], mean=meta["mean"], std=meta["std"],
+                    params=as_dict(params), extra={"train_seconds": train_seconds, "precision": precision})
+    emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")
