@@ -1,3 +1,4 @@
+import os
 import time
 
 import numpy as np
@@ -138,3 +139,20 @@ def test_a_checkpoint_that_is_not_a_dict_is_refused(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="expected a dict of model data, found list"):
         load_checkpoint(path)
+
+
+def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
+    from imgcls.fileio import atomic_dir
+
+    target = tmp_path / "data" / "raw"
+    target.parent.mkdir()
+    dead = target.parent / ".raw.999999999.abcd.tmp"  # no process has this pid
+    (dead / "half").mkdir(parents=True)
+    (dead / "half" / "big.bin").write_bytes(b"x" * 1000)
+    alive = target.parent / f".raw.{os.getpid()}.efgh.tmp"  # a running writer's: left alone
+    alive.mkdir()
+    (target.parent / ".raw.old").mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "ok").write_text("done")
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["raw", alive.name])
+    assert (target / "ok").read_text() == "done"

@@ -355,7 +355,8 @@ def leftovers(project: Path) -> list[str]:
     return sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*")) if (project / "data").exists() else []
 
 
-@pytest.mark.parametrize("case", ["404", "500", "drop", "unreachable", "checksum", "corrupt_archive", "evil_archive"])
+@pytest.mark.parametrize("case", ["404", "500", "drop", "unreachable", "checksum", "corrupt_archive", "evil_archive",
+                                  "link_chain"])
 def test_download_stage_failures_exit_1_and_leave_nothing(tmp_path, http_server, case):
     project = tmp_path / "project"
     project.mkdir()
@@ -375,9 +376,16 @@ def test_download_stage_failures_exit_1_and_leave_nothing(tmp_path, http_server,
             make_tar(archive, make_image_folder(tmp_path / "imgs"))
             archive.write_bytes(archive.read_bytes()[:300])
             expect = "images.tar.gz is truncated or corrupt"
-        else:
+        elif case == "evil_archive":
             _tar_with(archive, _info("../../evil.txt"))
             expect = "refusing member '../../evil.txt'"
+        else:  # links that each look harmless, chained to lead out of data/raw, then a file written through them
+            with tarfile.open(archive, "w:gz") as tar:
+                add_bytes(tar, "train/a/ok.png", b"fine")
+                for name, link in (("up", "."), ("up/up2", ".."), ("up/up2/up3", ".."), ("up/up2/up3/up4", "..")):
+                    tar.addfile(_info(name, tarfile.SYMTYPE, link))
+                add_bytes(tar, "up/up2/up3/up4/evil.txt", b"pwned")
+            expect = "refusing symbolic link member 'up' -> '.'"
         url = http_server.add("images.tar.gz", archive.read_bytes())
         overrides = {"dataset": "imagefolder", "source": url}
     result = run_stage(project, "download", **overrides)

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, SYSTEM_FASHION_MNIST, make_image_folder, make_tar
-from imgcls.paths import ProjectPaths
 
 pytestmark = pytest.mark.slow
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", "sources", ".dvcignore")
+ALL_STAGES = ["validate", "download", "preprocess", "train", "evaluate", "export"]
 
 
 def sh(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -66,24 +66,13 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def test_dvc_yaml_paths_agree_with_the_paths_module():
-    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    outs = {stage: [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
-            for stage, spec in stages.items()}
-    paths = ProjectPaths(Path("."))
-    assert str(paths.raw_dir) in outs["download"] and str(paths.prepared_dir) in outs["preprocess"]
-    assert {str(paths.model_dir), str(paths.tensorboard_dir), str(paths.train_log_dir)} <= set(outs["train"])
-    assert str(paths.export_dir) in outs["export"]
-    assert str(paths.metrics_dir / "eval.json") in outs["evaluate"]
-
-
 @pytest.mark.skipif(not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Debian's dataset-fashion-mnist is not installed (make test installs it when run as root)")
 def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
     project = make_project(tmp_path, data={"limit": 2000}, train={"epochs": 3, "batch_size": 64, "log_images": 16},
                            export={"parity_images": 300, "latency_calls": 200})
     first = sh(project, DVC, "repro")
-    assert ran_stages(first.stdout) == ["download", "preprocess", "train", "evaluate", "export"]
+    assert ran_stages(first.stdout) == ALL_STAGES
 
     # Outputs and their values.
     meta = json.loads((project / "data/prepared/meta.json").read_text())
@@ -117,12 +106,14 @@ def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
     # Nothing changed: nothing runs.
     second = sh(project, DVC, "repro")
     assert ran_stages(second.stdout) == [], second.stdout
-    # A train param changes: only train, evaluate and export rerun.
-    set_params(project, train={"lr": 0.2})
+    # A train param changes: validation, then only train, evaluate and export rerun.
+    old_lr = yaml.safe_load((project / "params.yaml").read_text())["train"]["lr"]
+    set_params(project, train={"lr": old_lr / 2})
     third = sh(project, DVC, "repro")
-    assert ran_stages(third.stdout) == ["train", "evaluate", "export"]
+    assert ran_stages(third.stdout) == ["validate", "train", "evaluate", "export"]
     params_diff = json.loads(sh(project, DVC, "params", "diff", "--json").stdout)
-    assert params_diff["params.yaml"]["train.lr"]["old"] == 0.375 and params_diff["params.yaml"]["train.lr"]["new"] == 0.2
+    lr_diff = params_diff["params.yaml"]["train.lr"]
+    assert (lr_diff["old"], lr_diff["new"]) == (old_lr, old_lr / 2)
     diff = json.loads(sh(project, DVC, "metrics", "diff", "--json").stdout)
     accuracy = diff["metrics/eval.json"]["test.accuracy"]
     assert accuracy["new"] == pytest.approx(json.loads((project / "metrics/eval.json").read_text())["test"]["accuracy"])
@@ -144,10 +135,69 @@ def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
     assert "unknown key 'train.lrr' (value 1)" in forced.stdout + forced.stderr
 
 
+def snapshot_outputs(project: Path) -> dict[str, bytes]:
+    """Every file a run leaves in data/ and metrics/, by path."""
+    return {str(p.relative_to(project)): p.read_bytes()
+            for folder in ("data", "metrics") for p in sorted((project / folder).rglob("*")) if p.is_file()}
+
+
+def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
+    # Needs neither Debian's package nor the network: the test makes its own data set.
+    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees", "wasps"), per_class=40,
+                               splits=("train", "test"), size=16)
+    archive = make_tar(tmp_path / "shapes.tar.gz", images)
+    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+                           train={"epochs": 2, "batch_size": 32, "log_images": 8},
+                           export={"parity_images": 60, "latency_calls": 200})
+    first = sh(project, DVC, "repro")
+    assert ran_stages(first.stdout) == ALL_STAGES, first.stdout
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    assert meta["class_names"] == ["ants", "bees", "wasps"] and meta["image_shape"] == [3, 16, 16]
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert evaluation["test"]["images"] == 120 and set(evaluation["per_class"]) == {"ants", "bees", "wasps"}
+    assert evaluation["test"]["accuracy"] > 0.5  # each class is one flat colour: learnable in two epochs
+    exported = json.loads((project / "metrics/export.json").read_text())
+    assert exported["parity"]["onnx"]["same_predictions"]
+    commit(project, "baseline run")
+    before = snapshot_outputs(project)
+
+    # A change to training code makes train (and, through its outputs, what follows) out of date, never the
+    # data stages; a change to the model code reaches train, evaluate and export directly.
+    loop = project / "src/imgcls/train/loop.py"
+    loop.write_text(loop.read_text() + "\n# a change\n")
+    status = json.loads(sh(project, DVC, "status", "--json").stdout)
+    assert status == {"train": [{"changed deps": {"src/imgcls/train": "modified"}}]}, status
+    networks = project / "src/imgcls/model/networks.py"
+    networks.write_text(networks.read_text() + "\n# a change\n")
+    assert sorted(json.loads(sh(project, DVC, "status", "--json").stdout)) == ["evaluate", "export", "train"]
+
+    # A params typo fails validation before DVC deletes anything: the previous model, metrics, curves and
+    # TensorBoard logs are all still there, byte for byte.
+    bad = sh(project, DVC, "exp", "run", "-S", "train.lr=abc", check=False)
+    assert bad.returncode != 0
+    assert "validate: error: params: train.lr = 'abc' has the wrong type; expected a number" in bad.stdout + bad.stderr
+    assert ran_stages(bad.stdout) == ["validate"]
+    after = snapshot_outputs(project)
+    assert {k: v for k, v in after.items() if not k.startswith("data/params-valid")} == \
+        {k: v for k, v in before.items() if not k.startswith("data/params-valid")}
+    assert not [p for p in (project / "data").iterdir() if p.name.startswith(".")]  # nothing half-written
+
+    # YAML 1.2 numbers, as DVC reads them: lr: 1e-3 is a number and the run goes through.
+    sh(project, "git", "checkout", "--", "params.yaml", "src")
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(re.sub(r"\n  lr: [0-9.e-]+", "\n  lr: 1e-3", text, count=1))
+    again = sh(project, DVC, "repro")
+    assert ran_stages(again.stdout) == ["validate", "train", "evaluate", "export"], again.stdout
+    import torch
+
+    checkpoint = torch.load(project / "data/model/checkpoint.pt", weights_only=True)
+    assert checkpoint["params"]["train"]["lr"] == 0.001
+
+
 def test_image_folder_source_change_reruns_download(tmp_path):
     archive = make_tar(tmp_path / "bugs.tar.gz", make_image_folder(tmp_path / "bugs", per_class=8))
     project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 12})
-    assert ran_stages(sh(project, DVC, "repro", "preprocess").stdout) == ["download", "preprocess"]
+    assert ran_stages(sh(project, DVC, "repro", "preprocess").stdout) == ["validate", "download", "preprocess"]
     assert ran_stages(sh(project, DVC, "repro", "preprocess").stdout) == []
     make_tar(archive, make_image_folder(tmp_path / "bugs2", classes=("ants", "bees", "wasps"), per_class=8))
     assert ran_stages(sh(project, DVC, "repro", "preprocess").stdout) == ["download", "preprocess"]

@@ -1,8 +1,13 @@
-"""Atomic outputs: write next to the target, then rename, so a failed stage leaves no half-written file."""
+"""Atomic outputs: write next to the target, then rename, so a failed stage leaves no half-written file.
+
+Temporaries are named ``.<target>.<pid>.<random>.tmp``; a process killed mid-write (kill -9, out of memory)
+cannot clean up after itself, so the next write to the same target removes the temporaries of processes
+that no longer run."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -16,7 +21,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; rename it onto ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
@@ -32,7 +38,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; it replaces ``target`` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -47,6 +54,32 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete temporaries of ``target`` left by processes that are gone; returns what was removed."""
+    removed = []
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        rest = sibling.name[len(target.name) + 2:]
+        pid = rest.split(".", 1)[0]
+        stale = rest == "old" or (sibling.name.endswith(".tmp") and pid.isdigit() and not _running(int(pid)))
+        if stale:
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+    return removed
 
 
 def _umask() -> int:
