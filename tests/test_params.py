@@ -95,3 +95,22 @@ def test_stage_exits_1_with_a_message_and_no_traceback_on_a_typo(tmp_path):
 def test_missing_params_file_is_a_clear_error(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path):
+    # Nine levels of nine aliases: 387 million paths through a 1 KB file. Walking or printing it in full
+    # took minutes and a 1 GB message; the check visits each mapping once and the message is cut short.
+    lines = ["a0: &a0 {x: 1}"]
+    for level in range(1, 9):
+        refs = ", ".join(f"k{i}: *a{level - 1}" for i in range(9))
+        lines.append(f"a{level}: &a{level} {{{refs}}}")
+    text = (REPO_ROOT / "params.yaml").read_text() + "trian: {" + ", ".join(f"k{i}: *a8" for i in range(9)) + "}\n"
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n" + text)
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert time.perf_counter() - started < 5
+    assert "unknown key 'a0'" in str(caught.value) and len(str(caught.value)) < 1000

@@ -8,6 +8,7 @@ or an out-of-range value raises ``ParamsError`` naming the key, the value and wh
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,7 +116,7 @@ def _check_combinations(params: Params) -> None:
     list_name = Path(data.source).name
     if list_name in ("fashion-mnist.txt", "cifar10.txt") and list_name != f"{data.dataset}.txt":
         raise ParamsError(
-            f"params: data.source = {data.source!r} lists {list_name[:-4]} locations but data.dataset = "
+            f"params: data.source = {_show(data.source)} lists {list_name[:-4]} locations but data.dataset = "
             f"{data.dataset!r}; set data.source to sources/{data.dataset}.txt or to your own copy")
     size, smallest = input_size(data), MIN_IMAGE_SIZE[params.train.model]
     if size < smallest:
@@ -151,6 +152,10 @@ def _field_info(loc: tuple) -> Any:
     return info
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxdict, _SHORT_REPR.maxlist = 2, 4, 4
+_SHORT_REPR.maxstring, _SHORT_REPR.maxother = 80, 80
+
 TYPE_NAMES = {"float_type": "a number", "int_type": "an integer", "bool_type": "true or false",
               "string_type": "a string", "model_type": "a mapping of keys to values", "dict_type": "a mapping"}
 
@@ -162,32 +167,41 @@ def _describe(error: dict, raw: Any) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _field_info(loc[:-1]).annotation if len(loc) > 1 else Params
-        return (f"params: unknown key {key!r} (value {value!r}); {'.'.join(map(str, loc[:-1])) or 'params.yaml'} "
+        return (f"params: unknown key {key!r} (value {_show(value)}); {'.'.join(map(str, loc[:-1])) or 'params.yaml'} "
                 f"allows: {', '.join(parent.model_fields)}")
     if kind == "missing":
         return f"params: {key} is missing; params.yaml must set it (every key has its value there)"
     if kind in TYPE_NAMES:
-        return f"params: {key} = {value!r} has the wrong type; expected {TYPE_NAMES[kind]}"
+        return f"params: {key} = {_show(value)} has the wrong type; expected {TYPE_NAMES[kind]}"
     if kind == "literal_error":
-        return f"params: {key} = {value!r} is not allowed; expected one of {error['ctx']['expected']}"
+        return f"params: {key} = {_show(value)} is not allowed; expected one of {error['ctx']['expected']}"
     info = _field_info(loc)
     allowed = _allowed(info) if info is not None else error["msg"]
-    return f"params: {key} = {value!r} is not allowed; expected {allowed}"
+    return f"params: {key} = {_show(value)} is not allowed; expected {allowed}"
 
 
-def _check_keys(raw: dict, prefix: str = "") -> None:
+def _show(value: Any) -> str:
+    """A value for a message, cut short: YAML aliases can make a small file hold an enormous structure."""
+    return _SHORT_REPR.repr(value)
+
+
+def _check_keys(raw: dict, prefix: str = "", seen: set[int] | None = None) -> None:
+    seen = set() if seen is None else seen
+    if id(raw) in seen:  # a mapping reached again through a YAML alias: checked once, not once per path
+        return
+    seen.add(id(raw))
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise ParamsError(f"params: key {key!r} in {prefix.rstrip('.') or 'params.yaml'} is not a name; "
+            raise ParamsError(f"params: key {_show(key)} in {prefix.rstrip('.') or 'params.yaml'} is not a name; "
                               "keys are words such as train or lr")
         if isinstance(value, dict):
-            _check_keys(value, f"{prefix}{key}.")
+            _check_keys(value, f"{prefix}{key}.", seen)
 
 
 def parse_params(raw: Any) -> Params:
     """Validate the parsed params file; the first problem raises ParamsError naming key, value and rule."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"params: params.yaml must be a mapping of sections to keys, got {raw!r}")
+        raise ParamsError(f"params: params.yaml must be a mapping of sections to keys, got {_show(raw)}")
     _check_keys(raw)
     try:
         params = Params.model_validate(raw)
