@@ -10,13 +10,18 @@ onto white, then the channel conversion and the resize.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 
 # What Pillow raises on a damaged or unsupported file; the caller counts these as unreadable images.
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError)
+# Pillow's parsers (EXIF, TIFF tags, PNG chunks) can also fail on hostile bytes with KeyError, TypeError,
+# IndexError, struct.error or ZeroDivisionError: a file that breaks the decoder is an unreadable file too.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError,
+                 KeyError, TypeError, IndexError, ZeroDivisionError, struct.error, MemoryError)
 
 HIGH_BIT_INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 BITS_PER_SAMPLE_TAG = 258  # TIFF: 16 or 32 for integer images
