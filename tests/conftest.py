@@ -96,15 +96,19 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def make_image_folder(root: Path, classes=("ants", "bees"), per_class: int = 6, splits=("train", "test"),
-                      size: int = 20) -> Path:
-    """A tiny ants/bees-style folder: each class a distinct colour, mixed sizes and modes."""
+                      size: int = 20, noise: int = 0) -> Path:
+    """A tiny ants/bees-style folder: each class a distinct colour (plus uniform noise of +-``noise``, so
+    patches vary as in photos), mixed sizes and modes."""
     colours = [(200, 40, 40), (40, 40, 200), (40, 200, 40), (200, 200, 40)]
+    rng = np.random.default_rng(0)
     for split in splits:
         for c, name in enumerate(classes):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                image = Image.new("RGB", (size + i, size + 2 * i), colours[c % len(colours)])
+                shape = (size + 2 * i, size + i, 3)
+                pixels = np.array(colours[c % len(colours)]) + rng.integers(-noise, noise + 1, shape)
+                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
                 if i % 3 == 1:
                     image.convert("L").save(folder / f"{i}.png")
                 elif i % 3 == 2:

@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from conftest import real_params
 from imgcls import runtime
-from imgcls.errors import ParamsError, RuntimeChoiceError
+from imgcls.errors import ParamsError, RuntimeChoiceError, TrainingError
 from imgcls.model.inference import evaluate_model
 from imgcls.model.networks import MODEL_NAMES, TTAModel, build_model
 from imgcls.params import MIN_IMAGE_SIZE
@@ -244,3 +246,70 @@ def test_cuda_request_without_gpu_is_an_error_not_a_fallback(monkeypatch):
     with pytest.raises(RuntimeChoiceError, match="no CUDA GPU is visible"):
         runtime.resolve_device("cuda")
     assert runtime.resolve_device("auto").type == "cpu"
+
+
+def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
+    images, labels = separable_data()
+    config = real_params(train={"model": "fast", "width": 8, "epochs": 4, "batch_size": 32, "precision": "fp32",
+                                "whiten_bias_epochs": 2.0}).train
+
+    def run(resume_from=None):
+        generator = runtime.seed_everything(0)
+        model = build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=2.0)
+        states, logged = [], []
+        records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=torch.device("cpu"),
+                      precision="fp32", generator=generator, on_epoch=logged.append, resume_from=resume_from,
+                      save_state=lambda state: states.append(copy.deepcopy(state)))
+        return model, records, states, logged
+
+    model, records, states, _ = run()
+    assert [s["epoch"] for s in states] == [1, 2, 3]  # after every epoch but the last
+    keys = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+    for state in states:
+        resumed, resumed_records, _, logged = run(resume_from=state)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+        assert [[r[k] for k in keys] for r in resumed_records] == [[r[k] for k in keys] for r in records]
+        assert [r["epoch"] for r in logged] == [1, 2, 3, 4]  # earlier epochs replayed into the logs
+
+
+def test_resume_state_from_other_params_or_data_is_discarded(tmp_path):
+    from imgcls.train.resume import load_resume_state, run_digest, save_resume_state
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "meta.json").write_text("{}")
+    params = real_params()
+    digest = run_digest(params, prepared)
+    path = tmp_path / "resume" / "state.pt"
+    save_resume_state(path, digest, {"epoch": 3})
+    messages = []
+    assert load_resume_state(path, digest, messages.append)["epoch"] == 3
+    other_params = run_digest(real_params(train={"lr": 0.1}), prepared)
+    (prepared / "meta.json").write_text('{"changed": 1}')
+    other_data = run_digest(params, prepared)
+    assert len({digest, other_params, other_data}) == 3
+    assert load_resume_state(path, other_params, messages.append) is None
+    assert not path.exists() and "saved with other params, data or code" in messages[-1]
+    path.write_bytes(b"truncated")
+    assert load_resume_state(path, digest, messages.append) is None and "unreadable" in messages[-1]
+
+
+def test_a_diverged_run_stops_with_a_message_instead_of_saving_a_nan_model():
+    # A model whose loss turns NaN (as a too-high rate or degenerate data make it): fit must stop with an
+    # error a user can act on, not hand a NaN model to the checkpoint, evaluate and export stages.
+    from imgcls.model.networks import Network
+
+    class Diverging(Network):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(144, 4)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1)) * float("inf")  # inf - inf in the loss: NaN
+
+    images, labels = separable_data()
+    config = real_params(train={"model": "convnet", "epochs": 2, "batch_size": 32, "precision": "fp32",
+                                "ema": 0.0}).train
+    with pytest.raises(TrainingError, match=r"the training loss became nan in epoch 1: the run diverged"):
+        fit(Diverging(), (images, labels), None, config=config, device=torch.device("cpu"), precision="fp32",
+            generator=runtime.seed_everything(0))

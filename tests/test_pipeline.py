@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,43 @@ def test_image_folder_source_change_reruns_download(tmp_path):
     assert ran_stages(sh(project, DVC, "repro", "preprocess").stdout) == ["download", "preprocess"]
     meta = json.loads((project / "data/prepared/meta.json").read_text())
     assert meta["class_names"] == ["ants", "bees", "wasps"]
+
+
+def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees", "wasps"), per_class=150,
+                               splits=("train", "test"), size=16, noise=40)
+    archive = make_tar(tmp_path / "shapes.tar.gz", images)
+    settings = dict(data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+                    train={"epochs": 8, "batch_size": 32, "width": 8, "log_images": 0},
+                    export={"parity_images": 30, "latency_calls": 200})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = make_project(tmp_path / "a", **settings)
+    sh(straight, DVC, "repro")
+    killed = make_project(tmp_path / "b", **settings)
+    sh(killed, DVC, "repro", "preprocess")
+    state = killed / "data/train-resume/state.pt"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    process = subprocess.Popen([DVC, "repro"], cwd=killed, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the train stage under it, as an OOM kill or a closed lid
+    process.wait()
+    assert state.is_file() and not (killed / "data/model/checkpoint.pt").exists(), "killed too late to test"
+
+    resumed = sh(killed, DVC, "repro")
+    assert ran_stages(resumed.stdout) == ["train", "evaluate", "export"]
+    assert re.search(r"resuming after epoch \d of 8", resumed.stdout), resumed.stdout
+    assert not state.parent.exists()  # a finished run leaves no resume state behind
+
+    import torch
+
+    a = torch.load(straight / "data/model/checkpoint.pt", weights_only=True)["state_dict"]
+    b = torch.load(killed / "data/model/checkpoint.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "metrics/eval.json").read_text() == (killed / "metrics/eval.json").read_text()
+    assert json.loads((killed / "metrics/eval.json").read_text())["test"]["accuracy"] > 0.5  # it learned: no NaN
+    curve = "metrics/train/plots/metrics/val/accuracy.tsv"  # the logs continue at the right step
+    assert (straight / curve).read_text() == (killed / curve).read_text()

@@ -102,3 +102,33 @@ def test_no_test_images_of_a_class_is_reported_as_null_not_zero(tmp_path, capsys
     result = json.loads((paths.metrics_dir / "eval.json").read_text())
     assert result["per_class"]["c"]["accuracy"] is None and result["per_class"]["a"]["accuracy"] is not None
     assert "no test images of class(es) ['c']" in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_the_state_and_the_next_run_continues_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from imgcls.train import stage as train_stage
+
+    params = real_params(train={"model": "convnet", "width": 8, "epochs": 3, "batch_size": 10, "log_images": 0},
+                         evaluate={"tta": False})
+    straight, stopped = ProjectPaths(tmp_path / "a"), ProjectPaths(tmp_path / "b")
+    for paths in (straight, stopped):
+        write_good(paths.prepared_dir)
+    train(params, straight)
+    save = train_stage.save_resume_state
+
+    def save_then_interrupt(path, digest, state):
+        save(path, digest, state)
+        raise KeyboardInterrupt  # Ctrl-C arriving during epoch 2
+
+    monkeypatch.setattr(train_stage, "save_resume_state", save_then_interrupt)
+    with pytest.raises(SystemExit) as caught:
+        train(params, stopped)
+    assert caught.value.code == 130 and stopped.resume_state.is_file() and not stopped.checkpoint.exists()
+    assert "run `dvc repro` again to continue from there" in capsys.readouterr().out
+    monkeypatch.setattr(train_stage, "save_resume_state", save)
+    train(params, stopped)
+    assert "resuming after epoch 1 of 3" in capsys.readouterr().out
+    a = torch.load(straight.checkpoint, weights_only=True)["state_dict"]
+    b = torch.load(stopped.checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and not stopped.resume_state.parent.exists()

@@ -28,3 +28,7 @@ class ExportError(UserError):
 
 class RuntimeChoiceError(UserError):
     """A device or precision that this machine cannot provide."""
+
+
+class TrainingError(UserError):
+    """A run that cannot give a usable model (its loss diverged)."""

@@ -32,6 +32,10 @@ class ProjectPaths:
         return self.model_dir / "checkpoint.pt"
 
     @property
+    def resume_state(self) -> Path:  # train stage: state after the last finished epoch (not a DVC output)
+        return self.root / "data" / "train-resume" / "state.pt"
+
+    @property
     def train_log_dir(self) -> Path:  # dvclive output: metrics/train.json and plots
         return self.root / "metrics" / "train"
 

@@ -5,6 +5,7 @@ bench/profile_step.py times the same set-up and phase functions, so the profile 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -13,12 +14,15 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import TrainingError
+from ..model.checkpoint import plain_state_dict
 from ..model.inference import evaluate_model
 from ..model.networks import Network
 from ..params import TrainParams
 from ..runtime import autocast
 from .batches import Augmentation, iterate_batches, reflect_pad
 from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer
+from .resume import random_states, restore_random_states
 
 VALIDATION_BATCH_SIZE = 1000
 
@@ -134,18 +138,35 @@ def fit(
     model: Network, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, *,
     config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
     on_epoch: Callable[[dict], None] = lambda record: None,
+    resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` (on ``device``) for ``config.epochs``; returns one record per epoch.
 
     ``train``/``val`` are (uint8 images (N, C, H, W), int64 labels) on the device. ``model`` stays the
-    plain module: a compiled wrapper, if asked for, is used for the steps only.
+    plain module: a compiled wrapper, if asked for, is used for the steps only. ``save_state`` receives,
+    after every epoch but the last, everything needed to continue exactly; ``resume_from`` is such a state:
+    the run then continues after its epoch (its records are replayed through ``on_epoch`` first) and ends
+    with the weights an uninterrupted run would have.
     """
     images, labels = train
     model.initialize_from_data(images)
     setup = make_training_setup(model, images, config=config, generator=generator)
     step_model = torch.compile(model) if config.compile else model
-    records, step, started = [], 0, time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
+    records, step, first_epoch, elapsed_before = [], 0, 1, 0.0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        setup.optimizer.load_state_dict(resume_from["optimizer"])
+        if setup.lookahead is not None:
+            for name, value in resume_from["lookahead"].items():
+                setup.lookahead.state[name].copy_(value)
+        restore_random_states(resume_from["random"], generator)
+        step, first_epoch = resume_from["step"], resume_from["epoch"] + 1
+        elapsed_before = resume_from["records"][-1]["elapsed_seconds"]
+        for record in resume_from["records"]:  # the logs DVC deleted with the stage's outputs
+            records.append(record)
+            on_epoch(record)
+    started = time.perf_counter() - elapsed_before
+    for epoch in range(first_epoch, config.epochs + 1):
         model.start_epoch(epoch - 1)
         result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator), setup,
                                  device=device, precision=precision, first_step=step,
@@ -157,10 +178,20 @@ def fit(
                   "images_per_second": result["images"] / result["seconds"], "epoch_seconds": result["seconds"]}
         if val is not None and len(val[0]):
             metrics = evaluate_model(model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=device,
-                               precision=precision)
+                                     precision=precision)
             record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
         record["elapsed_seconds"] = time.perf_counter() - started
+        if not math.isfinite(record["train_loss"]):
+            raise TrainingError(
+                f"the training loss became {record['train_loss']} in epoch {epoch}: the run diverged and its model "
+                f"would be useless. Lower train.lr ({config.lr}) or raise train.batch_size ({setup.batch_size}); "
+                "images with (nearly) no variation inside them also whiten badly with train.model: fast")
         records.append(record)
         on_epoch(record)
+        if save_state is not None and epoch < config.epochs:
+            save_state({"epoch": epoch, "step": step, "model": plain_state_dict(model),
+                        "optimizer": setup.optimizer.state_dict(),
+                        "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
+                        "random": random_states(generator), "records": records})
     model.finish_training()
     return records

@@ -16,6 +16,7 @@ from ..prepared import load_prepared
 from ..runtime import describe_device, resolve_device, resolve_precision, seed_everything
 from .loop import fit
 from .reporting import EpochReporter
+from .resume import load_resume_state, run_digest, save_resume_state
 
 
 def train(params: Params, paths: ProjectPaths) -> None:
@@ -37,16 +38,30 @@ def train(params: Params, paths: ProjectPaths) -> None:
     emit(f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
          f"{len(train_images)} training images of shape {[channels, height, width]}")
 
+    digest = run_digest(params, paths.prepared_dir)
+    resume_from = load_resume_state(paths.resume_state, digest, emit)
+    if resume_from is not None:
+        emit(f"resuming after epoch {resume_from['epoch']} of {config.epochs} from {paths.resume_state}: the run "
+             "continues exactly where the last one stopped (its epochs are replayed into the logs)")
     shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
     reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
     reporter.log_images(train_images[:config.log_images].cpu())
     started = time.perf_counter()
-    records = fit(model, (train_images, train_labels), val, config=config, device=device,
-                  precision=precision, generator=generator, on_epoch=reporter)
-    train_seconds = time.perf_counter() - started
+    try:
+        records = fit(model, (train_images, train_labels), val, config=config, device=device, precision=precision,
+                      generator=generator, on_epoch=reporter, resume_from=resume_from,
+                      save_state=lambda state: save_resume_state(paths.resume_state, digest, state))
+    except KeyboardInterrupt:
+        saved = paths.resume_state.is_file()
+        emit("interrupted: " + ("the state after the last finished epoch is saved; run `dvc repro` again to "
+                                "continue from there" if saved else "no epoch had finished; nothing to resume"))
+        raise SystemExit(130) from None
+    # Training time of the whole run: a resumed run adds the time of the epochs it did not repeat.
+    train_seconds = time.perf_counter() - started + (resume_from["records"][-1]["elapsed_seconds"] if resume_from else 0.0)
     reporter.close({"train_seconds": train_seconds, "precision": precision, "device": device.type,
                     "images_per_second": sum(r["images_per_second"] for r in records) / len(records)})
     save_checkpoint(paths.checkpoint, model, architecture=config.model, arguments=arguments,
                     class_names=meta["class_names"], mean=meta["mean"], std=meta["std"],
                     params=as_dict(params), extra={"train_seconds": train_seconds, "precision": precision})
+    shutil.rmtree(paths.resume_state.parent, ignore_errors=True)  # done: nothing to resume any more
     emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")
