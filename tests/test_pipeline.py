@@ -195,6 +195,14 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     checkpoint = torch.load(project / "data/model/checkpoint.pt", weights_only=True)
     assert checkpoint["params"]["train"]["lr"] == 0.001
 
+    # `.venv/bin/dvc repro` without activating the environment: the stages still find the project's Python.
+    (project / ".venv").symlink_to(Path(sys.prefix))
+    bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
+    bare.update(PATH="/usr/bin:/bin", DVC_NO_ANALYTICS="1")
+    unactivated = subprocess.run([".venv/bin/dvc", "repro", "-f", "validate"], cwd=project, env=bare,
+                                 capture_output=True, text=True, timeout=300)
+    assert unactivated.returncode == 0 and ran_stages(unactivated.stdout) == ["validate"], unactivated.stderr
+
 
 def test_image_folder_source_change_reruns_download(tmp_path):
     archive = make_tar(tmp_path / "bugs.tar.gz", make_image_folder(tmp_path / "bugs", per_class=8))

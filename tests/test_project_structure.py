@@ -91,8 +91,8 @@ def import_closure(entry: Path) -> set[Path]:
 def stage_entrypoints(dvc_yaml: dict) -> dict[str, Path]:
     entries = {}
     for name, stage in dvc_yaml["stages"].items():
-        match = re.fullmatch(r"python (stages/\w+\.py)", stage["cmd"])
-        assert match, f"stage {name}: cmd {stage['cmd']!r} is not 'python stages/<file>.py'"
+        match = re.fullmatch(r"sh stages/run-python (stages/\w+\.py)", stage["cmd"])
+        assert match, f"stage {name}: cmd {stage['cmd']!r} is not 'sh stages/run-python stages/<file>.py'"
         entries[name] = REPO_ROOT / match.group(1)
     return entries
 
