@@ -78,7 +78,9 @@ def test_yaml_1_2_numbers_are_numbers_as_dvc_reads_them(tmp_path):
 
 def test_a_duplicate_key_is_refused_naming_it(tmp_path):
     path = write_params(tmp_path, lambda t: t.replace("  lr: 0.375", "  lr: 0.375\n  lr: 0.5", 1))
-    with pytest.raises(ParamsError, match=r'is not valid YAML: found duplicate key "lr" with value "0.5" \(original value: "0.375"\) \(line 31\)'):
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  lr: 0.5"))
+    with pytest.raises(ParamsError, match=rf'is not valid YAML: found duplicate key "lr" with value "0.5" '
+                                          rf'\(original value: "0.375"\) \(line {line}\)'):
         load_params(path)
 
 

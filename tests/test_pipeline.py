@@ -253,3 +253,34 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     assert json.loads((killed / "metrics/eval.json").read_text())["test"]["accuracy"] > 0.5  # it learned: no NaN
     curve = "metrics/train/plots/metrics/val/accuracy.tsv"  # the logs continue at the right step
     assert (straight / curve).read_text() == (killed / curve).read_text()
+
+
+def test_a_remote_shares_every_output_so_a_fresh_clone_runs_nothing(tmp_path):
+    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
+    archive = make_tar(tmp_path / "shapes.tar.gz", images)
+    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+                           train={"epochs": 1, "batch_size": 16, "width": 8, "log_images": 0},
+                           export={"parity_images": 20, "latency_calls": 200})
+    sh(project, DVC, "repro")
+    remote = tmp_path / "remote"
+    sh(project, DVC, "remote", "add", "-d", "shared", str(remote))
+    commit(project, "results and the remote")
+    sh(project, DVC, "push", "--run-cache")
+
+    for name, fetch in (("pulled", ["pull"]), ("repro_pull", ["repro", "--pull"])):
+        clone = tmp_path / name
+        sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+        assert not (clone / "data").exists()
+        fetched = sh(clone, DVC, *fetch)
+        assert ran_stages(fetched.stdout) == [], fetched.stdout  # nothing retrained
+        status = sh(clone, DVC, "status")
+        assert "Data and pipelines are up to date" in status.stdout, status.stdout
+        assert ran_stages(sh(clone, DVC, "repro").stdout) == []
+        for output in ("data/model/checkpoint.pt", "data/export/model.onnx", "data/prepared/meta.json"):
+            assert (clone / output).read_bytes() == (project / output).read_bytes(), output
+    import onnxruntime as ort
+    import numpy as np
+
+    session = ort.InferenceSession(str(tmp_path / "pulled/data/export/model.onnx"), providers=["CPUExecutionProvider"])
+    test_images = np.load(tmp_path / "pulled/data/prepared/test_images.npy").astype(np.float32) / 255
+    assert session.run(None, {"images": test_images[:4]})[0].shape == (4, 2)

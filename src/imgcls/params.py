@@ -35,6 +35,7 @@ class Section(BaseModel):
 class BaseParams(Section):
     seed: int = Field(ge=0, le=2**32 - 1)  # random, NumPy (which takes at most 2^32 - 1), torch, batch order
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    threads: int = Field(ge=0, le=1024)  # torch's intra-op threads; 0 = one per core
 
 
 class DataParams(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -19,6 +20,14 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def set_threads(threads: int) -> int:
+    """torch's intra-op threads: ``threads``, or one per core for 0. Parallel jobs (``dvc queue start -j 2``)
+    each take all cores otherwise, and two jobs on two cores then run slower than one after the other."""
+    count = threads or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    return count
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -12,11 +12,13 @@ from ..model.networks import TTAModel
 from ..params import Params
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
+from ..runtime import set_threads
 from .export import check_parity, export_onnx, export_torchscript, measure_latency
 
 
 def export(params: Params, paths: ProjectPaths) -> None:
     config, emit = params.export, log("export")
+    set_threads(params.base.threads)
     model, checkpoint = load_checkpoint(paths.checkpoint, "cpu")  # exports are fp32 CPU graphs
     if params.evaluate.tta:
         model = TTAModel(model).eval()

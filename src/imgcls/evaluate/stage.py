@@ -12,13 +12,14 @@ from ..model.networks import TTAModel
 from ..params import Params
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
-from ..runtime import resolve_device, resolve_precision
+from ..runtime import resolve_device, resolve_precision, set_threads
 from .metrics import (confusion_matrix, per_class_metrics, plot_confusion_matrix, plot_misclassified,
                       write_per_class_csv, write_predictions_csv)
 
 
 def evaluate(params: Params, paths: ProjectPaths) -> None:
     config, emit = params.evaluate, log("evaluate")
+    set_threads(params.base.threads)
     device = resolve_device(params.base.device)
     precision = resolve_precision(params.train.precision, device)
     model, checkpoint = load_checkpoint(paths.checkpoint, device)

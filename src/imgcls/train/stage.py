@@ -13,7 +13,7 @@ from ..model.networks import build_model
 from ..params import Params, as_dict
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
-from ..runtime import describe_device, resolve_device, resolve_precision, seed_everything
+from ..runtime import describe_device, resolve_device, resolve_precision, seed_everything, set_threads
 from .loop import fit
 from .reporting import EpochReporter
 from .resume import load_resume_state, run_digest, save_resume_state
@@ -21,6 +21,7 @@ from .resume import load_resume_state, run_digest, save_resume_state
 
 def train(params: Params, paths: ProjectPaths) -> None:
     config, emit = params.train, log("train")
+    set_threads(params.base.threads)
     generator = seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
     precision = resolve_precision(config.precision, device)
