@@ -284,3 +284,39 @@ def test_a_remote_shares_every_output_so_a_fresh_clone_runs_nothing(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "pulled/data/export/model.onnx"), providers=["CPUExecutionProvider"])
     test_images = np.load(tmp_path / "pulled/data/prepared/test_images.npy").astype(np.float32) / 255
     assert session.run(None, {"images": test_images[:4]})[0].shape == (4, 2)
+
+
+def test_queued_sweep_runs_two_jobs_in_parallel_and_both_show_up(tmp_path):
+    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
+    archive = make_tar(tmp_path / "shapes.tar.gz", images)
+    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+                           train={"epochs": 1, "batch_size": 16, "width": 8, "log_images": 0},
+                           export={"parity_images": 20, "latency_calls": 200})
+    sh(project, DVC, "repro")
+    commit(project, "baseline")
+    # One thread per job: two jobs on two cores, each with one core.
+    sh(project, DVC, "exp", "run", "--queue", "-S", "train.model=convnet,lenet", "-S", "base.threads=1")
+    queued = sh(project, DVC, "queue", "status").stdout
+    assert queued.count("Queued") == 2, queued
+    sh(project, DVC, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh(project, DVC, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status + sh(project, DVC, "queue", "logs", "--help", check=False).stdout
+    shown = json.loads(sh(project, DVC, "exp", "show", "--json").stdout)
+    runs = {}
+    for commit_entry in shown:
+        for experiment in commit_entry.get("experiments") or []:
+            for revision in experiment.get("revs", []):
+                data = revision.get("data") or {}
+                params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+                metrics = data.get("metrics", {}).get("metrics/eval.json", {}).get("data", {})
+                if metrics:
+                    runs[params["train"]["model"]] = metrics
+    assert set(runs) == {"convnet", "lenet"}, shown
+    for metrics in runs.values():  # per-class columns for each experiment
+        assert set(metrics["per_class"]) == {"ants", "bees"} and 0 <= metrics["test"]["accuracy"] <= 1
+    sh(project, DVC, "queue", "stop", check=False)
