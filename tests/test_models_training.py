@@ -11,7 +11,7 @@ from imgcls.model.inference import evaluate_model
 from imgcls.model.networks import MODEL_NAMES, TTAModel, build_model
 from imgcls.params import MIN_IMAGE_SIZE
 from imgcls.train.batches import Augmentation, batch_flip, batch_translate, iterate_batches, reflect_pad
-from imgcls.train.loop import fit
+from imgcls.train.loop import StopRequested, fit
 from imgcls.train.optim import Lookahead, lr_factor, make_optimizer
 
 
@@ -264,6 +264,15 @@ def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
 
     model, records, states, _ = run()
     assert [s["epoch"] for s in states] == [1, 2, 3]  # after every epoch but the last
+    # A stop requested after the 11th step (3 into epoch 2): the state of that step boundary is saved.
+    asked = iter(range(1000))
+    with pytest.raises(StopRequested):
+        generator = runtime.seed_everything(0)
+        fit(build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=2.0),
+            (images, labels), (images[:64], labels[:64]), config=config, device=torch.device("cpu"), precision="fp32",
+            generator=generator, save_state=lambda state: states.append(copy.deepcopy(state)),
+            should_stop=lambda: next(asked) == 10)
+    assert states[-1]["epoch"] == 1 and states[-1]["epoch_progress"]["batches_done"] == 3
     keys = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     for state in states:
         resumed, resumed_records, _, logged = run(resume_from=state)

@@ -255,13 +255,20 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     assert (straight / curve).read_text() == (killed / curve).read_text()
 
 
-def test_a_remote_shares_every_output_so_a_fresh_clone_runs_nothing(tmp_path):
+def small_run(tmp_path: Path, epochs: int) -> Path:
+    """A project on a generated two-class image folder, after one `dvc repro`: for the tests of what
+    happens around a run (remotes, queues, plots)."""
     images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
     project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": 1, "batch_size": 16, "width": 8, "log_images": 0},
+                           train={"epochs": epochs, "batch_size": 16, "width": 8, "log_images": 0},
                            export={"parity_images": 20, "latency_calls": 200})
     sh(project, DVC, "repro")
+    return project
+
+
+def test_a_remote_shares_every_output_so_a_fresh_clone_runs_nothing(tmp_path):
+    project = small_run(tmp_path, epochs=1)
     remote = tmp_path / "remote"
     sh(project, DVC, "remote", "add", "-d", "shared", str(remote))
     commit(project, "results and the remote")
@@ -287,12 +294,7 @@ def test_a_remote_shares_every_output_so_a_fresh_clone_runs_nothing(tmp_path):
 
 
 def test_queued_sweep_runs_two_jobs_in_parallel_and_both_show_up(tmp_path):
-    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
-    archive = make_tar(tmp_path / "shapes.tar.gz", images)
-    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": 1, "batch_size": 16, "width": 8, "log_images": 0},
-                           export={"parity_images": 20, "latency_calls": 200})
-    sh(project, DVC, "repro")
+    project = small_run(tmp_path, epochs=1)
     commit(project, "baseline")
     # One thread per job: two jobs on two cores, each with one core.
     sh(project, DVC, "exp", "run", "--queue", "-S", "train.model=convnet,lenet", "-S", "base.threads=1")
@@ -327,12 +329,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install chromium); make test does not install a browser")
 def test_dvc_plots_show_draws_the_curves_offline_in_a_real_browser(tmp_path):
-    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
-    archive = make_tar(tmp_path / "shapes.tar.gz", images)
-    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": 2, "batch_size": 16, "width": 8, "log_images": 0},
-                           export={"parity_images": 20, "latency_calls": 200})
-    sh(project, DVC, "repro")
+    project = small_run(tmp_path, epochs=2)
     sh(project, DVC, "plots", "show", "-o", "plots_html")
     page = project / "plots_html" / "index.html"
     assert "cdn.jsdelivr" not in page.read_text()  # nothing to fetch: this machine has no network

@@ -104,31 +104,43 @@ def test_no_test_images_of_a_class_is_reported_as_null_not_zero(tmp_path, capsys
     assert "no test images of class(es) ['c']" in capsys.readouterr().out
 
 
-def test_ctrl_c_saves_the_state_and_the_next_run_continues_to_the_same_weights(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_stops_at_a_step_boundary_and_the_next_run_ends_with_the_same_weights(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
     import torch
 
-    from imgcls.train import stage as train_stage
-
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 3, "batch_size": 10, "log_images": 0},
-                         evaluate={"tta": False})
     straight, stopped = ProjectPaths(tmp_path / "a"), ProjectPaths(tmp_path / "b")
+    rng = np.random.default_rng(0)
+    splits = {split: (rng.integers(0, 256, (n, 1, 12, 12), dtype=np.uint8), np.arange(n, dtype=np.int64) % 3)
+              for split, n in (("train", 1500), ("val", 30), ("test", 30))}
     for paths in (straight, stopped):
-        write_good(paths.prepared_dir)
+        paths.prepared_dir.mkdir(parents=True)
+        save_prepared(paths.prepared_dir, splits, {"dataset": "x", "class_names": ["a", "b", "c"],
+                                                   "image_shape": [1, 12, 12], "mean": [0.5], "std": [0.25]})
+    shrink = {"model": "convnet", "width": 8, "epochs": 3, "batch_size": 10, "log_images": 0}
+    params = real_params(train=shrink)
     train(params, straight)
-    save = train_stage.save_resume_state
 
-    def save_then_interrupt(path, digest, state):
-        save(path, digest, state)
-        raise KeyboardInterrupt  # Ctrl-C arriving during epoch 2
+    (stopped.root / "params.yaml").write_text(
+        (REPO_ROOT / "params.yaml").read_text().replace("  model: fast", "  model: convnet", 1)
+        .replace("  width: 32", "  width: 8", 1).replace("  epochs: 10", "  epochs: 3", 1)
+        .replace("  batch_size: 512", "  batch_size: 10", 1).replace("  log_images: 64", "  log_images: 0", 1))
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=stopped.root,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not stopped.resume_state.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # Ctrl-C during epoch 2
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "Ctrl-C: stopping at the end of this step" in output and "run `dvc repro` again to continue" in output
+    saved = torch.load(stopped.resume_state, weights_only=True)
+    assert saved["epoch_progress"]["batches_done"] >= 1 and not stopped.checkpoint.exists()  # mid-epoch
 
-    monkeypatch.setattr(train_stage, "save_resume_state", save_then_interrupt)
-    with pytest.raises(SystemExit) as caught:
-        train(params, stopped)
-    assert caught.value.code == 130 and stopped.resume_state.is_file() and not stopped.checkpoint.exists()
-    assert "run `dvc repro` again to continue from there" in capsys.readouterr().out
-    monkeypatch.setattr(train_stage, "save_resume_state", save)
     train(params, stopped)
-    assert "resuming after epoch 1 of 3" in capsys.readouterr().out
     a = torch.load(straight.checkpoint, weights_only=True)["state_dict"]
     b = torch.load(stopped.checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a) and not stopped.resume_state.parent.exists()

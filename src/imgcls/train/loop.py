@@ -97,16 +97,34 @@ def apply_update(optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, 
         lookahead.update(model, step, factor)
 
 
+class StopRequested(Exception):
+    """Raised at a step boundary when ``should_stop`` said so (Ctrl-C); carries where the epoch stood."""
+
+    def __init__(self, progress: dict):
+        super().__init__(f"stopped after {progress['batches_done']} batches of the epoch")
+        self.progress = progress
+
+
 def train_one_epoch(
     model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], setup: TrainingSetup, *,
     device: torch.device, precision: str, first_step: int, progress_label: str = "",
+    done: dict | None = None, should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number."""
+    """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number.
+
+    ``done`` continues an epoch stopped part-way (from StopRequested.progress): its first batches are drawn
+    again, so the random generator moves exactly as before, but not trained on. ``should_stop`` is asked
+    after every step; when it says yes, StopRequested leaves at that step boundary."""
     model.train()
-    step, total_loss, correct, seen = first_step, torch.zeros((), device=device), torch.zeros((), device=device), 0
-    started = time.perf_counter()
+    done = done or {"batches_done": 0, "loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+    step, seen = first_step, done["seen"]
+    total_loss = torch.tensor(done["loss"], device=device)
+    correct = torch.tensor(done["correct"], device=device)
+    started = time.perf_counter() - done["seconds"]
     bar = _progress_bar(setup.steps_per_epoch, progress_label)
-    for images, labels in batches:
+    for index, (images, labels) in enumerate(batches):
+        if index < done["batches_done"]:
+            continue  # trained on before the stop
         factor = lr_factor(step, setup.plan.total_steps, setup.plan.warmup_steps, setup.plan.schedule)
         set_rate(setup.optimizer, factor)
         logits, loss = forward_loss(model, images, labels, setup.loss_fn, device, precision)
@@ -119,6 +137,11 @@ def train_one_epoch(
         step += 1
         if bar is not None:
             bar.update(1)
+        if should_stop():
+            if bar is not None:
+                bar.close()
+            raise StopRequested({"batches_done": index + 1, "step": step, "loss": float(total_loss),
+                                 "correct": float(correct), "seen": seen, "seconds": time.perf_counter() - started})
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
@@ -139,20 +162,23 @@ def fit(
     config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
     on_epoch: Callable[[dict], None] = lambda record: None,
     resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[dict]:
     """Train ``model`` (on ``device``) for ``config.epochs``; returns one record per epoch.
 
     ``train``/``val`` are (uint8 images (N, C, H, W), int64 labels) on the device. ``model`` stays the
-    plain module: a compiled wrapper, if asked for, is used for the steps only. ``save_state`` receives,
-    after every epoch but the last, everything needed to continue exactly; ``resume_from`` is such a state:
-    the run then continues after its epoch (its records are replayed through ``on_epoch`` first) and ends
-    with the weights an uninterrupted run would have.
+    plain module: a compiled wrapper, if asked for, is used for the steps only.
+
+    ``save_state`` receives everything needed to continue exactly: after every epoch but the last, and at the
+    step boundary where ``should_stop`` (asked after every step) said yes, before StopRequested leaves.
+    ``resume_from`` is such a state: the run continues from it (the finished epochs' records are replayed
+    through ``on_epoch`` first) and ends with the weights an uninterrupted run would have.
     """
     images, labels = train
     model.initialize_from_data(images)
     setup = make_training_setup(model, images, config=config, generator=generator)
     step_model = torch.compile(model) if config.compile else model
-    records, step, first_epoch, elapsed_before = [], 0, 1, 0.0
+    records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         setup.optimizer.load_state_dict(resume_from["optimizer"])
@@ -160,17 +186,34 @@ def fit(
             for name, value in resume_from["lookahead"].items():
                 setup.lookahead.state[name].copy_(value)
         restore_random_states(resume_from["random"], generator)
-        step, first_epoch = resume_from["step"], resume_from["epoch"] + 1
-        elapsed_before = resume_from["records"][-1]["elapsed_seconds"]
+        step, first_epoch, done = resume_from["step"], resume_from["epoch"] + 1, resume_from["epoch_progress"]
+        elapsed_before = resume_from["elapsed_seconds"]
         for record in resume_from["records"]:  # the logs DVC deleted with the stage's outputs
             records.append(record)
             on_epoch(record)
     started = time.perf_counter() - elapsed_before
+
+    def state(epochs_done: int, random: dict, epoch_progress: dict | None) -> dict:
+        return {"epoch": epochs_done, "step": step, "epoch_progress": epoch_progress, "model": plain_state_dict(model),
+                "optimizer": setup.optimizer.state_dict(),
+                "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
+                "random": random, "records": records, "elapsed_seconds": time.perf_counter() - started}
+
     for epoch in range(first_epoch, config.epochs + 1):
         model.start_epoch(epoch - 1)
-        result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator), setup,
-                                 device=device, precision=precision, first_step=step,
-                                 progress_label=f"epoch {epoch}/{config.epochs}")
+        # The generators as the epoch starts: a stop inside it restarts the epoch's draws from here.
+        epoch_start = random_states(generator) if save_state is not None else None
+        try:
+            result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator), setup,
+                                     device=device, precision=precision, first_step=step,
+                                     progress_label=f"epoch {epoch}/{config.epochs}", done=done,
+                                     should_stop=should_stop)
+        except StopRequested as stop:
+            step = stop.progress["step"]
+            if save_state is not None:
+                save_state(state(epoch - 1, epoch_start, stop.progress))
+            raise
+        done = None
         step = result.pop("next_step")
         if setup.lookahead is not None and epoch == config.epochs:
             setup.lookahead.finish(model)
@@ -189,9 +232,6 @@ def fit(
         records.append(record)
         on_epoch(record)
         if save_state is not None and epoch < config.epochs:
-            save_state({"epoch": epoch, "step": step, "model": plain_state_dict(model),
-                        "optimizer": setup.optimizer.state_dict(),
-                        "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
-                        "random": random_states(generator), "records": records})
+            save_state(state(epoch, random_states(generator), None))
     model.finish_training()
     return records

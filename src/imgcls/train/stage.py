@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import threading
 import time
+from typing import Callable, Iterator
 
 import torch
 
@@ -14,9 +18,31 @@ from ..params import Params, as_dict
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import describe_device, resolve_device, resolve_precision, seed_everything, set_threads
-from .loop import fit
+from .loop import StopRequested, fit
 from .reporting import EpochReporter
 from .resume import load_resume_state, run_digest, save_resume_state
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(emit: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks training to stop at the next step boundary (with its state saved); a second
+    one interrupts at once. Yields the question fit() asks after every step."""
+    requested = False
+
+    def handle(signum, frame):
+        nonlocal requested
+        requested = True
+        emit("Ctrl-C: stopping at the end of this step and saving the state (Ctrl-C again to stop at once)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train(params: Params, paths: ProjectPaths) -> None:
@@ -42,23 +68,28 @@ def train(params: Params, paths: ProjectPaths) -> None:
     digest = run_digest(params, paths.prepared_dir)
     resume_from = load_resume_state(paths.resume_state, digest, emit)
     if resume_from is not None:
-        emit(f"resuming after epoch {resume_from['epoch']} of {config.epochs} from {paths.resume_state}: the run "
-             "continues exactly where the last one stopped (its epochs are replayed into the logs)")
+        emit(f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {config.epochs}) from "
+             f"{paths.resume_state}: the run continues exactly where the last one stopped")
     shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
     reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
     reporter.log_images(train_images[:config.log_images].cpu())
     started = time.perf_counter()
-    try:
-        records = fit(model, (train_images, train_labels), val, config=config, device=device, precision=precision,
-                      generator=generator, on_epoch=reporter, resume_from=resume_from,
-                      save_state=lambda state: save_resume_state(paths.resume_state, digest, state))
-    except KeyboardInterrupt:
-        saved = paths.resume_state.is_file()
-        emit("interrupted: " + ("the state after the last finished epoch is saved; run `dvc repro` again to "
-                                "continue from there" if saved else "no epoch had finished; nothing to resume"))
-        raise SystemExit(130) from None
-    # Training time of the whole run: a resumed run adds the time of the epochs it did not repeat.
-    train_seconds = time.perf_counter() - started + (resume_from["records"][-1]["elapsed_seconds"] if resume_from else 0.0)
+    with stop_on_ctrl_c(emit) as stop_requested:
+        try:
+            records = fit(model, (train_images, train_labels), val, config=config, device=device,
+                          precision=precision, generator=generator, on_epoch=reporter, resume_from=resume_from,
+                          save_state=lambda state: save_resume_state(paths.resume_state, digest, state),
+                          should_stop=stop_requested)
+        except StopRequested as stop:
+            emit(f"stopped after batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']}) "
+                 f"with the state saved in {paths.resume_state}; run `dvc repro` again to continue from there")
+            raise SystemExit(130) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the last saved state
+            emit("interrupted: " + ("run `dvc repro` again to continue from the last saved state"
+                                    if paths.resume_state.is_file() else "no state saved yet; nothing to resume"))
+            raise SystemExit(130) from None
+    # Training time of the whole run: a resumed run adds the time spent before the stop.
+    train_seconds = time.perf_counter() - started + (resume_from["elapsed_seconds"] if resume_from else 0.0)
     reporter.close({"train_seconds": train_seconds, "precision": precision, "device": device.type,
                     "images_per_second": sum(r["images_per_second"] for r in records) / len(records)})
     save_checkpoint(paths.checkpoint, model, architecture=config.model, arguments=arguments,
