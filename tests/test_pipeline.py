@@ -241,7 +241,7 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
 
     resumed = sh(killed, DVC, "repro")
     assert ran_stages(resumed.stdout) == ["train", "evaluate", "export"]
-    assert re.search(r"resuming after epoch \d of 8", resumed.stdout), resumed.stdout
+    assert re.search(r"resuming at step \d+ \(epoch \d of 8\)", resumed.stdout), resumed.stdout
     assert not state.parent.exists()  # a finished run leaves no resume state behind
 
     import torch
