@@ -193,3 +193,71 @@ def test_folder_link_to_a_file_inside_is_copied_as_the_file(tmp_path):
     alias = tmp_path / "dest" / "train" / "ants" / "alias.jpg"
     assert count == 25 and not alias.is_symlink()
     assert alias.read_bytes() == (root / "train" / "ants" / "0.jpg").read_bytes()
+
+
+def test_a_huge_long_name_header_is_refused_before_it_is_read(sandbox):
+    tmp_path, target = sandbox
+    archive = tmp_path / "longname.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        tar_member(tar, "train/a/" + "n" * (2 << 20) + ".png")  # a 2 MiB name: tarfile would read it whole
+    with pytest.raises(DataError, match=r"a tar header \(long name or PAX record\) of 2,097,1\d\d bytes"):
+        extract_archive(archive, target, LIMITS)
+    assert list(target.iterdir()) == []
+
+
+def test_bzip2_tar_and_many_small_zip_members_are_held_to_the_ratio_limit(sandbox):
+    tmp_path, target = sandbox
+    bz = tmp_path / "bomb.tar"  # bzip2 inside a plain .tar name
+    with tarfile.open(bz, "w:bz2") as tar:
+        tar_member(tar, "train/a/huge.bmp", data=bytes(16 << 20))
+    with pytest.raises(DataError, match="a decompression bomb"):
+        extract_archive(bz, target, LIMITS)
+    many = tmp_path / "many.zip"  # each member under the per-member exemption, the whole far over the ratio
+    with zipfile.ZipFile(many, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(40):
+            zf.writestr(f"train/a/{i}.bmp", bytes(1 << 20))
+    with pytest.raises(DataError, match="a decompression bomb"):
+        extract_archive(many, target, LIMITS)
+    assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["train/a/" + "x" * 300 + ".png", "train/" + "/".join(["d" * 200] * 30) + "/x.png"])
+def test_names_this_system_cannot_create_are_a_data_error(sandbox, name):
+    tmp_path, target = sandbox
+    archive = tmp_path / "names.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar_member(tar, name)
+    with pytest.raises(DataError, match="cannot be extracted"):
+        extract_archive(archive, target, LIMITS)
+
+
+def test_an_existing_link_in_the_target_stops_extraction(sandbox):
+    tmp_path, target = sandbox
+    (target / "train").symlink_to(tmp_path / "host")
+    archive = tmp_path / "ok.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar_member(tar, "train/x.png", data=b"png")
+    with pytest.raises(DataError, match="it holds a link"):
+        extract_archive(archive, target, LIMITS)
+    assert not (tmp_path / "host" / "x.png").exists()
+
+
+def test_a_source_folder_holding_the_destination_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "project")
+    with pytest.raises(DataError, match="contains the project's data folder"):
+        copy(root, root / "data" / ".raw.tmp" / "images")
+
+
+def test_unreadable_files_and_folders_are_named_not_skipped_silently(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file: permissions cannot make one unreadable here")
+    root = make_image_folder(tmp_path / "src")
+    (root / "train" / "ants" / "0.jpg").chmod(0)
+    (root / "test" / "bees").chmod(0)
+    try:
+        with pytest.raises(DataError) as caught:
+            copy(root, tmp_path / "dest")
+        assert "0.jpg: cannot be read" in str(caught.value) and "bees: cannot be read" in str(caught.value)
+    finally:
+        (root / "train" / "ants" / "0.jpg").chmod(0o644)
+        (root / "test" / "bees").chmod(0o755)

@@ -126,3 +126,42 @@ def test_an_oversized_image_in_a_folder_is_named_or_skipped(tmp_path):
                                   log=messages.append)
     assert len(decoded.splits["train"][1]) == 12
     assert any("bomb.png" in m and "over data.max_image_pixels" in m for m in messages)
+
+
+def tiled_tiff(path, width=64, height=64, tile=40960) -> None:
+    """A small TIFF declaring one deflate tile of tile x tile pixels: libtiff would allocate the whole tile."""
+    import struct
+    import zlib
+
+    data = zlib.compress(bytes(16))
+    entries = [(256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
+               (322, 4, tile), (323, 4, tile), (324, 4, 8), (325, 4, len(data))]
+    ifd_offset = 8 + len(data)
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    path.write_bytes(b"II*\x00" + struct.pack("<I", ifd_offset) + data + ifd + b"\x00\x00\x00\x00")
+
+
+def test_a_tiff_tile_bomb_is_refused_from_its_tags(tmp_path):
+    path = tmp_path / "tile.tif"
+    tiled_tiff(path)
+    assert path.stat().st_size < 300 and Image.open(path).size == (64, 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageTooLarge, match=r"a TIFF tile or strip of 1,677,721,600 pixels"):
+        decode(path)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 50
+
+
+def test_colour_key_transparency_goes_onto_white_and_broken_float_pixels_do_not_darken(tmp_path):
+    keyed = tmp_path / "keyed.png"
+    array = np.zeros((8, 8), np.uint8)
+    array[:, 4:] = 120
+    Image.fromarray(array).save(keyed, transparency=0)  # a tRNS chunk: grey value 0 is transparent
+    decoded = decode(keyed, size=8)
+    assert (decoded[0, :, :4] == 255).all() and (decoded[0, :, 4:] == 120).all()
+    floats = tmp_path / "inf.tif"
+    values = np.full((8, 8), 0.5, np.float32)
+    values[0, 0] = np.inf
+    Image.fromarray(values).save(floats)
+    assert abs(int(decode(floats, size=8)[0, 4, 4]) - 128) <= 1

@@ -116,3 +116,20 @@ def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path):
         load_params(path)
     assert time.perf_counter() - started < 5
     assert "unknown key 'a0'" in str(caught.value) and len(str(caught.value)) < 1000
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (lambda text: text + "deep: " + "[" * 5000 + "]" * 5000 + "\n", "cannot be read as params (RecursionError"),
+    (lambda text: text.replace("  seed: 0", "  seed: " + "9" * 5000, 1), "cannot be read as params (ValueError"),
+    (lambda text: text.encode("latin-1", "replace") + "# caf\xe9\n".encode("latin-1"), "is not a UTF-8 text file"),
+    (lambda text: text.replace("  device: auto", "  device: cuda:\u0663", 1), "base.device = 'cuda:\u0663' is not allowed"),
+])
+def test_hostile_params_files_are_params_errors_not_tracebacks(tmp_path, content, fragment):
+    path = tmp_path / "params.yaml"
+    written = content((REPO_ROOT / "params.yaml").read_text())
+    path.write_bytes(written if isinstance(written, bytes) else written.encode())
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert fragment in str(caught.value)
+    with pytest.raises(ParamsError, match="is not a UTF-8 text file"):
+        load_params(tmp_path)  # a folder where the file should be

@@ -34,7 +34,7 @@ class Section(BaseModel):
 
 class BaseParams(Section):
     seed: int = Field(ge=0, le=2**32 - 1)  # random, NumPy (which takes at most 2^32 - 1), torch, batch order
-    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="auto, cpu, cuda or cuda:N")
     threads: int = Field(ge=0, le=1024)  # torch's intra-op threads; 0 = one per core
 
 
@@ -46,7 +46,8 @@ class DataParams(Section):
     on_bad_image: Literal["error", "skip"]
     image_size: int = Field(ge=8, le=512)
     channels: Literal[1, 3]
-    max_image_pixels: int = Field(ge=1024, le=2**31)
+    # Pillow itself refuses images of more than 178,956,970 pixels (its decompression-bomb limit).
+    max_image_pixels: int = Field(ge=1024, le=178_956_970)
     retries: int = Field(ge=1, le=20)
     timeout_s: float = Field(gt=0, le=600)
     max_extract_gb: float = Field(gt=0, le=10000)
@@ -203,7 +204,10 @@ def parse_params(raw: Any) -> Params:
     """Validate the parsed params file; the first problem raises ParamsError naming key, value and rule."""
     if not isinstance(raw, dict):
         raise ParamsError(f"params: params.yaml must be a mapping of sections to keys, got {_show(raw)}")
-    _check_keys(raw)
+    try:
+        _check_keys(raw)
+    except RecursionError:
+        raise ParamsError("params: params.yaml nests mappings thousands deep; it is not a params file") from None
     try:
         params = Params.model_validate(raw)
     except ValidationError as error:
@@ -218,9 +222,14 @@ def read_yaml(path: Path) -> Any:
     from ruamel.yaml.error import YAMLError
 
     try:
-        return YAML(typ="safe", pure=True).load(path.read_text())
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"params: {path} not found; run the stage from the project root") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise ParamsError(f"params: {path} is not a UTF-8 text file ({type(error).__name__}); save it as UTF-8") from None
+    except (RecursionError, ValueError) as error:  # nesting thousands deep, integers of thousands of digits
+        raise ParamsError(f"params: {path} cannot be read as params ({type(error).__name__}: "
+                          f"{_show(str(error))})") from None
     except YAMLError as error:
         problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -59,8 +59,8 @@ def _check_meta(path: Path, meta: object) -> dict:
         values = meta.get(key)
         if not (isinstance(values, list) and len(values) == shape[0] and all(isinstance(v, (int, float)) for v in values)):
             raise _bad(path, f"{key} must hold {shape[0]} number(s), one per channel, found {values!r}")
-    if min(meta["std"]) <= 0:
-        raise _bad(path, f"std must be positive, found {meta['std']}")
+    if not all(np.isfinite(meta["mean"] + meta["std"])) or min(meta["std"]) <= 0:
+        raise _bad(path, f"mean must be finite and std finite and positive, found {meta['mean']}, {meta['std']}")
     if not isinstance(meta.get("dataset"), str):
         raise _bad(path, f"dataset must be a name, found {meta.get('dataset')!r}")
     return meta
@@ -68,9 +68,12 @@ def _check_meta(path: Path, meta: object) -> dict:
 
 def _load_array(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise _bad(path, f"not a readable .npy array ({type(error).__name__}: {error})") from None
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, MemoryError) as error:  # MemoryError: a header claiming 2^40 rows
+        raise _bad(path, f"not a readable .npy array ({type(error).__name__}: {str(error)[:200]})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+        raise _bad(path, f"not a .npy array (found {type(array).__name__})")
+    return array
 
 
 def _load_split(directory: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -97,12 +100,13 @@ def load_prepared(directory: Path, required: tuple[str, ...], optional: tuple[st
         raise DataError(f"{meta_path} is missing; run the preprocess stage first (dvc repro preprocess)")
     try:
         meta = _check_meta(meta_path, json.loads(meta_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _bad(meta_path, f"not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise _bad(meta_path, f"not valid JSON ({type(error).__name__}: {str(error)[:200]})") from None
     splits = {split: _load_split(directory, split, meta) for split in required}
     for split in optional:
         if (directory / f"{split}_images.npy").is_file():
             splits[split] = _load_split(directory, split, meta)
-    if "train" in splits and not len(splits["train"][1]):
-        raise _bad(directory / "train_labels.npy", "the training split is empty")
+    for split in required:  # training on nothing or scoring nothing gives numbers that mean nothing
+        if not len(splits[split][1]):
+            raise _bad(directory / f"{split}_labels.npy", f"the {split} split is empty")
     return PreparedData(meta, splits)

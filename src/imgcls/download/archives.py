@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import lzma
 import stat
 import tarfile
 import zipfile
@@ -30,6 +31,30 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MAX_COMPRESSION_RATIO = 200
 RATIO_EXEMPT_BYTES = 1 << 20
 COPY_CHUNK_BYTES = 1 << 20
+
+
+# A GNU long name or a PAX header is read whole into memory by tarfile: a 400 MB one costs 2 GB before any
+# member is seen. Real ones are a few hundred bytes.
+MAX_TAR_HEADER_BYTES = 1 << 16
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses oversized long-name and PAX headers before reading them."""
+
+    def _proc_gnulong(self, tar):
+        _check_header_size(self)
+        return super()._proc_gnulong(tar)
+
+    def _proc_pax(self, tar):
+        _check_header_size(self)
+        return super()._proc_pax(tar)
+
+
+def _check_header_size(info: tarfile.TarInfo) -> None:
+    if info.size > MAX_TAR_HEADER_BYTES:
+        raise DataError(f"a tar header (long name or PAX record) of {info.size:,} bytes, over {MAX_TAR_HEADER_BYTES:,}; "
+                        "the archive is malformed or hostile; nothing was extracted")
 
 
 def is_archive(name: str) -> bool:
@@ -67,15 +92,22 @@ def _check_sizes(archive: Path, total: int, limits: ArchiveLimits, compressed: i
 
 def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> int:
     """Extract ``archive`` into the existing folder ``target``; returns the number of files written."""
+    linked = [p for p in target.rglob("*") if p.is_symlink()]
+    if linked:  # writing through a link already in the target would land wherever it points
+        raise DataError(f"cannot extract {archive.name} into {target}: it holds a link ({linked[0]})")
     try:
         if zipfile.is_zipfile(archive):
             return _extract_zip(archive, target, limits)
         return _extract_tar(archive, target, limits)
-    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as error:
+    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError) as error:
         raise DataError(
             f"archive {archive.name} is truncated or corrupt ({type(error).__name__}: {error}); "
             "delete it and download it again, or point data.source at a good copy"
         ) from None
+    except (OSError, ValueError, RuntimeError, NotImplementedError, UnicodeDecodeError, IndexError) as error:
+        # Names this system cannot create (too long, NUL bytes), encrypted or unsupported compression, ...
+        raise DataError(f"archive {archive.name} cannot be extracted ({type(error).__name__}: {error}); it is damaged, "
+                        "encrypted, uses an unsupported compression or names paths this system cannot create") from None
 
 
 def _copy_counted(source: IO[bytes], dest: Path, budget: int, archive: Path, name: str) -> int:
@@ -102,7 +134,7 @@ def _named(archive: Path, name: str) -> Iterator[None]:
 
 
 def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
-    with tarfile.open(archive, "r:*") as tar:
+    with tarfile.open(archive, "r:*", tarinfo=_BoundedTarInfo) as tar:
         members = tar.getmembers()  # reads the whole index first: a truncated archive fails here
         total = 0
         for info in members:
@@ -113,6 +145,8 @@ def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
                                        "(image archives need no links)")
             if not (info.isfile() or info.isdir()):
                 raise _refuse(archive, f"refusing device or FIFO member {info.name!r}")
+            if info.size < 0 or info.issparse():  # a negative size hides bytes from the total; sparse ones expand
+                raise _refuse(archive, f"refusing member {info.name!r}: {'sparse' if info.issparse() else 'negative size'}")
             total += info.size
         compressed = archive.stat().st_size
         _check_sizes(archive, total, limits, compressed if _is_compressed_tar(archive) else 0)
@@ -136,7 +170,8 @@ def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
 
 def _is_compressed_tar(archive: Path) -> bool:
     with open(archive, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+        head = f.read(6)
+    return head.startswith(COMPRESSED_MAGIC)
 
 
 def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> int:
@@ -155,7 +190,7 @@ def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> int:
                                        f"to {info.file_size:,} (ratio {info.file_size / max(info.compress_size, 1):.0f}:1, "
                                        f"limit {limits.max_ratio:.0f}:1): a decompression bomb")
             total += info.file_size
-        _check_sizes(archive, total, limits, 0)
+        _check_sizes(archive, total, limits, archive.stat().st_size)  # many small members add up too
         written, budget = 0, limits.max_bytes
         for info in infos:
             dest = target.joinpath(*PurePosixPath(info.filename.replace("\\", "/")).parts)

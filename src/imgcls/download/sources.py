@@ -123,9 +123,16 @@ def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
     dangling links, link loops and special files (FIFOs, devices) are errors, or skipped and listed when
     ``on_bad_link`` is "skip". Returns the number of files copied."""
     root = source.resolve()
+    if dest.resolve().is_relative_to(root):
+        raise PermanentFetchError(f"{source} contains the project's data folder ({dest.parent}); point data.source "
+                                  "at the folder of images, not at the project")
     bad: list[tuple[Path, str]] = []
     copied = 0
-    for folder, folder_names, file_names in os.walk(source):  # followlinks=False: linked folders are not entered
+
+    def unreadable(error: OSError) -> None:  # os.walk would skip an unreadable folder silently
+        bad.append((Path(error.filename), f"cannot be read ({error.strerror})"))
+
+    for folder, folder_names, file_names in os.walk(source, onerror=unreadable):  # linked folders are not entered
         here = Path(folder)
         (dest / here.relative_to(source)).mkdir(parents=True, exist_ok=True)
         for name in sorted(folder_names):
@@ -149,7 +156,11 @@ def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
             if not stat.S_ISREG(os.stat(path_to_copy).st_mode):
                 bad.append((path, "not a regular file (a FIFO, socket or device)"))
                 continue
-            shutil.copyfile(path_to_copy, dest / here.relative_to(source) / name)
+            try:
+                shutil.copyfile(path_to_copy, dest / here.relative_to(source) / name)
+            except PermissionError as error:
+                bad.append((path, f"cannot be read ({error.strerror})"))
+                continue
             copied += 1
     if bad:
         listed = "\n".join(f"  - {path}: {reason}" for path, reason in bad[:20])

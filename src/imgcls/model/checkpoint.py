@@ -100,16 +100,19 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         raise _bad(path, f"arguments.{'.'.join(map(str, first['loc']))} = {first.get('input')!r}: {first['msg']}") from None
     class_names = checkpoint["class_names"]
     if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)
-            and len(class_names) == arguments.num_classes):
-        raise _bad(path, f"class_names {class_names!r} do not match the head's {arguments.num_classes} classes")
+            and len(class_names) == arguments.num_classes and len(set(class_names)) == len(class_names)):
+        raise _bad(path, f"class_names {class_names!r} do not match the head's {arguments.num_classes} distinct classes")
     if len(arguments.mean) != arguments.in_channels or len(arguments.std) != arguments.in_channels:
         raise _bad(path, f"mean/std need {arguments.in_channels} value(s), one per channel")
     if arguments.image_size < MIN_IMAGE_SIZE[architecture]:
         raise _bad(path, f"{architecture} needs images of at least {MIN_IMAGE_SIZE[architecture]} pixels, "
                          f"arguments say {arguments.image_size}")
     state = checkpoint["state_dict"]
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise _bad(path, "state_dict is not a mapping of names to tensors")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # a model that would answer NaN for every image
+        raise _bad(path, f"weights {broken[:3]} hold NaN or infinite values")
     model = build_model(architecture, **arguments.model_dump())
     try:
         model.load_state_dict(state)

@@ -21,10 +21,12 @@ from ..errors import DataError
 # Pillow's parsers (EXIF, TIFF tags, PNG chunks) can also fail on hostile bytes with KeyError, TypeError,
 # IndexError, struct.error or ZeroDivisionError: a file that breaks the decoder is an unreadable file too.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError,
-                 KeyError, TypeError, IndexError, ZeroDivisionError, struct.error, MemoryError)
+                 KeyError, TypeError, IndexError, ZeroDivisionError, struct.error, MemoryError, NotImplementedError,
+                 AttributeError)
 
 HIGH_BIT_INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 BITS_PER_SAMPLE_TAG = 258  # TIFF: 16 or 32 for integer images
+TIFF_ROWS_PER_STRIP, TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 278, 322, 323  # libtiff allocates a whole strip or tile
 
 
 class ImageTooLarge(DataError):
@@ -32,40 +34,59 @@ class ImageTooLarge(DataError):
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit integer and float grayscale images to 8 bits over their format's range."""
+    """Scale 16/32-bit integer and float grayscale images to 8 bits over their format's range. Integer
+    images are shifted in place (a 7000x7000 16-bit PNG would take 1.5 GB through float64 copies)."""
     if image.mode in HIGH_BIT_INTEGER_MODES:
-        values = np.asarray(image).astype(np.float64)
+        values = np.asarray(image)  # uint16 for I;16*, int32 for I
         bits = 16 if image.mode.startswith("I;16") else None
-        tag = getattr(image, "tag_v2", {}).get(BITS_PER_SAMPLE_TAG) if hasattr(image, "tag_v2") else None
+        tag = image.tag_v2.get(BITS_PER_SAMPLE_TAG) if hasattr(image, "tag_v2") else None
         if bits is None and tag is not None:
             bits = int(tag[0] if isinstance(tag, tuple) else tag)
         if bits is None:  # a 32-bit "I" image without a bit depth: 16-bit data if it fits, else 32-bit
             bits = 16 if values.max(initial=0) <= 65535 else 32
-        full_scale = 65535.0 if bits <= 16 else 2.0**31 - 1  # Pillow's "I" is signed 32-bit
-        scaled = np.clip(values, 0, full_scale) * (255.0 / full_scale)
-        return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+        # The top 8 bits of the format's range: 16-bit data >> 8, signed 32-bit ("I") data >> 23.
+        top = np.clip(values, 0, 65535 if bits <= 16 else 2**31 - 1)
+        top >>= 8 if bits <= 16 else 23
+        return Image.fromarray(top.astype(np.uint8), mode="L")
     if image.mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        # Float images conventionally hold [0, 1]; anything else is taken as 0..255 and clipped.
-        if values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
-            values = values * 255.0
-        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), mode="L")
+        values = np.array(image, dtype=np.float32)
+        finite = np.isfinite(values)
+        # Float images conventionally hold [0, 1]; anything else is taken as 0..255 and clipped. Infinities
+        # and NaN (broken pixels) do not decide the range: they become its ends and 0.
+        unit = not finite.any() or (values[finite].min() >= 0 and values[finite].max() <= 1)
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0 if unit else 255.0, neginf=0.0)
+        if unit:
+            values *= 255.0
+        np.clip(values, 0, 255, out=values)
+        return Image.fromarray(np.rint(values).astype(np.uint8), mode="L")
     return image
+
+
+def _check_pixels(opened: Image.Image, max_pixels: int) -> None:
+    width, height = opened.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels "
+                            f"({max_pixels:,}); not decoded")
+    if opened.format == "TIFF":  # a small image can declare one enormous tile or strip
+        tags = opened.tag_v2
+        tile = tags.get(TIFF_TILE_WIDTH, 0) * tags.get(TIFF_TILE_LENGTH, 0)
+        strip = width * tags.get(TIFF_ROWS_PER_STRIP, 0)
+        if max(tile, strip) > max_pixels:
+            raise ImageTooLarge(f"a TIFF tile or strip of {max(tile, strip):,} pixels, over data.max_image_pixels "
+                                f"({max_pixels:,}); not decoded")
 
 
 def decode_image(path: str, *, image_size: int, channels: int, max_pixels: int) -> np.ndarray:
     """uint8 array (channels, image_size, image_size) of the image file at ``path``."""
     with Image.open(path) as opened:
-        width, height = opened.size
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels "
-                                f"({max_pixels:,}); not decoded")
+        _check_pixels(opened, max_pixels)
         if opened.format == "JPEG":
             # Decode at 1/2, 1/4 or 1/8 scale when that still covers the target: far less memory and time.
             opened.draft(None, (image_size, image_size))
         image = ImageOps.exif_transpose(opened)  # a copy, rotated as the camera says (or the image itself)
         image = _to_8bit(image)
-        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+            # (P, L and RGB images can name a transparent colour: a tRNS chunk.)
             # Composite transparent pixels onto white instead of whatever colour the hidden pixels hold.
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
