@@ -186,16 +186,16 @@ MODEL_NAMES = tuple(MIN_IMAGE_SIZE)  # the registry below builds each of them
 def build_model(name: str, *, width: int = 32, whiten_bias_epochs: float = 0.0, **arguments: Any) -> Network:
     """Build a registered model; the keyword arguments are what the checkpoint stores to rebuild it.
     ``arguments``: in_channels, num_classes, image_size, mean, std. LeNet and TutorialCNN have fixed widths."""
-    if name == "lenet":
-        return LeNet(**arguments)
-    if name == "tutorial_cnn":
-        return TutorialCNN(**arguments)
-    if name == "convnet":
-        return ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False)
-    if name == "fast":
-        return ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True,
-                       whiten_bias_epochs=whiten_bias_epochs)
-    raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
+    builders = {
+        "lenet": lambda: LeNet(**arguments),
+        "tutorial_cnn": lambda: TutorialCNN(**arguments),
+        "convnet": lambda: ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False),
+        "fast": lambda: ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True,
+                                whiten_bias_epochs=whiten_bias_epochs),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
+    return builders[name]()
 
 
 class TTAModel(nn.Module):
