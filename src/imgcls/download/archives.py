@@ -5,8 +5,9 @@ Every member is checked before anything is written, and the first bad one is nam
   text says nothing about where it leads once other links are extracted before it (a chain of harmless
   looking links can end anywhere on the machine);
 - absolute paths, ``..`` components, device files and FIFOs are refused;
-- the total uncompressed size is capped (``data.max_extract_gb``), and a member (zip) or a whole
-  compressed tar whose compression ratio is absurd (a "zip bomb") is refused.
+- sparse members, negative sizes and oversized long-name/PAX headers are refused;
+- the total uncompressed size is capped (``data.max_extract_gb``), and a zip member, a whole zip or a
+  compressed tar (gzip, bzip2, xz) whose compression ratio is absurd (a "zip bomb") is refused.
 Writing then counts bytes again, so a header that lies about a member's size cannot get past the cap.
 """
 
