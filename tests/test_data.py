@@ -73,7 +73,7 @@ def test_idx_round_trip_and_wrong_size():
 def test_fashion_mnist_from_local_folder_decodes_to_nchw_uint8(fashion_files, tmp_path):
     provenance, _ = acquire("fashion-mnist", fashion_files, tmp_path / "raw")
     assert set(provenance["files"]) == set(datasets.FASHION_MNIST_FILES)
-    decoded = decode("fashion-mnist", tmp_path / "raw", image_size=0, channels=1, on_bad_image="error", max_image_pixels=10**7)
+    decoded = decode("fashion-mnist", tmp_path / "raw", image_size=0, channels=1, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
     images, labels = decoded.splits["train"]
     assert images.shape == (200, 1, 28, 28) and images.dtype == np.uint8
     assert labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
@@ -170,7 +170,7 @@ def test_cifar10_from_mirror_url_parses_records_without_pickle(small_cifar, tmp_
     url = http_server.add("mirror/cifar-10-binary.tar.gz", small_cifar.read_bytes())
     acquire("cifar10", url, tmp_path / "raw")
     assert not (tmp_path / "raw" / "cifar-10-binary.tar.gz").exists()  # extracted, archive dropped
-    decoded = decode("cifar10", tmp_path / "raw", image_size=0, channels=3, on_bad_image="error", max_image_pixels=10**7)
+    decoded = decode("cifar10", tmp_path / "raw", image_size=0, channels=3, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
     images, labels = decoded.splits["train"]
     assert images.shape == (100, 3, 32, 32) and decoded.splits["test"][0].shape == (20, 3, 32, 32)
     assert decoded.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -190,7 +190,7 @@ def test_cifar10_records_of_wrong_size(small_cifar, tmp_path):
     batch = tmp_path / "raw" / "cifar-10-batches-bin" / "data_batch_3.bin"
     batch.write_bytes(batch.read_bytes()[:-100])
     with pytest.raises(DataError, match="data_batch_3.bin: CIFAR records of the wrong size"):
-        decode("cifar10", tmp_path / "raw", image_size=0, channels=3, on_bad_image="error", max_image_pixels=10**7)
+        decode("cifar10", tmp_path / "raw", image_size=0, channels=3, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
 
 
 def test_truncated_archive_is_reported(small_cifar, tmp_path, monkeypatch):
@@ -268,10 +268,11 @@ def test_image_folder_modes_sizes_and_channels(tmp_path):
     (root / "train" / "ants" / "notes.txt").write_text("not an image")
     (root / "train" / "README").write_text("also not an image")
     messages = []
-    decoded = decode_image_folder(root, image_size=16, channels=3, on_bad_image="error", max_pixels=10**7, log=messages.append)
+    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=16, channels=3, on_bad_image="error", max_pixels=10**7, log=messages.append)
     images, labels = decoded.splits["train"]
     assert decoded.class_names == ["ants", "bees"]
     assert images.shape == (13, 3, 16, 16) and images.dtype == np.uint8
+    images = images.load()  # the decoded rows stream to a scratch file; read them back
     # ants are red, bees blue, whatever the file's mode (JPEG, grayscale PNG, RGBA PNG, palette GIF).
     red_minus_blue = images[:, 0].mean(axis=(1, 2)) - images[:, 2].mean(axis=(1, 2))
     # Files sort as 0.jpg, 1.png (grayscale), 2.png (RGBA), 3.jpg, 4.png (grayscale), 5.png (RGBA) per class;
@@ -281,13 +282,13 @@ def test_image_folder_modes_sizes_and_channels(tmp_path):
     assert (red_minus_blue[(labels == 0) & ~gray] > 100).all()  # ants red: JPEG, RGBA PNG
     assert (red_minus_blue[(labels == 1) & ~gray] < -100).all()  # bees blue: JPEG, RGBA PNG, palette GIF
     assert any("ignored 2 file(s) that are not images" in m for m in messages)
-    gray = decode_image_folder(root, image_size=8, channels=1, on_bad_image="error", max_pixels=10**7, log=messages.append)
+    gray = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=1, on_bad_image="error", max_pixels=10**7, log=messages.append)
     assert gray.splits["test"][0].shape == (12, 1, 8, 8)
 
 
 def test_image_folder_without_test_split_is_carved_stratified(tmp_path):
     root = make_image_folder(tmp_path / "f", classes=("a", "b", "c"), per_class=10, splits=("train",))
-    decoded = decode_image_folder(root, image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
+    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
     splits = make_splits(decoded, val_fraction=0.2, test_fraction=0.3, limit=0, seed=1)
     assert np.bincount(splits["test"][1]).tolist() == [3, 3, 3]
     assert np.bincount(splits["val"][1]).tolist() == [1, 1, 1]  # 20% of the 7 left per class
@@ -300,9 +301,9 @@ def test_unreadable_images_error_or_skip(tmp_path):
     root = make_image_folder(tmp_path / "f")
     (root / "train" / "ants" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(DataError, match=r"1 unreadable image file\(s\) in train/, first .*broken.jpg"):
-        decode_image_folder(root, image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
+        decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
     messages = []
-    decoded = decode_image_folder(root, image_size=8, channels=3, on_bad_image="skip", max_pixels=10**7, log=messages.append)
+    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="skip", max_pixels=10**7, log=messages.append)
     assert len(decoded.splits["train"][1]) == 12
     assert any("skipped 1 unreadable image file(s)" in m and "broken.jpg" in m for m in messages)
 
@@ -319,7 +320,7 @@ def test_bad_class_layouts(tmp_path, problem, fragment):
     if problem == "different_classes":
         (root / "test" / "bees").rename(root / "test" / "wasps")
     with pytest.raises(DataError) as caught:
-        decode_image_folder(root, image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
+        decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
     assert fragment in str(caught.value)
 
 
@@ -336,7 +337,7 @@ def test_image_folder_archive_over_http(tmp_path, http_server, kind):
     url = http_server.add(f"data/bugs.{kind}", archive.read_bytes())
     provenance, _ = acquire("imagefolder", url, tmp_path / "raw")
     assert provenance["files"][f"bugs.{kind}"]["sha256"] == digest_file(archive).sha256
-    decoded = decode("imagefolder", tmp_path / "raw", image_size=12, channels=3, on_bad_image="error", max_image_pixels=10**7)
+    decoded = decode("imagefolder", tmp_path / "raw", image_size=12, channels=3, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
     assert decoded.class_names == ["ants", "bees"] and decoded.splits["train"][0].shape == (12, 3, 12, 12)
 
 

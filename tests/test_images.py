@@ -109,7 +109,7 @@ def test_hidden_files_and_folders_are_ignored_and_counted(tmp_path):
     (root / "train" / "__MACOSX" / "._ants").write_bytes(b"junk")
     (root / "train" / ".DS_Store").write_bytes(b"junk")
     messages = []
-    decoded = decode_image_folder(root, image_size=8, channels=3, on_bad_image="error", max_pixels=MAX_PIXELS,
+    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=MAX_PIXELS,
                                   log=messages.append)
     assert decoded.class_names == ["ants", "bees"]  # __MACOSX is not a class
     assert len(decoded.splits["train"][1]) == 12  # the 6 + 6 real images only
@@ -120,9 +120,9 @@ def test_an_oversized_image_in_a_folder_is_named_or_skipped(tmp_path):
     root = make_image_folder(tmp_path / "f")
     Image.new("1", (13000, 13000)).save(root / "train" / "bees" / "bomb.png")
     with pytest.raises(DataError, match=r"1 unreadable image file\(s\) in train/, first .*bomb.png \(ImageTooLarge"):
-        decode_image_folder(root, image_size=8, channels=3, on_bad_image="error", max_pixels=MAX_PIXELS, log=print)
+        decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=MAX_PIXELS, log=print)
     messages = []
-    decoded = decode_image_folder(root, image_size=8, channels=3, on_bad_image="skip", max_pixels=MAX_PIXELS,
+    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="skip", max_pixels=MAX_PIXELS,
                                   log=messages.append)
     assert len(decoded.splits["train"][1]) == 12
     assert any("bomb.png" in m and "over data.max_image_pixels" in m for m in messages)

@@ -45,7 +45,14 @@ def damage_meta(directory: Path, **changes) -> None:
                                                               ("labels", np.zeros(0, np.int64)))],
      "the test split is empty"),
     (lambda d: np.savez(d / "train_images.npy", a=np.zeros(3)) or (d / "train_images.npy.npz").rename(d / "train_images.npy"),
-     "not a .npy array (found NpzFile)"),
+     "not a readable .npy array (ValueError: the magic string is not correct"),
+        # The images are read by rows, not loaded: a short file, pickled objects and Fortran order are refused.
+        (lambda d: (d / "train_images.npy").write_bytes((d / "train_images.npy").read_bytes()[:-10]),
+         "truncated: the header says 30 rows of 144 bytes"),
+        (lambda d: np.save(d / "train_images.npy", np.array([{"a": 1}] * 30, dtype=object)),
+         "holds Python objects (a pickle); refused"),
+        (lambda d: np.save(d / "train_images.npy", np.asfortranarray(np.zeros((30, 1, 12, 12), np.uint8))),
+         "expected a C-ordered array"),
     (lambda d: (d / "train_images.npy").unlink(), "train_images.npy: missing (the train split is needed here)"),
     (lambda d: np.save(d / "train_images.npy", np.zeros((30, 1, 12, 12), np.float32)),
      "expected uint8 images of shape (N, 1, 12, 12), found float32"),
@@ -151,3 +158,91 @@ def test_ctrl_c_stops_at_a_step_boundary_and_the_next_run_ends_with_the_same_wei
     a = torch.load(straight.checkpoint, weights_only=True)["state_dict"]
     b = torch.load(stopped.checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a) and not stopped.resume_state.parent.exists()
+
+
+# ------------------------------------------------------------------------------ bounded memory (streaming)
+
+def test_npy_reader_reads_rows_like_numpy_in_any_order(tmp_path):
+    from imgcls.arrays import NpyReader
+
+    array = np.random.default_rng(0).integers(0, 256, (50, 3, 4, 5), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", array)
+    reader = NpyReader(tmp_path / "a.npy")
+    assert reader.shape == array.shape and len(reader) == 50 and reader.nbytes == array.nbytes
+    index = np.array([7, 3, 4, 5, 49, 0, 3, 6])  # unsorted, a consecutive run, a repeat
+    assert np.array_equal(reader.take(index), array[index])
+    assert np.array_equal(reader[10:20], array[10:20]) and np.array_equal(reader[-1], array[-1])
+    assert np.array_equal(reader[::7], array[::7]) and np.array_equal(reader.load(), array)
+    assert reader.take(np.array([], dtype=np.int64)).shape == (0, 3, 4, 5)
+    with pytest.raises(IndexError):
+        reader.take(np.array([50]))
+    assert np.array_equal(NpyReader(tmp_path / "a.npy", rows=5).load(), array[:5])  # spare capacity unread
+
+
+def test_streamed_preprocess_writes_the_arrays_and_statistics_of_the_in_memory_one(tmp_path, monkeypatch):
+    """Tiny chunks, two workers and a skipped bad file: the streamed stage must write exactly what decoding
+    everything in memory and splitting it (the previous implementation) writes."""
+    from conftest import make_image_folder
+    from imgcls.preprocess import imagefolder, write
+    from imgcls.preprocess.images import decode_image
+    from imgcls.preprocess.splits import build_meta, channel_stats, make_splits
+    from imgcls.preprocess.stage import preprocess
+
+    root = make_image_folder(tmp_path / "data" / "raw" / "images" / "pets", classes=("a", "b", "c"), per_class=9,
+                             splits=("train",), noise=True)
+    (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "data" / "raw" / "source.json").write_text(json.dumps({"dataset": "imagefolder"}))
+    monkeypatch.setattr(imagefolder, "CHUNK_BYTES", 3 * 10 * 10 * 4)  # 4 images per decode chunk
+    monkeypatch.setattr(write, "COPY_CHUNK_BYTES", 3 * 10 * 10 * 3)  # 3 images per copy chunk
+    params = real_params(data={"dataset": "imagefolder", "source": "x", "image_size": 10, "on_bad_image": "skip",
+                               "test_fraction": 0.25}, preprocess={"val_fraction": 0.2})
+    paths = ProjectPaths(tmp_path)
+    preprocess(params, paths)
+
+    # The reference: every good file decoded into one in-memory array, split, statistics over the whole split.
+    good = [p for c in ("a", "b", "c") for p in sorted((root / "train" / c).iterdir()) if p.name != "broken.png"]
+    images = np.stack([decode_image(str(p), image_size=10, channels=3, max_pixels=10**7) for p in good])
+    labels = np.array([("a", "b", "c").index(p.parent.name) for p in good], dtype=np.int64)
+    from imgcls.preprocess.formats import DecodedDataset
+
+    expected = make_splits(DecodedDataset({"train": (images, labels)}, ["a", "b", "c"]), val_fraction=0.2,
+                           test_fraction=0.25, limit=0, seed=params.base.seed)
+    mean, std = channel_stats(expected["train"][0])
+    prepared = load_prepared(paths.prepared_dir, ("train", "val", "test"))
+    for split, (split_images, split_labels) in expected.items():
+        assert np.array_equal(prepared.splits[split][0].load(), split_images), split
+        assert np.array_equal(prepared.splits[split][1], split_labels), split
+    assert prepared.meta["mean"] == mean and prepared.meta["std"] == std
+    assert prepared.meta["counts"] == build_meta(dataset="imagefolder", class_names=["a", "b", "c"],
+                                                 image_shape=[3, 10, 10], mean=mean, std=std,
+                                                 labels={s: l for s, (_, l) in expected.items()})["counts"]
+    assert sorted(p.name for p in paths.prepared_dir.iterdir()) == sorted(
+        [f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")] + ["meta.json"])
+
+
+def test_training_from_disk_gives_the_weights_and_metrics_of_training_in_memory(tmp_path):
+    import torch
+
+    runs = {}
+    for mode in ("always", "never"):
+        paths = ProjectPaths(tmp_path / mode)
+        write_good(paths.prepared_dir)
+        params = real_params(train={"model": "fast", "width": 8, "epochs": 2, "batch_size": 8, "log_images": 4,
+                                    "in_memory": mode}, evaluate={"tta": False})
+        train(params, paths)
+        evaluate(params, paths)
+        curves = sorted((paths.train_log_dir / "plots" / "metrics").rglob("*.tsv"))
+        runs[mode] = (torch.load(paths.checkpoint, weights_only=True)["state_dict"],
+                      json.loads((paths.metrics_dir / "eval.json").read_text()),
+                      [(p.relative_to(paths.train_log_dir), p.read_text().splitlines()) for p in curves])
+    (a, eval_a, log_a), (b, eval_b, log_b) = runs["always"], runs["never"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # translate + flip augmentation, whitening init: same pixels
+    assert eval_a == eval_b and log_a == log_b and len(log_a) == 4  # train and val loss/accuracy curves
+
+
+def test_in_memory_auto_keeps_small_splits_resident_and_streams_large_ones():
+    from imgcls.train.batches import RESIDENT_MAX_BYTES, keep_resident
+
+    assert keep_resident("auto", 10 << 20, 24 << 30) and not keep_resident("auto", RESIDENT_MAX_BYTES + 1, 24 << 30)
+    assert not keep_resident("auto", 600 << 20, 2 << 30)  # over a quarter of what is free
+    assert keep_resident("always", 10 << 40, 1) and not keep_resident("never", 1, 24 << 30)

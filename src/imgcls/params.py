@@ -83,6 +83,7 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16"]
     compile: bool
     log_images: int = Field(ge=0, le=1024)
+    in_memory: Literal["auto", "always", "never"]
 
 
 class EvaluateParams(Section):

@@ -1,6 +1,9 @@
 """The prepared-data format between preprocess and the stages after it: uint8 .npy files per split plus
 meta.json (class names, image shape, counts, normalization statistics). Plain arrays, no pickle.
 
+Images are not loaded: each split's images come as an ``NpyReader`` (rows read on demand, see arrays.py),
+so a stage holds what it asks for (a batch, or the whole split when it chooses to keep it resident).
+
 Loading checks the structure (keys, shapes, dtypes, label range) and names what is wrong together with
 the command that rebuilds it, instead of failing later with a traceback deep inside training."""
 
@@ -12,22 +15,44 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import ArrayFileError, NpyReader, save_array
 from .errors import DataError
 
 REBUILD = "rebuild it with: dvc repro -f preprocess"
 
 
+def images_file(directory: Path, split: str) -> Path:
+    return directory / f"{split}_images.npy"
+
+
+def labels_file(directory: Path, split: str) -> Path:
+    return directory / f"{split}_labels.npy"
+
+
+def meta_file(directory: Path) -> Path:
+    return directory / "meta.json"
+
+
+def save_labels(directory: Path, split: str, labels: np.ndarray) -> None:
+    save_array(labels_file(directory, split), np.asarray(labels, dtype=np.int64))
+
+
+def save_meta(directory: Path, meta: dict) -> None:
+    meta_file(directory).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def save_prepared(directory: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict) -> None:
+    """In-memory splits as prepared data (the preprocess stage streams instead: preprocess/write.py)."""
     for split, (images, labels) in splits.items():
-        np.save(directory / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
-        np.save(directory / f"{split}_labels.npy", labels.astype(np.int64))
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        save_array(images_file(directory, split), np.ascontiguousarray(images, dtype=np.uint8))
+        save_labels(directory, split, labels)
+    save_meta(directory, meta)
 
 
 @dataclass
 class PreparedData:
     meta: dict
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (images uint8 (N, C, H, W), labels int64 (N,))
+    splits: dict[str, tuple[NpyReader, np.ndarray]]  # name -> (images uint8 (N, C, H, W) on disk, labels int64 (N,))
 
     @property
     def class_names(self) -> list[str]:
@@ -76,12 +101,19 @@ def _load_array(path: Path) -> np.ndarray:
     return array
 
 
-def _load_split(directory: Path, split: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-    images_path, labels_path = directory / f"{split}_images.npy", directory / f"{split}_labels.npy"
+def _open_images(path: Path) -> NpyReader:
+    try:
+        return NpyReader(path)
+    except ArrayFileError as error:
+        raise _bad(path, str(error)) from None
+
+
+def _load_split(directory: Path, split: str, meta: dict) -> tuple[NpyReader, np.ndarray]:
+    images_path, labels_path = images_file(directory, split), labels_file(directory, split)
     for path in (images_path, labels_path):
         if not path.is_file():
             raise _bad(path, f"missing (the {split} split is needed here)")
-    images, labels = _load_array(images_path), _load_array(labels_path)
+    images, labels = _open_images(images_path), _load_array(labels_path)
     if images.dtype != np.uint8 or images.ndim != 4 or list(images.shape[1:]) != meta["image_shape"]:
         raise _bad(images_path, f"expected uint8 images of shape (N, {', '.join(map(str, meta['image_shape']))}), "
                                 f"found {images.dtype} {images.shape}")
@@ -95,7 +127,7 @@ def _load_split(directory: Path, split: str, meta: dict) -> tuple[np.ndarray, np
 
 def load_prepared(directory: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> PreparedData:
     """Load and check the ``required`` splits, and the ``optional`` ones where present (plain .npy, no pickle)."""
-    meta_path = directory / "meta.json"
+    meta_path = meta_file(directory)
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing; run the preprocess stage first (dvc repro preprocess)")
     try:
@@ -104,9 +136,9 @@ def load_prepared(directory: Path, required: tuple[str, ...], optional: tuple[st
         raise _bad(meta_path, f"not valid JSON ({type(error).__name__}: {str(error)[:200]})") from None
     splits = {split: _load_split(directory, split, meta) for split in required}
     for split in optional:
-        if (directory / f"{split}_images.npy").is_file():
+        if images_file(directory, split).is_file():
             splits[split] = _load_split(directory, split, meta)
     for split in required:  # training on nothing or scoring nothing gives numbers that mean nothing
         if not len(splits[split][1]):
-            raise _bad(directory / f"{split}_labels.npy", f"the {split} split is empty")
+            raise _bad(labels_file(directory, split), f"the {split} split is empty")
     return PreparedData(meta, splits)

@@ -30,6 +30,20 @@ def set_threads(threads: int) -> int:
     return count
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for data on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def resolve_device(requested: str) -> torch.device:
     """``auto`` takes the GPU when one is present; asking for CUDA without one is an error, not a fallback."""
     if requested == "auto":

@@ -24,8 +24,8 @@ def export(params: Params, paths: ProjectPaths) -> None:
         model = TTAModel(model).eval()
     prepared = load_prepared(paths.prepared_dir, ("test",))
     prepared.require_classes(checkpoint["class_names"], paths.checkpoint)
-    images, _ = prepared.splits["test"]
-    images01 = images[:config.parity_images].astype(np.float32) / 255  # (N, C, H, W) in [0, 1]
+    images, _ = prepared.splits["test"]  # an NpyReader: only the parity images are read
+    images01 = images.read(0, config.parity_images).astype(np.float32) / 255  # (N, C, H, W) in [0, 1]
     example = torch.from_numpy(images01[:2])
     with atomic_dir(paths.export_dir) as tmp:  # nothing is published unless parity holds
         torchscript_path, onnx_path = tmp / "model.torchscript.pt", tmp / "model.onnx"

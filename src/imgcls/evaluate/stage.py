@@ -29,7 +29,8 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
     prepared.require_classes(checkpoint["class_names"], paths.checkpoint)
     images, labels = prepared.splits["test"]
     class_names = checkpoint["class_names"]
-    result = evaluate_model(model, torch.from_numpy(images), torch.from_numpy(labels), batch_size=config.batch_size,
+    # images: an NpyReader, read batch by batch (memory holds a batch, not the test split)
+    result = evaluate_model(model, images, torch.from_numpy(labels), batch_size=config.batch_size,
                             device=device, precision=precision)
     predictions = result["predictions"].cpu().numpy()
     confusion = confusion_matrix(labels, predictions, len(class_names))

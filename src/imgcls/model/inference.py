@@ -3,6 +3,7 @@ labelled evaluation (used by training's validation and by the evaluate stage).""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,13 +17,15 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images_uint8: torch.Tensor, *, batch_size: int, device: torch.device,
+def predict(model: nn.Module, images_uint8, *, batch_size: int, device: torch.device,
             precision: str) -> torch.Tensor:
-    """Float32 logits (N, classes) for uint8 images, in eval mode."""
+    """Float32 logits (N, classes) for uint8 images, in eval mode. ``images_uint8`` is a tensor, an array
+    or anything sliced into arrays (an NpyReader: each batch is read from disk as it is needed)."""
     model.eval()
     outputs = []
     for start in range(0, len(images_uint8), batch_size):
-        batch = to_float_images(images_uint8[start:start + batch_size].to(device))
+        batch = images_uint8[start:start + batch_size]
+        batch = to_float_images((torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch).to(device))
         with autocast(device, precision):
             outputs.append(model(batch).float())
     return torch.cat(outputs) if outputs else torch.zeros(0)

@@ -29,8 +29,11 @@ class Network(nn.Module):
     initialisation or parameters frozen on a schedule overrides them, so the recipe never needs to know
     one model's insides."""
 
+    init_images = 0  # how many of the first training images initialize_from_data needs (0: none)
+
     def initialize_from_data(self, images: torch.Tensor) -> None:
-        """Data-dependent initialisation from training images (uint8, (N, C, H, W)), before any step."""
+        """Data-dependent initialisation from the first ``init_images`` training images (uint8, (N, C, H, W)),
+        before any step."""
 
     def start_epoch(self, epochs_done: int) -> None:
         """Called before each epoch: freeze or unfreeze parameters on the model's own schedule."""
@@ -152,6 +155,7 @@ class ConvNet(Network):
 
     # airbench whitens from 5,000 training images: enough for a stable 12x12 (RGB) patch covariance.
     WHITENING_IMAGES = 5000
+    init_images = WHITENING_IMAGES
 
     def initialize_from_data(self, images: torch.Tensor) -> None:
         if self.fast:

@@ -16,7 +16,8 @@ from ..errors import DataError
 
 @dataclass
 class DecodedDataset:
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (images uint8 (N, C, H, W), labels int64 (N,))
+    # name -> (images uint8 (N, C, H, W): an array in memory or an NpyReader over a scratch file, labels int64 (N,))
+    splits: dict[str, tuple[np.ndarray, np.ndarray]]
     class_names: list[str]
 
 

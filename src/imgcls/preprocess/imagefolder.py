@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -10,18 +11,23 @@ from typing import Callable
 
 import numpy as np
 
+from ..arrays import NpyReader, NpyWriter
 from ..datasets import IMAGE_SUFFIXES, SPLIT_NAMES
 from ..errors import DataError
 from .formats import DecodedDataset
 from .images import DECODE_ERRORS, decode_image
 
-# Decoding runs in worker processes in chunks of this many files: large enough that process start-up and
-# result transfer cost little next to decoding, small enough to keep both cores busy to the end.
+# Decoding runs in worker processes in chunks of at most this many files and bytes: large enough that task
+# and result transfer cost little next to decoding, small enough to keep both cores busy to the end and
+# memory small (a 224-pixel RGB chunk of 2,000 files would be 300 MB).
 CHUNK_FILES = 2000
+CHUNK_BYTES = 32 << 20
 
 
-def _decode_chunk(paths: list[str], image_size: int, channels: int, max_pixels: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode a chunk; returns the stacked images of the good files and (path, reason) for bad ones."""
+def _decode_chunk(paths: list[str], image_size: int, channels: int,
+                  max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Decode a chunk; returns the stacked images of the good files, the mask of good files and
+    (path, reason) for the bad ones."""
     images = np.zeros((len(paths), channels, image_size, image_size), dtype=np.uint8)
     ok = np.ones(len(paths), dtype=bool)
     bad = []
@@ -31,7 +37,7 @@ def _decode_chunk(paths: list[str], image_size: int, channels: int, max_pixels: 
         except DECODE_ERRORS as error:
             ok[i] = False
             bad.append((path, f"{type(error).__name__}: {error}"))
-    return images[ok], bad
+    return images[ok], ok, bad
 
 
 def is_hidden(name: str) -> bool:
@@ -78,8 +84,45 @@ def list_split(split_dir: Path, class_names: list[str] | None) -> SplitListing:
     return SplitListing(names, paths, labels, ignored, hidden)
 
 
+def _chunk_files(image_size: int, channels: int) -> int:
+    return max(1, min(CHUNK_FILES, CHUNK_BYTES // (channels * image_size * image_size)))
+
+
+def _decode_split(pool: ProcessPoolExecutor, paths: list[Path], destination: Path, *, image_size: int, channels: int,
+                  max_pixels: int, workers: int) -> tuple[NpyReader, np.ndarray, list[tuple[str, str]]]:
+    """Decode ``paths`` in chunks on the pool, writing the good images in order into ``destination`` as they
+    arrive. At most two chunks per worker are in flight, so memory stays bounded by chunks, not the split.
+    Returns the written images (a reader over the good rows), the mask of good files and the bad ones."""
+    per_chunk = _chunk_files(image_size, channels)
+    chunks = [[str(p) for p in paths[i:i + per_chunk]] for i in range(0, len(paths), per_chunk)]
+    good = np.zeros(len(paths), dtype=bool)
+    bad: list[tuple[str, str]] = []
+    written = 0
+    pending: deque = deque()  # (chunk number, future), oldest first
+    with NpyWriter(destination, (len(paths), channels, image_size, image_size), np.uint8) as writer:
+
+        def finish_oldest() -> None:
+            nonlocal written, bad
+            number, future = pending.popleft()
+            images, ok, chunk_bad = future.result()
+            writer.write(written, images)
+            written += len(images)
+            good[number * per_chunk: number * per_chunk + len(ok)] = ok
+            bad += chunk_bad
+
+        for number, chunk in enumerate(chunks):
+            pending.append((number, pool.submit(_decode_chunk, chunk, image_size, channels, max_pixels)))
+            if len(pending) >= 2 * workers:
+                finish_oldest()
+        while pending:
+            finish_oldest()
+    return NpyReader(destination, rows=written), good, bad
+
+
 def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_image: str, max_pixels: int,
-                        log: Callable[[str], None] = print, workers: int | None = None) -> DecodedDataset:
+                        workdir: Path, log: Callable[[str], None] = print, workers: int | None = None) -> DecodedDataset:
+    """Decode every split folder under ``root`` into ``workdir/<split>.npy`` (uint8 (N, C, H, W), streamed:
+    memory is bounded by a few chunks per worker); the result's images are readers over those files."""
     listings = {"train": list_split(root / "train", None)}  # walk each split's folders once
     class_names = listings["train"].class_names
     if len(class_names) < 2:
@@ -87,29 +130,24 @@ def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_im
             f"{root / 'train'} has {len(class_names)} class folder(s) {class_names}; a classifier needs at least two"
         )
     workers = workers or min(4, os.cpu_count() or 1)
+    workdir.mkdir(parents=True, exist_ok=True)
     splits, ignored_total, hidden_total, bad_total = {}, 0, 0, []
     with ProcessPoolExecutor(workers) as pool:
         for split in SPLIT_NAMES:
             if not (root / split).is_dir():
                 continue
             listing = listings.get(split) or list_split(root / split, class_names)
-            paths, labels = listing.paths, listing.labels
             ignored_total += listing.ignored
             hidden_total += listing.hidden
-            chunks = [[str(p) for p in paths[i:i + CHUNK_FILES]] for i in range(0, len(paths), CHUNK_FILES)]
-            n = len(chunks)
-            results = list(pool.map(_decode_chunk, chunks, [image_size] * n, [channels] * n, [max_pixels] * n))
-            bad = [b for _, chunk_bad in results for b in chunk_bad]
+            images, good, bad = _decode_split(pool, listing.paths, workdir / f"{split}.npy", image_size=image_size,
+                                              channels=channels, max_pixels=max_pixels, workers=workers)
             if bad and on_bad_image == "error":
                 path, reason = bad[0]
                 raise DataError(
                     f"{len(bad)} unreadable image file(s) in {split}/, first {path} ({reason}); "
                     "remove or replace them, or set data.on_bad_image: skip"
                 )
-            bad_set = {b[0] for b in bad}
-            kept_labels = np.array([l for p, l in zip(paths, labels) if str(p) not in bad_set], dtype=np.int64)
-            images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, channels, image_size, image_size), np.uint8)
-            splits[split] = (images, kept_labels)
+            splits[split] = (images, np.asarray(listing.labels, dtype=np.int64)[good])
             bad_total += bad
     if ignored_total:
         log(f"preprocess: ignored {ignored_total} file(s) that are not images (by extension)")

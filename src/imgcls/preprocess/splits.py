@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import NpyReader
 from ..errors import DataError
 from .formats import DecodedDataset
 
@@ -30,53 +31,89 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return held
 
 
+class ChannelStats:
+    """Per-channel mean and std of uint8 images (N, C, H, W), accumulated chunk by chunk with exact integer
+    sums (no float64 copy of the data: that would be 8x its size)."""
+
+    def __init__(self, channels: int):
+        self.sums = np.zeros(channels, dtype=np.int64)
+        self.squares = np.zeros(channels, dtype=np.int64)  # 255^2 x 10^14 values would still fit
+        self.count = 0
+
+    def update(self, images: np.ndarray) -> None:
+        values = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)  # (C, N*H*W)
+        self.sums += values.sum(axis=1, dtype=np.int64)
+        self.squares += np.array([np.dot(v.astype(np.int64), v) for v in values], dtype=np.int64)
+        self.count += values.shape[1]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel in [0, 1] units."""
+        mean = self.sums / max(self.count, 1)
+        std = np.sqrt(np.maximum(self.squares.astype(np.float64) / max(self.count, 1) - mean**2, 0.0))
+        return (mean / 255.0).tolist(), (std / 255.0).tolist()
+
+
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
-    # Exact integer sums per channel instead of a float64 copy (8x the data: 1.1 GB for CIFAR-10).
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    values = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)  # (C, N*H*W)
-    sums = values.sum(axis=1, dtype=np.int64)
-    squares = np.array([np.dot(v.astype(np.int64), v) for v in values], dtype=np.float64)
-    mean = sums / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    return (mean / 255.0).tolist(), (std / 255.0).tolist()
+    stats = ChannelStats(images.shape[1])
+    stats.update(images)
+    return stats.result()
+
+
+SplitPlan = dict[str, tuple[str, np.ndarray]]  # final split -> (decoded split it comes from, sorted row indices)
+
+
+def plan_splits(labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, limit: int,
+                seed: int) -> SplitPlan:
+    """Which decoded rows make train/val/test: carve test (if absent) and val out of train, then apply
+    limit. Works on labels only, so the images can stay on disk until they are copied once."""
+    plan = {name: (name, np.arange(len(split_labels))) for name, split_labels in labels.items()}
+
+    def pick(name: str, keep: np.ndarray) -> tuple[str, np.ndarray]:
+        source, rows = plan[name]
+        return source, rows[keep]
+
+    def labels_of(name: str) -> np.ndarray:
+        source, rows = plan[name]
+        return labels[source][rows]
+
+    if "test" not in plan:
+        kept, held = stratified_split(labels_of("train"), test_fraction, seed)
+        plan["test"], plan["train"] = pick("train", held), pick("train", kept)
+    if limit:
+        plan["train"] = pick("train", stratified_subset(labels_of("train"), limit, seed))
+        plan["test"] = pick("test", stratified_subset(labels_of("test"), limit, seed + 1))
+    if "val" not in plan and val_fraction > 0:
+        kept, held = stratified_split(labels_of("train"), val_fraction, seed)
+        plan["val"], plan["train"] = pick("train", held), pick("train", kept)
+    return plan
+
+
+def gather(images, rows: np.ndarray) -> np.ndarray:
+    """Rows of an in-memory array or an NpyReader."""
+    return images.take(rows) if isinstance(images, NpyReader) else images[rows]
 
 
 def make_splits(decoded: DecodedDataset, *, val_fraction: float, test_fraction: float, limit: int,
                 seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """train/val/test from the decoded splits: carve test (if absent) and val out of train, then apply limit."""
-    splits = dict(decoded.splits)
-    train_images, train_labels = splits["train"]
-    if "test" not in splits:
-        kept, held = stratified_split(train_labels, test_fraction, seed)
-        splits["test"] = (train_images[held], train_labels[held])
-        train_images, train_labels = train_images[kept], train_labels[kept]
-    if limit:
-        keep = stratified_subset(train_labels, limit, seed)
-        train_images, train_labels = train_images[keep], train_labels[keep]
-        test_images, test_labels = splits["test"]
-        keep = stratified_subset(test_labels, limit, seed + 1)
-        splits["test"] = (test_images[keep], test_labels[keep])
-    if "val" not in splits and val_fraction > 0:
-        kept, held = stratified_split(train_labels, val_fraction, seed)
-        splits["val"] = (train_images[held], train_labels[held])
-        train_images, train_labels = train_images[kept], train_labels[kept]
-    splits["train"] = (train_images, train_labels)
-    return splits
+    """The planned splits as in-memory arrays (small data; the stage streams them: write.py)."""
+    plan = plan_splits({name: labels for name, (_, labels) in decoded.splits.items()}, val_fraction=val_fraction,
+                       test_fraction=test_fraction, limit=limit, seed=seed)
+    return {name: (gather(decoded.splits[source][0], rows), decoded.splits[source][1][rows])
+            for name, (source, rows) in plan.items()}
 
 
-def build_meta(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str], dataset: str) -> dict:
-    train_images = splits["train"][0]
-    mean, std = channel_stats(train_images)  # training split only: val and test stay unseen
+def build_meta(*, dataset: str, class_names: list[str], image_shape: list[int], labels: dict[str, np.ndarray],
+               mean: list[float], std: list[float]) -> dict:
     if min(std) == 0:
         raise DataError("training images have zero variance in a channel; the data set is empty or constant")
     return {
         "dataset": dataset,
         "class_names": class_names,
-        "image_shape": list(train_images.shape[1:]),  # (C, H, W)
+        "image_shape": list(image_shape),  # (C, H, W)
         "counts": {
-            split: {name: int((labels == c).sum()) for c, name in enumerate(class_names)}
-            for split, (_, labels) in splits.items()
+            split: {name: int((split_labels == c).sum()) for c, name in enumerate(class_names)}
+            for split, split_labels in labels.items()
         },
         "mean": mean,
         "std": std,

@@ -1,17 +1,20 @@
-"""preprocess stage: decode data/raw/ to uint8 splits + meta.json in data/prepared/."""
+"""preprocess stage: decode data/raw/ to uint8 splits + meta.json in data/prepared/, streamed: image folders
+are decoded chunk by chunk into a scratch file, then the planned splits are copied out chunk by chunk, so
+peak memory is bounded by chunks, not by the data set."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 from ..cli import log
 from ..errors import DataError
 from ..fileio import atomic_dir
 from ..params import Params
 from ..paths import ProjectPaths
-from ..prepared import save_prepared
 from .decode import decode
-from .splits import build_meta, make_splits
+from .splits import plan_splits
+from .write import write_splits
 
 
 def preprocess(params: Params, paths: ProjectPaths) -> None:
@@ -23,13 +26,15 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
     if provenance.get("dataset") != data.dataset:
         raise DataError(f"data/raw holds {provenance.get('dataset')} but data.dataset is {data.dataset}; "
                         "run the download stage again (dvc repro)")
-    decoded = decode(data.dataset, paths.raw_dir, image_size=data.image_size, channels=data.channels,
-                     on_bad_image=data.on_bad_image, max_image_pixels=data.max_image_pixels, log=emit)
-    splits = make_splits(decoded, val_fraction=params.preprocess.val_fraction,
-                         test_fraction=data.test_fraction, limit=data.limit, seed=params.base.seed)
-    meta = build_meta(splits, decoded.class_names, data.dataset)
-    meta["source"] = provenance
     with atomic_dir(paths.prepared_dir) as tmp:
-        save_prepared(tmp, splits, meta)
-    counts = ", ".join(f"{split} {len(labels)}" for split, (_, labels) in splits.items())
+        scratch = tmp / ".decoded"  # inside the temporary folder: a killed run leaves nothing behind for good
+        decoded = decode(data.dataset, paths.raw_dir, image_size=data.image_size, channels=data.channels,
+                         on_bad_image=data.on_bad_image, max_image_pixels=data.max_image_pixels, workdir=scratch,
+                         log=emit)
+        plan = plan_splits({name: labels for name, (_, labels) in decoded.splits.items()},
+                           val_fraction=params.preprocess.val_fraction, test_fraction=data.test_fraction,
+                           limit=data.limit, seed=params.base.seed)
+        meta = write_splits(tmp, decoded, plan, dataset=data.dataset, source=provenance)
+        shutil.rmtree(scratch, ignore_errors=True)
+    counts = ", ".join(f"{split} {len(rows)}" for split, (_, rows) in plan.items())
     emit(f"{data.dataset}: {len(decoded.class_names)} classes, image shape {meta['image_shape']}, {counts}")

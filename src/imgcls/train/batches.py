@@ -1,14 +1,75 @@
-"""Batches from in-memory uint8 tensors: shuffling and augmentation on whole uint8 batches (a quarter of
-float's bytes) before the float conversion (after airbench's batch_flip_lr and batch_crop)."""
+"""Batches of training images: shuffling and augmentation on whole uint8 batches (a quarter of float's
+bytes) before the float conversion (after airbench's batch_flip_lr and batch_crop).
+
+The images come from one of two sources with the same interface: ``ResidentImages`` (the whole split as a
+tensor in memory or on the GPU: the fast path for data that fits) or ``StreamedImages`` (each batch read
+from the prepared .npy file, the next batch read by a background thread while the current one trains).
+Both give the same batches for the same seed: only where the pixels come from differs."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from ..arrays import NpyReader
 from ..model.inference import to_float_images
+
+# train.in_memory: auto keeps a split resident when it is at most this large and at most a quarter of the
+# memory available (host memory, or the GPU's free memory when training there).
+RESIDENT_MAX_BYTES = 1 << 30
+RESIDENT_MAX_SHARE = 0.25
+
+
+def keep_resident(setting: str, nbytes: int, available_bytes: int) -> bool:
+    """train.in_memory: always / never, or auto by size."""
+    if setting != "auto":
+        return setting == "always"
+    return nbytes <= min(RESIDENT_MAX_BYTES, RESIDENT_MAX_SHARE * available_bytes)
+
+
+class ResidentImages:
+    """uint8 images (N, C, H, W) held as one tensor on the training device."""
+
+    streamed = False
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+        self.device = images.device
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index.to(self.device)]
+
+    def first(self, n: int) -> torch.Tensor:
+        return self.images[:n]
+
+
+class StreamedImages:
+    """uint8 images read batch by batch from a prepared .npy file; memory holds a few batches, not the split."""
+
+    streamed = True
+
+    def __init__(self, reader: NpyReader, device: torch.device):
+        self.reader, self.device = reader, device
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        batch = torch.from_numpy(self.reader.take(index.cpu().numpy()))
+        return batch.to(self.device, non_blocking=True) if self.device.type != "cpu" else batch
+
+    def first(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(self.reader.read(0, n)).to(self.device)
+
+
+ImageSource = ResidentImages | StreamedImages
 
 
 def batch_flip(images: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,31 +119,43 @@ class Augmentation:
     alternate_flip: bool = False  # airbench: flip a fixed random half in even epochs, the other half in odd ones
 
 
-def iterate_batches(
-    images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, generator: torch.Generator,
-    augmentation: Augmentation | None = None, epoch: int = 0, flip_halves: torch.Tensor | None = None,
-    drop_last: bool = True, padded_images: torch.Tensor | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented float batches from uint8 tensors already on the device.
+def _batch_reads(images: ImageSource, indices: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The batches at ``indices`` in order; a streamed source reads the next one on a thread meanwhile
+    (file reads release the GIL, so reading overlaps the step)."""
+    if not images.streamed:
+        yield from (images.take(index) for index in indices)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="imgcls-read") as reader:
+        pending = reader.submit(images.take, indices[0]) if indices else None
+        for position in range(len(indices)):
+            batch = pending.result()
+            if position + 1 < len(indices):
+                pending = reader.submit(images.take, indices[position + 1])
+            yield batch
 
-    Augmentation works on uint8 (a quarter of float's bytes) before the conversion to float; with
-    ``translate`` it crops from ``padded_images`` (the data set reflect-padded once per fit).
+
+def iterate_batches(
+    images: ImageSource | torch.Tensor, labels: torch.Tensor, batch_size: int, *, generator: torch.Generator,
+    augmentation: Augmentation | None = None, epoch: int = 0, flip_halves: torch.Tensor | None = None,
+    drop_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled, augmented float batches; ``labels`` are on the training device.
+
+    Augmentation works on uint8 (a quarter of float's bytes) before the conversion to float; translation
+    reflect-pads the batch and crops it (per batch: no padded copy of the whole split).
     """
-    order = torch.randperm(len(images), generator=generator).to(images.device)
+    if isinstance(images, torch.Tensor):
+        images = ResidentImages(images)
+    order = torch.randperm(len(images), generator=generator)
     end = len(images) - (len(images) % batch_size if drop_last and len(images) >= batch_size else 0)
     translate = augmentation.translate if augmentation is not None else 0
-    if translate and padded_images is None:
-        padded_images = reflect_pad(images, translate)
-    for start in range(0, end, batch_size):
-        index = order[start:start + batch_size]
-        batch = (padded_images if translate else images)[index]  # uint8 (B, C, H[+2p], W[+2p])
+    indices = [order[start:start + batch_size] for start in range(0, end, batch_size)]
+    for index, batch in zip(indices, _batch_reads(images, indices)):  # uint8 (B, C, H, W)
         if augmentation is not None and augmentation.flip:
             if augmentation.alternate_flip and flip_halves is not None:
-                batch = batch_flip(batch, mask=flip_halves[index.cpu()] ^ bool(epoch % 2))
+                batch = batch_flip(batch, mask=flip_halves[index] ^ bool(epoch % 2))
             else:
                 batch = batch_flip(batch, generator)
         if translate:
-            batch = batch_crop(batch, translate, generator)
-        yield to_float_images(batch), labels[index]
-
-
+            batch = batch_translate(batch, translate, generator)
+        yield to_float_images(batch), labels[index.to(labels.device)]

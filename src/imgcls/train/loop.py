@@ -20,7 +20,7 @@ from ..model.inference import evaluate_model
 from ..model.networks import Network
 from ..params import TrainParams
 from ..runtime import autocast
-from .batches import Augmentation, iterate_batches, reflect_pad
+from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
 from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer
 from .resume import random_states, restore_random_states
 
@@ -38,11 +38,10 @@ class TrainingSetup:
     loss_fn: nn.Module
     augmentation: Augmentation
     flip_halves: torch.Tensor  # (N,) bool: the fixed half each image is mirrored in (alternating flips)
-    padded_images: torch.Tensor | None  # the training set reflect-padded once for translation, uint8
     lookahead: Lookahead | None
 
 
-def make_training_setup(model: nn.Module, images: torch.Tensor, *, config: TrainParams,
+def make_training_setup(model: nn.Module, images: ImageSource | torch.Tensor, *, config: TrainParams,
                         generator: torch.Generator) -> TrainingSetup:
     """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``."""
     batch_size = min(config.batch_size, len(images))
@@ -61,15 +60,14 @@ def make_training_setup(model: nn.Module, images: torch.Tensor, *, config: Train
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         augmentation=Augmentation(flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip),
         flip_halves=torch.rand(len(images), generator=generator) < 0.5,
-        padded_images=reflect_pad(images, augment.translate) if augment.translate else None,
         lookahead=Lookahead(model, config.ema) if config.ema > 0 else None,
     )
 
 
-def epoch_batches(setup: TrainingSetup, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+def epoch_batches(setup: TrainingSetup, images: ImageSource | torch.Tensor, labels: torch.Tensor, epoch: int,
                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     return iterate_batches(images, labels, setup.batch_size, generator=generator, augmentation=setup.augmentation,
-                           epoch=epoch, flip_halves=setup.flip_halves, padded_images=setup.padded_images)
+                           epoch=epoch, flip_halves=setup.flip_halves)
 
 
 def set_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -158,7 +156,7 @@ def _progress_bar(total: int, label: str):
 
 
 def fit(
-    model: Network, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None, *,
+    model: Network, train: tuple[ImageSource | torch.Tensor, torch.Tensor], val: tuple | None, *,
     config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
     on_epoch: Callable[[dict], None] = lambda record: None,
     resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
@@ -166,8 +164,9 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` (on ``device``) for ``config.epochs``; returns one record per epoch.
 
-    ``train``/``val`` are (uint8 images (N, C, H, W), int64 labels) on the device. ``model`` stays the
-    plain module: a compiled wrapper, if asked for, is used for the steps only.
+    ``train`` is (images: a ResidentImages or StreamedImages source, or a uint8 tensor (N, C, H, W); int64
+    labels on the device); ``val`` is (uint8 images as a tensor or an NpyReader, labels). ``model`` stays
+    the plain module: a compiled wrapper, if asked for, is used for the steps only.
 
     ``save_state`` receives everything needed to continue exactly: after every epoch but the last, and at the
     step boundary where ``should_stop`` (asked after every step) said yes, before StopRequested leaves.
@@ -175,7 +174,10 @@ def fit(
     through ``on_epoch`` first) and ends with the weights an uninterrupted run would have.
     """
     images, labels = train
-    model.initialize_from_data(images)
+    if isinstance(images, torch.Tensor):
+        images = ResidentImages(images)
+    if model.init_images:
+        model.initialize_from_data(images.first(model.init_images))
     setup = make_training_setup(model, images, config=config, generator=generator)
     step_model = torch.compile(model) if config.compile else model
     records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None

@@ -17,7 +17,8 @@ from ..model.networks import build_model
 from ..params import Params, as_dict
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
-from ..runtime import describe_device, resolve_device, resolve_precision, seed_everything, set_threads
+from ..runtime import available_memory, describe_device, resolve_device, resolve_precision, seed_everything, set_threads
+from .batches import ResidentImages, StreamedImages, keep_resident
 from .loop import StopRequested, fit
 from .reporting import EpochReporter
 from .resume import load_resume_state, run_digest, save_resume_state
@@ -60,10 +61,22 @@ def train(params: Params, paths: ProjectPaths) -> None:
                  "mean": meta["mean"], "std": meta["std"], "width": config.width,
                  "whiten_bias_epochs": config.whiten_bias_epochs}
     model = build_model(config.model, **arguments).to(device, memory_format=torch.channels_last)
-    train_images, train_labels = (torch.from_numpy(a).to(device) for a in prepared.splits["train"])
-    val = tuple(torch.from_numpy(a).to(device) for a in prepared.splits["val"]) if "val" in prepared.splits else None
+    readers = {split: reader for split, (reader, _) in prepared.splits.items()}
+    nbytes = sum(reader.nbytes for reader in readers.values())
+    resident = keep_resident(config.in_memory, nbytes, available_memory(device))
+    if resident:
+        train_images = ResidentImages(torch.from_numpy(readers["train"].load()).to(device))
+    else:
+        train_images = StreamedImages(readers["train"], device)
+    train_labels = torch.from_numpy(prepared.splits["train"][1]).to(device)
+    val = None
+    if "val" in prepared.splits:
+        val_images = torch.from_numpy(readers["val"].load()).to(device) if resident else readers["val"]
+        val = (val_images, torch.from_numpy(prepared.splits["val"][1]).to(device))
     emit(f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-         f"{len(train_images)} training images of shape {[channels, height, width]}")
+         f"{len(train_images)} training images of shape {[channels, height, width]}; "
+         f"{nbytes / 1e6:,.0f} MB of images " + ("kept in memory" if resident else "read from disk batch by batch")
+         + f" (train.in_memory: {config.in_memory})")
 
     digest = run_digest(params, paths.prepared_dir)
     resume_from = load_resume_state(paths.resume_state, digest, emit)
@@ -72,7 +85,7 @@ def train(params: Params, paths: ProjectPaths) -> None:
              f"{paths.resume_state}: the run continues exactly where the last one stopped")
     shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
     reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
-    reporter.log_images(train_images[:config.log_images].cpu())
+    reporter.log_images(train_images.first(config.log_images).cpu())
     started = time.perf_counter()
     with stop_on_ctrl_c(emit) as stop_requested:
         try:
