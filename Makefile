@@ -35,6 +35,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/memory.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -213,6 +213,7 @@ def test_streamed_preprocess_writes_the_arrays_and_statistics_of_the_in_memory_o
         assert np.array_equal(prepared.splits[split][0].load(), split_images), split
         assert np.array_equal(prepared.splits[split][1], split_labels), split
     assert prepared.meta["mean"] == mean and prepared.meta["std"] == std
+    assert prepared.meta["source"] == {"dataset": "imagefolder"}  # the download stage's provenance, kept
     assert prepared.meta["counts"] == build_meta(dataset="imagefolder", class_names=["a", "b", "c"],
                                                  image_shape=[3, 10, 10], mean=mean, std=std,
                                                  labels={s: l for s, (_, l) in expected.items()})["counts"]

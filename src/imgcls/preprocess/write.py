@@ -24,15 +24,15 @@ def write_splits(directory: Path, decoded: DecodedDataset, plan: SplitPlan, *, d
     per_chunk = max(1, COPY_CHUNK_BYTES // row_bytes)
     stats = ChannelStats(image_shape[0])  # training split only: val and test stay unseen
     labels = {}
-    for split, (source, rows) in plan.items():
-        images, source_labels = decoded.splits[source]
+    for split, (origin, rows) in plan.items():
+        images, origin_labels = decoded.splits[origin]
         with NpyWriter(images_file(directory, split), (len(rows), *image_shape), np.uint8) as writer:
             for start in range(0, len(rows), per_chunk):
                 chunk = gather(images, rows[start:start + per_chunk])
                 writer.write(start, chunk)
                 if split == "train":
                     stats.update(chunk)
-        labels[split] = source_labels[rows]
+        labels[split] = origin_labels[rows]
         save_labels(directory, split, labels[split])
     mean, std = stats.result()
     meta = build_meta(dataset=dataset, class_names=decoded.class_names, image_shape=image_shape, labels=labels,
