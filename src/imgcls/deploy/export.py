@@ -5,6 +5,7 @@ The exported graphs take float images in [0, 1], shape (N, C, H, W): normalizati
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import warnings
@@ -15,16 +16,18 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from .metadata import TORCHSCRIPT_EXTRA_FILE
 
 # torch.jit is deprecated in favour of torch.export, but TorchScript files are still what C++ and mobile
 # runtimes load; the deprecation warnings say nothing a user of this stage can act on.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
 
 
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, facts: dict) -> None:
+    """A traced TorchScript file carrying ``facts`` (class names, input size, ...) as an extra file."""
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(facts)})
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

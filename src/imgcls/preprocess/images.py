@@ -1,6 +1,7 @@
 """One image file -> the model's uint8 input (C, H, W). The preprocess stage decodes every image through
-``decode_image``; anything else that turns a picture into model input must call it too, so training and
-use see the same pixels.
+``decode_image``; anything else that turns a picture into model input must call it (or, for pictures
+decoded elsewhere such as video frames, ``prepare_image``, its second half), so training and use see the
+same pixels.
 
 What it takes care of, in order: a pixel cap checked on the header before decoding (a 20 KB PNG can
 claim 13000x13000 pixels), JPEG decoding at reduced size where the target is much smaller, EXIF
@@ -76,6 +77,24 @@ def _check_pixels(opened: Image.Image, max_pixels: int) -> None:
                                 f"({max_pixels:,}); not decoded")
 
 
+def prepare_image(image: Image.Image, *, image_size: int, channels: int) -> np.ndarray:
+    """A decoded picture (a file's, a video frame's) -> the model's uint8 input (channels, image_size,
+    image_size): high-bit and float images scaled to 8 bits, transparency onto white, channel conversion,
+    resize. Everything that turns a picture into model input goes through here."""
+    image = _to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        # (P, L and RGB images can name a transparent colour: a tRNS chunk.)
+        # Composite transparent pixels onto white instead of whatever colour the hidden pixels hold.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
+
+
 def decode_image(path: str, *, image_size: int, channels: int, max_pixels: int) -> np.ndarray:
     """uint8 array (channels, image_size, image_size) of the image file at ``path``."""
     with Image.open(path) as opened:
@@ -84,15 +103,4 @@ def decode_image(path: str, *, image_size: int, channels: int, max_pixels: int) 
             # Decode at 1/2, 1/4 or 1/8 scale when that still covers the target: far less memory and time.
             opened.draft(None, (image_size, image_size))
         image = ImageOps.exif_transpose(opened)  # a copy, rotated as the camera says (or the image itself)
-        image = _to_8bit(image)
-        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-            # (P, L and RGB images can name a transparent colour: a tRNS chunk.)
-            # Composite transparent pixels onto white instead of whatever colour the hidden pixels hold.
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("L" if channels == 1 else "RGB")
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
+        return prepare_image(image, image_size=image_size, channels=channels)

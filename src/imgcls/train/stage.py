@@ -107,6 +107,7 @@ def train(params: Params, paths: ProjectPaths) -> None:
                     "images_per_second": sum(r["images_per_second"] for r in records) / len(records)})
     save_checkpoint(paths.checkpoint, model, architecture=config.model, arguments=arguments,
                     class_names=meta["class_names"], mean=meta["mean"], std=meta["std"],
-                    params=as_dict(params), extra={"train_seconds": train_seconds, "precision": precision})
+                    params=as_dict(params), extra={"train_seconds": train_seconds, "precision": precision,
+                           "device": describe_device(device)})
     shutil.rmtree(paths.resume_state.parent, ignore_errors=True)  # done: nothing to resume any more
     emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")

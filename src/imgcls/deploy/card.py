@@ -1,0 +1,98 @@
+"""The model card: what the exported model is, what it was trained on, how well it does per class and which
+classes it confuses, its input contract, speed, intended use and known limits. Markdown, built from numbers
+the export stage measured on the exported graph itself."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+
+
+def confused_pairs(confusion: np.ndarray, class_names: list[str], top: int = 5) -> list[tuple[str, str, int]]:
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    pairs = [(class_names[i // len(class_names)], class_names[i % len(class_names)], int(off.flat[i])) for i in order]
+    return [p for p in pairs if p[2] > 0]
+
+
+def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarray, fp32: dict, int8: dict | None,
+               latency: dict, sizes: dict, cpu: str) -> str:
+    names = facts["class_names"]
+    size, channels = facts["image_size"], facts["channels"]
+    train = checkpoint["params"]["train"]
+    extra = checkpoint.get("extra", {})
+    support = confusion.sum(axis=1)
+    per_class = [(name, confusion[i, i] / support[i] if support[i] else None, int(support[i]))
+                 for i, name in enumerate(names)]
+    scored = [p for p in per_class if p[1] is not None]
+    weakest = min(scored, key=lambda p: p[1]) if scored else None
+    lines = [
+        f"# Model card: {facts['dataset']} classifier ({facts['architecture']})",
+        "",
+        f"Written by the export stage on {datetime.now(timezone.utc):%Y-%m-%d} from this run's checkpoint. Every "
+        "number below was measured by that stage on the exported ONNX graph, on the test split.",
+        "",
+        "## Input and output",
+        f"- Input: `images`, float32 (N, {channels}, {size}, {size}), values in [0, 1]; the normalization "
+        f"(mean {', '.join(f'{m:.4f}' for m in meta['mean'])}, std {', '.join(f'{s:.4f}' for s in meta['std'])}) "
+        "is inside the graph.",
+        f"- A picture becomes input as in training: {'grayscale' if channels == 1 else 'RGB'} conversion, "
+        f"transparency composited onto white, EXIF rotation, bilinear resize to {size}x{size} "
+        "(`imgcls.preprocess.images`; `imgcls predict` does all of it).",
+        f"- Output: `logits` (N, {len(names)}), classes in this order: {', '.join(names)}.",
+        f"- Test-time augmentation inside the graph: {'yes (6 views)' if facts['tta'] else 'no'}.",
+        f"- Files: model.onnx ({sizes['onnx_bytes'] / 1e6:.2f} MB)"
+        + (f", model.int8.onnx ({int8['onnx_bytes'] / 1e6:.2f} MB)" if int8 else "")
+        + f", model.torchscript.pt ({sizes['torchscript_bytes'] / 1e6:.2f} MB). The ONNX metadata (`imgcls`) holds "
+        "class names, input size, channels, data set and test accuracy.",
+        "",
+        "## Data",
+        f"- Data set: {facts['dataset']}, {len(names)} classes; images per split: "
+        + ", ".join(f"{split} {sum(counts.values()):,}" for split, counts in meta.get("counts", {}).items()) + ".",
+        "",
+        "## Results on the test split",
+        f"- Accuracy (fp32 ONNX): **{fp32['test_accuracy']:.4f}** on {fp32['images']:,} images "
+        f"(95% interval {fp32['ci95'][0]:.4f} to {fp32['ci95'][1]:.4f}, Wilson).",
+    ]
+    if int8:
+        lines.append(f"- Accuracy (int8 ONNX): {int8['test_accuracy']:.4f}, {int8['accuracy_drop_points']:+.2f} points "
+                     "against fp32 (a positive number is a drop).")
+    lines += ["", "| class | test images | accuracy |", "|---|---:|---:|"]
+    lines += [f"| {name} | {n:,} | {'n/a (no test images)' if acc is None else f'{acc:.3f}'} |" for name, acc, n in per_class]
+    pairs = confused_pairs(confusion, names)
+    if pairs:
+        lines += ["", "Most confused (true -> predicted: images): "
+                  + "; ".join(f"{a} -> {b}: {n}" for a, b, n in pairs) + "."]
+    lines += [
+        "",
+        "## Training",
+        f"- Recipe: `{train['model']}` width {train['width']}, {train['epochs']} epochs, batch {train['batch_size']}, "
+        f"{train['optimizer']} lr {train['lr']} ({train['schedule']} schedule, {train['warmup_epochs']} warm-up epochs), "
+        f"label smoothing {train['label_smoothing']}, augmentation flip {train['augment']['flip']} / translate "
+        f"{train['augment']['translate']} px; seed {checkpoint['params']['base']['seed']}.",
+        f"- Training time: {extra.get('train_seconds', float('nan')):.1f} s, precision {extra.get('precision', '?')}"
+        + (f", on {extra['device']}" if extra.get("device") else "") + ".",
+        "",
+        "## Speed",
+        f"- Batch-1 median latency, one thread, on {cpu}: ONNX Runtime fp32 {latency['onnxruntime_median_ms']:.3f} ms"
+        + (f", int8 {int8['onnxruntime_median_ms']:.3f} ms" if int8 else "")
+        + f", TorchScript {latency['torchscript_median_ms']:.3f} ms.",
+        "",
+        "## Intended use",
+        f"- Sorting pictures like the training pictures (same kind of subject, framing and source) into these "
+        f"{len(names)} classes, and as a baseline to compare recipes against with `dvc exp`.",
+        "",
+        "## Known limits",
+        f"- It always answers one of the {len(names)} classes: a picture of anything else gets a confident-looking "
+        "wrong answer. Probabilities are softmax outputs, not calibrated confidences.",
+        "- The accuracy above holds for pictures from the same source as the test split; other cameras, "
+        "backgrounds, lighting or framing will score lower. Test on your own labelled folder with "
+        "`imgcls predict <folder of class folders>`.",
+    ]
+    if weakest is not None:
+        lines.append(f"- Weakest class: {weakest[0]} ({weakest[1]:.3f}).")
+    if fp32["images"] < 1000:
+        lines.append(f"- The test split has only {fp32['images']} images: the accuracy is uncertain by the interval above.")
+    return "\n".join(lines) + "\n"

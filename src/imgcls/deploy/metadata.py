@@ -1,0 +1,30 @@
+"""What an exported model says about itself, so that `imgcls predict` needs nothing but the file: class
+names, input size and channels, data set, test accuracy. One home for the keys: the export stage writes
+them (ONNX ``metadata_props``, a TorchScript extra file) and imgcls.predict reads them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METADATA_KEY = "imgcls"  # ONNX: one metadata entry holding the JSON document
+TORCHSCRIPT_EXTRA_FILE = "imgcls.json"
+FORMAT_VERSION = 1
+
+
+def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: bool) -> dict:
+    arguments = checkpoint["arguments"]
+    return {"format_version": FORMAT_VERSION, "class_names": list(checkpoint["class_names"]),
+            "image_size": int(arguments["image_size"]), "channels": int(arguments["in_channels"]),
+            "input": "float32 (N, C, H, W) in [0, 1]; normalization is inside the graph",
+            "dataset": dataset, "architecture": checkpoint["architecture"], "test_accuracy": test_accuracy,
+            "tta": tta}
+
+
+def add_onnx_metadata(path: Path, facts: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(facts)
+    onnx.save(model, str(path))

@@ -1,0 +1,48 @@
+"""int8 ONNX: ONNX Runtime's static quantization (QDQ format, per-channel int8 weights, uint8 activations),
+calibrated on training images only (never the test split)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .export import onnx_session
+
+CALIBRATION_BATCH = 50
+
+
+def quantize_int8(onnx_path: Path, int8_path: Path, calibration_images01: np.ndarray) -> None:
+    """Write ``int8_path``: ``onnx_path`` quantized with activation ranges from ``calibration_images01``
+    (float32 [0, 1], (N, C, H, W), training images)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([calibration_images01[i:i + CALIBRATION_BATCH]
+                                 for i in range(0, len(calibration_images01), CALIBRATION_BATCH)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every node it skips
+    with tempfile.TemporaryDirectory(dir=int8_path.parent) as scratch:
+        prepared = Path(scratch) / "preprocessed.onnx"
+        # Shape inference and graph fusions first, as ONNX Runtime's quantization guide recommends.
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def onnx_logits(path: Path, images, batch_size: int = 500, threads: int | None = None) -> np.ndarray:
+    """Logits of the ONNX model at ``path`` for uint8 images (an array or an NpyReader), batch by batch."""
+    session = onnx_session(path, threads)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = np.asarray(images[start:start + batch_size], dtype=np.float32) / 255
+        outputs.append(session.run(None, {"images": batch})[0])
+    return np.concatenate(outputs)
