@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/predict.py
 
 clean-venv:
 	rm -rf $(VENV)
