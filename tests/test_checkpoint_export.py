@@ -61,7 +61,7 @@ def test_exports_match_pytorch_and_take_images_in_unit_range(tmp_path, name, tta
         model = TTAModel(model).eval()
     images = np.random.default_rng(0).random((40, 1, 16, 16), dtype=np.float32)
     example = torch.from_numpy(images[:2])
-    export_torchscript(model, example, tmp_path / "m.pt")
+    export_torchscript(model, example, tmp_path / "m.pt", {"class_names": ["a", "b"]})
     export_onnx(model, example, tmp_path / "m.onnx", opset=17)
     result = check_parity(model, tmp_path / "m.pt", tmp_path / "m.onnx", images, atol=1e-4)
     assert result["onnx"]["same_predictions"] and result["onnx"]["max_abs_logit_diff"] <= 1e-4
@@ -89,7 +89,7 @@ def test_parity_failure_stops_the_export(tmp_path):
     model = trained_looking_model()
     images = np.random.default_rng(1).random((20, 1, 16, 16), dtype=np.float32)
     example = torch.from_numpy(images[:2])
-    export_torchscript(model, example, tmp_path / "m.pt")
+    export_torchscript(model, example, tmp_path / "m.pt", {"class_names": ["a", "b"]})
     export_onnx(model, example, tmp_path / "m.onnx", opset=17)
     with torch.no_grad():
         model.head.bias.add_(0.01)  # the PyTorch model drifts from what was exported
