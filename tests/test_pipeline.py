@@ -54,6 +54,9 @@ def make_project(tmp_path: Path, **sections) -> Path:
 
 def set_params(project: Path, **sections) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
+    # Models trained for seconds on a few hundred images lose more than the default 0.5 points in int8;
+    # these tests are about the pipeline, not the int8 threshold.
+    params["export"]["int8_max_drop"] = 100.0
     for section, values in sections.items():
         params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
