@@ -148,11 +148,14 @@ def snapshot_outputs(project: Path) -> dict[str, bytes]:
 
 def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     # Needs neither Debian's package nor the network: the test makes its own data set.
+    # Noise of +-20 per pixel, as in photos: with flat colours (6 distinct images) the fast model's whitening
+    # and its BatchNorm (eps 1e-12) diverge in bf16 on AVX512-BF16 CPUs (a clear TrainingError, tested in
+    # test_models_training), which is not what this test is about.
     images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees", "wasps"), per_class=40,
-                               splits=("train", "test"), size=16)
+                               splits=("train", "test"), size=16, noise=20)
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
     project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": 2, "batch_size": 32, "log_images": 8},
+                           train={"epochs": 5, "batch_size": 32, "log_images": 8},
                            export={"parity_images": 60, "latency_calls": 200})
     first = sh(project, DVC, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES, first.stdout
@@ -160,7 +163,7 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     assert meta["class_names"] == ["ants", "bees", "wasps"] and meta["image_shape"] == [3, 16, 16]
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert evaluation["test"]["images"] == 120 and set(evaluation["per_class"]) == {"ants", "bees", "wasps"}
-    assert evaluation["test"]["accuracy"] > 0.5  # each class is one flat colour: learnable in two epochs
+    assert evaluation["test"]["accuracy"] > 0.5  # each class is one colour (plus noise): learnable in five epochs
     exported = json.loads((project / "metrics/export.json").read_text())
     assert exported["parity"]["onnx"]["same_predictions"]
     commit(project, "baseline run")
