@@ -322,3 +322,14 @@ def test_a_diverged_run_stops_with_a_message_instead_of_saving_a_nan_model():
     with pytest.raises(TrainingError, match=r"the training loss became nan in epoch 1: the run diverged"):
         fit(Diverging(), (images, labels), None, config=config, device=torch.device("cpu"), precision="fp32",
             generator=runtime.seed_everything(0))
+
+
+def test_whitening_takes_fewer_images_at_larger_sizes_so_its_memory_does_not_grow():
+    # 5,000 images at 28 and 32 pixels (the recipes' results stay as they were); at 128 pixels as many
+    # 2x2 patches as 5,000 32-pixel images give (5,000 x 127 x 127 patches would be 3.9 GB of float32).
+    sizes = {size: build_model("fast", in_channels=3, num_classes=10, image_size=size, mean=[0.5] * 3,
+                               std=[0.25] * 3).init_images for size in (28, 32, 96, 128)}
+    assert sizes[28] == sizes[32] == 5000 and sizes[128] == 5000 * 31 * 31 // (127 * 127)
+    assert sizes[128] * 127 * 127 <= 5000 * 31 * 31 and sizes[96] * 95 * 95 <= 5000 * 31 * 31
+    assert build_model("convnet", in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3,
+                       std=[0.25] * 3).init_images == 0

@@ -57,7 +57,17 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
-def batched(fn, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+# Images per inference call in this stage: 250 at 32 pixels, fewer for larger images, so that activations
+# take about the same memory whatever the image size (250 images at 128 pixels would take gigabytes).
+BATCH_PIXELS = 250 * 32 * 32
+
+
+def batch_for(image_shape) -> int:
+    return max(1, BATCH_PIXELS // (int(image_shape[-1]) * int(image_shape[-2])))
+
+
+def batched(fn, images: np.ndarray) -> np.ndarray:
+    batch_size = batch_for(images.shape[2:])
     return np.concatenate([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 

@@ -130,6 +130,11 @@ class ConvNet(Network):
         super().__init__()
         self.fast = fast
         self.whiten_bias_epochs = whiten_bias_epochs  # fast: the whitening stem's bias trains this long
+        # Larger images give more patches each: take fewer of them, so memory stays that of 5,000 CIFAR-10
+        # images (5,000 x 127 x 127 patches of 128-pixel images would be 3.9 GB of float32, copied twice).
+        patches_per_image = (image_size - 1) ** 2
+        self.init_images = (min(self.WHITENING_IMAGES, max(1, self.WHITENING_PATCHES // patches_per_image))
+                            if fast else 0)
         self.normalize = Normalize(mean, std)
         if fast:
             stem_width = 2 * in_channels * 2 * 2  # each 2x2 patch eigenvector, positive and negated
@@ -155,11 +160,11 @@ class ConvNet(Network):
 
     # airbench whitens from 5,000 training images: enough for a stable 12x12 (RGB) patch covariance.
     WHITENING_IMAGES = 5000
-    init_images = WHITENING_IMAGES
+    WHITENING_PATCHES = WHITENING_IMAGES * 31 * 31  # the 2x2 patches of 5,000 32-pixel images
 
     def initialize_from_data(self, images: torch.Tensor) -> None:
         if self.fast:
-            self.init_whitening(images[:self.WHITENING_IMAGES].float() / 255)
+            self.init_whitening(images[:self.init_images].float() / 255)
 
     def start_epoch(self, epochs_done: int) -> None:
         if self.fast and epochs_done >= self.whiten_bias_epochs:
