@@ -42,6 +42,18 @@ def run_timed(args: list[str], cwd: Path, log_path: Path | None = None) -> dict:
     return {"seconds": seconds, "returncode": os.waitstatus_to_exitcode(status), "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def extract_shared_cifar(folder: Path) -> Path:
+    """The CIFAR-10 JPEG archive from ../shared/data extracted into ``folder`` (once; kept between runs)."""
+    import tarfile
+
+    if not (folder / "test").is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        with tarfile.open(SHARED_CIFAR_IMAGES) as archive:
+            archive.extractall(folder, filter="data")
+    return folder
+
+
 def scratch_project(where: Path, params_update: dict) -> Path:
     """A copy of the pipeline (stages, sources, params) to run stages in without touching the checkout."""
     if where.exists():

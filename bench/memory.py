@@ -27,12 +27,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, SHARED_CIFAR_IMAGES, machine, scratch_project, set_params, write_results
+from common import extract_shared_cifar, REPO_ROOT, SHARED_CIFAR_IMAGES, machine, scratch_project, set_params, write_results
 
 WORK = Path("/tmp/imgcls-bench-memory")
 TARGET_MIB = 2.5 * 1024
@@ -131,17 +130,6 @@ def resume_progress(project: Path) -> dict | None:
     return {"images": progress["seen"], "seconds": progress["seconds"]}
 
 
-def extract_cifar(where: Path) -> Path:
-    folder = where / "cifar10-images"
-    if not (folder / "train").is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        with tarfile.open(SHARED_CIFAR_IMAGES) as archive:
-            archive.extractall(folder, filter="data")
-    children = [c for c in folder.iterdir() if c.is_dir()]
-    return folder if (folder / "train").is_dir() else children[0]
-
-
 def repeated_source(cifar: Path, where: Path, repeats: int) -> Path:
     """train/ repeated ``repeats`` times through hard links (no extra disk), test/ once."""
     if (where / "done").is_file():
@@ -229,7 +217,7 @@ def main() -> int:
         print(f"skipped: {SHARED_CIFAR_IMAGES} is absent (it sits beside the checkout on the project's machines)")
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
-    cifar = extract_cifar(WORK)
+    cifar = extract_shared_cifar(WORK / "cifar10-images")
     fast_eval = {"evaluate": {"tta": False}}
     sets = {
         "cifar32": lambda: bench_set("cifar32", SHARED_CIFAR_IMAGES, 32, {"train": {"epochs": 2}},

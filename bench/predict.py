@@ -14,7 +14,6 @@ included) and also report the rate it prints itself (its loop only).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess

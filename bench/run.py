@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tarfile
 from pathlib import Path
 
 import yaml
 
-from common import REPO_ROOT, SHARED_CIFAR_IMAGES, machine, run_timed, scratch_project, set_params, write_results
+from common import extract_shared_cifar, REPO_ROOT, SHARED_CIFAR_IMAGES, machine, run_timed, scratch_project, set_params, write_results
 
 WORK = Path("/tmp/imgcls-bench")
 FASHION_MNIST_SOURCE = {"data": {"dataset": "fashion-mnist", "source": str(REPO_ROOT / "sources" / "fashion-mnist.txt")}}
@@ -36,12 +34,7 @@ def run_stages(project: Path, stages: list[str]) -> dict:
 
 
 def tutorial_row() -> dict:
-    images = WORK / "cifar10-images"
-    if not (images / "test").is_dir():
-        shutil.rmtree(images, ignore_errors=True)
-        images.mkdir(parents=True)
-        with tarfile.open(SHARED_CIFAR_IMAGES) as tar:
-            tar.extractall(images, filter="data")
+    images = extract_shared_cifar(WORK / "cifar10-images")
     result_path = WORK / "tutorial.json"
     run = run_timed([sys.executable, str(REPO_ROOT / "bench" / "tutorial.py"), str(images), str(result_path)],
                     WORK, WORK / "tutorial.log")

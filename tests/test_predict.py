@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, real_params
+from conftest import real_params
 from imgcls.paths import ProjectPaths
 
 CLASSES = ["red", "green", "blue"]

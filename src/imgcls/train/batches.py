@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..arrays import NpyReader
