@@ -160,3 +160,38 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
         (tmp / "ok").write_text("done")
     assert sorted(p.name for p in target.parent.iterdir()) == sorted(["raw", alive.name])
     assert (target / "ok").read_text() == "done"
+
+
+def test_int8_calibration_batch_by_batch_gives_the_ranges_of_calibrating_all_at_once(tmp_path):
+    """quantize_int8 merges each batch's ranges (bounded memory); the int8 model must be the one ONNX Runtime
+    makes from all calibration images at once (ONNX Runtime's other option, CalibMaxIntermediateOutputs,
+    silently drops the batches it has collected)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from imgcls.deploy.export import export_onnx
+    from imgcls.deploy.quantize import CALIBRATION_BATCH, quantize_int8
+
+    images = np.random.default_rng(0).random((5 * CALIBRATION_BATCH, 1, 28, 28), dtype=np.float32)
+    model = build_model("fast", in_channels=1, num_classes=10, image_size=28, mean=[0.3], std=[0.35]).eval()
+    model.initialize_from_data(torch.from_numpy((images * 255).astype(np.uint8)))
+    export_onnx(model, torch.from_numpy(images[:2]), tmp_path / "m.onnx", 17)
+    quantize_int8(tmp_path / "m.onnx", tmp_path / "batched.onnx", images)
+
+    class AllAtOnce(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
+
+    quant_pre_process(str(tmp_path / "m.onnx"), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
+    quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "plain.onnx"), AllAtOnce(),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    batched, plain = ({t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}
+                      for p in (tmp_path / "batched.onnx", tmp_path / "plain.onnx"))
+    assert set(batched) == set(plain) and len(batched) > 50
+    assert all(np.array_equal(batched[name], plain[name]) for name in plain)
