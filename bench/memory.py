@@ -92,6 +92,29 @@ def run_stage(project: Path, stage: str, stop_after: float | None = None) -> dic
             "peak_tree_rss_mib": peak[0] / 1024, "peak_own_rss_mib": usage.ru_maxrss / 1024}
 
 
+def read_cost(project: Path, batch: int = 512, batches: int = 80) -> dict:
+    """Milliseconds to get one shuffled training batch: read from disk by rows (streamed) or gathered from
+    a resident tensor, on the prepared training split."""
+    import torch
+
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+    from imgcls.arrays import NpyReader
+
+    reader = NpyReader(project / "data" / "prepared" / "train_images.npy")
+    resident = torch.from_numpy(reader.load())
+    order = torch.randperm(len(reader), generator=torch.Generator().manual_seed(0))
+    indices = [order[i * batch:(i + 1) * batch] for i in range(min(batches, len(reader) // batch))]
+    started = time.perf_counter()
+    for index in indices:
+        reader.take(index.numpy())
+    streamed_ms = (time.perf_counter() - started) / len(indices) * 1000
+    started = time.perf_counter()
+    for index in indices:
+        resident[index]
+    return {"batch": batch, "streamed_read_ms": streamed_ms,
+            "resident_gather_ms": (time.perf_counter() - started) / len(indices) * 1000}
+
+
 def prepared_bytes(project: Path) -> int:
     return sum(p.stat().st_size for p in (project / "data" / "prepared").glob("*.npy"))
 
@@ -156,6 +179,7 @@ def bench_set(name: str, source: Path, image_size: int, extra: dict, train_runs:
         if rows[-1]["returncode"]:
             raise SystemExit(f"{name} {stage} failed:\n{(project / f'{stage}.log').read_text()[-3000:]}")
     size, split_counts = prepared_bytes(project), counts(project)
+    batch_read = read_cost(project) if name == "cifar32" else None
     rows[-1]["images_per_second"] = sum(split_counts.values()) / rows[-1]["seconds"]
     for in_memory, stop_after in train_runs:
         shutil.rmtree(project / "data" / "train-resume", ignore_errors=True)
@@ -189,10 +213,15 @@ def bench_set(name: str, source: Path, image_size: int, extra: dict, train_runs:
                 row["test_accuracy"] = json.loads((project / "metrics" / "eval.json").read_text())["test"]["accuracy"]
         rows.append(row)
     return {"name": name, "image_size": image_size, "prepared_bytes": size, "counts": split_counts,
+            "batch_read": batch_read,
             "untrained_for_evaluate": untrained, "stages": rows}
 
 
 def print_set(result: dict) -> None:
+    if result.get("batch_read"):
+        cost = result["batch_read"]
+        print(f"\n{result['name']}: one shuffled batch of {cost['batch']}: read from disk {cost['streamed_read_ms']:.2f} ms, "
+              f"gathered in memory {cost['resident_gather_ms']:.2f} ms")
     print(f"\n{result['name']}: {sum(result['counts'].values()):,} images at {result['image_size']} px, "
           f"{result['prepared_bytes'] / 2**30:.2f} GiB prepared")
     print(f"  {'stage':<18}{'wall_s':>8}{'peak_rss_mib':>14}{'own_rss_mib':>13}{'x_data':>8}{'images/s':>10}  notes")
@@ -221,7 +250,8 @@ def main() -> int:
     fast_eval = {"evaluate": {"tta": False}}
     sets = {
         "cifar32": lambda: bench_set("cifar32", SHARED_CIFAR_IMAGES, 32, {"train": {"epochs": 2}},
-                                     [("always", None), ("never", None)], untrained=False),
+                                     [("always", None), ("never", None), ("always", None), ("never", None)],
+                                     untrained=False),
         "cifar96": lambda: bench_set("cifar96", SHARED_CIFAR_IMAGES, 96, fast_eval,
                                      [("auto", args.train_seconds)], untrained=True),
         # Batch 128 and evaluation batches of 250: at 128 pixels a batch of 512 alone needs about 8 GB of
