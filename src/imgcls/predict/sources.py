@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
 from ..datasets import IMAGE_SUFFIXES
 from ..download.archives import ArchiveLimits, extract_archive, is_archive
@@ -133,6 +134,12 @@ def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers:
             yield from future.result()
 
 
+def _picture(frame) -> Image.Image:
+    """A decoded video frame as an RGB picture: the same pixels as PyAV's ``frame.to_image()`` (FFmpeg's
+    conversion to rgb24), without its blank-image fill (a quarter of a 640x480 frame's time)."""
+    return Image.fromarray(frame.to_ndarray(format="rgb24"))
+
+
 def video_frames(path: Path, *, image_size: int, channels: int, every: int, threads: int) -> Iterator[Item]:
     """Every ``every``-th frame of a video file, decoded by PyAV (FFmpeg)."""
     import av
@@ -151,7 +158,7 @@ def video_frames(path: Path, *, image_size: int, channels: int, every: int, thre
             for index, frame in enumerate(container.decode(stream)):
                 if index % every:
                     continue
-                image = prepare_image(frame.to_image(), image_size=image_size, channels=channels)
+                image = prepare_image(_picture(frame), image_size=image_size, channels=channels)
                 yield Item(f"{path}#frame={index}", None, image)
         except av.error.FFmpegError as error:
             yield Item(f"{path}#frame=?", None, None, f"video decoding stopped: {error}")
@@ -176,4 +183,4 @@ def camera_frames(camera: int, *, image_size: int, channels: int, every: int, li
                 break
             if index % every == 0:
                 yield Item(f"camera{camera}#frame={index}", None,
-                           prepare_image(frame.to_image(), image_size=image_size, channels=channels))
+                           prepare_image(_picture(frame), image_size=image_size, channels=channels))
