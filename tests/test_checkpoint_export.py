@@ -9,13 +9,17 @@ from imgcls.deploy.export import check_parity, export_onnx, export_torchscript, 
 from imgcls.errors import CheckpointError, ExportError
 from imgcls.model.checkpoint import load_checkpoint, plain_state_dict, save_checkpoint
 from imgcls.model.networks import TTAModel, build_model
+from imgcls.params import TORCHVISION_MODELS
 
 ARGUMENTS = {"in_channels": 1, "num_classes": 3, "image_size": 16, "mean": [0.3], "std": [0.2], "width": 8}
 
 
 def trained_looking_model(name="convnet"):
     torch.manual_seed(0)
-    model = build_model(name, **ARGUMENTS)
+    arguments = ARGUMENTS
+    if name in TORCHVISION_MODELS:  # grayscale repeated to RGB, then ImageNet's three-channel normalization
+        arguments = {**ARGUMENTS, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    model = build_model(name, **arguments)
     model.train()
     with torch.no_grad():  # move BatchNorm statistics away from their defaults
         model(torch.rand(32, 1, 16, 16))
@@ -54,7 +58,8 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("name, tta", [("convnet", False), ("fast", True), ("lenet", False)])
+@pytest.mark.parametrize("name, tta", [("convnet", False), ("fast", True), ("lenet", False), ("resnet18", False),
+                                       ("mobilenet_v3_small", False)])
 def test_exports_match_pytorch_and_take_images_in_unit_range(tmp_path, name, tta):
     model = trained_looking_model(name)
     if tta:

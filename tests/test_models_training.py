@@ -9,7 +9,7 @@ from imgcls import runtime
 from imgcls.errors import ParamsError, RuntimeChoiceError, TrainingError
 from imgcls.model.inference import evaluate_model
 from imgcls.model.networks import MODEL_NAMES, TTAModel, build_model
-from imgcls.params import MIN_IMAGE_SIZE
+from imgcls.params import MIN_IMAGE_SIZE, TORCHVISION_MODELS
 from imgcls.train.batches import Augmentation, batch_flip, batch_translate, iterate_batches, reflect_pad
 from imgcls.train.loop import StopRequested, fit
 from imgcls.train.optim import Lookahead, lr_factor, make_optimizer
@@ -34,6 +34,15 @@ def test_each_model_declares_its_true_minimum_input_size(name):
         model = build_model(name, **arguments(3, smallest, classes=3)).eval()
         assert model(torch.rand(2, 3, smallest, smallest)).shape == (2, 3)
         assert TTAModel(model)(torch.rand(1, 3, smallest, smallest)).shape == (1, 3)
+        if name in TORCHVISION_MODELS:
+            # Adaptive pooling takes any size; the declared floor is where the last stages see one pixel.
+            last = model.backbone.get_submodule({"resnet18": "layer4", "mobilenet_v3_small": "features"}[name])
+            sides = []
+            last.register_forward_hook(lambda module, inputs, output: sides.append(output.shape[-1]))
+            for side in (smallest, 32, 64):
+                model(torch.rand(1, 3, side, side))
+            assert sides == [1, 1, 2]
+            return
         with pytest.raises(RuntimeError):
             build_model(name, **arguments(3, smallest - 1, classes=3)).eval()(torch.rand(2, 3, smallest - 1, smallest - 1))
 
@@ -167,7 +176,7 @@ def train_tiny(seed: int, model_name="fast", **overrides):
     """The committed recipe (params.yaml), shrunk to 256 tiny images: the code path a real run takes."""
     images, labels = separable_data()
     # Six epochs: with only 8 steps an epoch, BatchNorm's running statistics need that long to settle.
-    shrink = dict(model=model_name, width=8, epochs=6, batch_size=32, precision="fp32", compile=False)
+    shrink = dict(model=model_name, width=8, epochs=6, min_steps=0, batch_size=32, precision="fp32", compile=False)
     config = real_params(train={**shrink, **overrides}).train
     generator = runtime.seed_everything(seed)
     model = build_model(model_name, **arguments(1, 12, classes=4, width=8),
@@ -250,7 +259,7 @@ def test_cuda_request_without_gpu_is_an_error_not_a_fallback(monkeypatch):
 
 def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
     images, labels = separable_data()
-    config = real_params(train={"model": "fast", "width": 8, "epochs": 4, "batch_size": 32, "precision": "fp32",
+    config = real_params(train={"model": "fast", "width": 8, "epochs": 4, "min_steps": 0, "batch_size": 32, "precision": "fp32",
                                 "whiten_bias_epochs": 2.0}).train
 
     def run(resume_from=None):
@@ -317,7 +326,7 @@ def test_a_diverged_run_stops_with_a_message_instead_of_saving_a_nan_model():
             return self.linear(x.flatten(1)) * float("inf")  # inf - inf in the loss: NaN
 
     images, labels = separable_data()
-    config = real_params(train={"model": "convnet", "epochs": 2, "batch_size": 32, "precision": "fp32",
+    config = real_params(train={"model": "convnet", "epochs": 2, "min_steps": 0, "batch_size": 32, "precision": "fp32",
                                 "ema": 0.0}).train
     with pytest.raises(TrainingError, match=r"the training loss became nan in epoch 1: the run diverged"):
         fit(Diverging(), (images, labels), None, config=config, device=torch.device("cpu"), precision="fp32",

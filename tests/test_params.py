@@ -37,7 +37,7 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
     "change, fragment",
     [
         ({"trian": {"lr": 1}}, "unknown key 'trian' (value {'lr': 1}); params.yaml allows: base, data"),
-        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr' (value 0.1); train allows: model, width"),
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr' (value 0.1); train allows: model, pretrained"),
         ({"train": {"lr": "fast"}}, "train.lr = 'fast' has the wrong type; expected a number"),
         ({"train": {"epochs": 2.5}}, "train.epochs = 2.5 has the wrong type; expected an integer"),
         ({"train": {"epochs": True}}, "train.epochs = True has the wrong type; expected an integer"),

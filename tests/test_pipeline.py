@@ -74,7 +74,7 @@ def ran_stages(output: str) -> list[str]:
 @pytest.mark.skipif(not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Debian's dataset-fashion-mnist is not installed (make test installs it when run as root)")
 def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
-    project = make_project(tmp_path, data={"limit": 2000}, train={"epochs": 3, "batch_size": 64, "log_images": 16},
+    project = make_project(tmp_path, data={"limit": 2000}, train={"epochs": 3, "min_steps": 0, "batch_size": 64, "log_images": 16},
                            export={"parity_images": 300, "latency_calls": 200})
     first = sh(project, DVC, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES
@@ -85,11 +85,16 @@ def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
     assert sum(meta["counts"]["test"].values()) == 2000 and sum(meta["counts"]["train"].values()) == 1800
     assert 0.25 < meta["mean"][0] < 0.33 and 0.3 < meta["std"][0] < 0.4  # Fashion-MNIST's known statistics
     evaluation = json.loads((project / "metrics/eval.json").read_text())
-    assert evaluation["test"]["images"] == 2000 and 0.5 < evaluation["test"]["accuracy"] <= 1
+    test = evaluation["test"]
+    assert test["images"] == 2000 and 0.5 < test["accuracy"] <= 1 and test["correct"] == round(test["accuracy"] * 2000)
+    assert test["ci95_low"] < test["accuracy"] < test["ci95_high"] and test["ci95_high"] - test["ci95_low"] < 0.05
     assert set(evaluation["per_class"]) == set(meta["class_names"])
-    assert set(evaluation["per_class"]["Trouser"]) == {"accuracy", "precision", "recall"}
+    trouser = evaluation["per_class"]["Trouser"]
+    assert set(trouser) == {"accuracy", "ci95_low", "ci95_high", "precision", "recall", "images", "correct"}
+    assert trouser["images"] == meta["counts"]["test"]["Trouser"] and trouser["correct"] <= trouser["images"]
+    assert sum(values["correct"] for values in evaluation["per_class"].values()) == test["correct"]
     per_class = (project / "metrics/per_class.csv").read_text().splitlines()
-    assert per_class[0] == "class,accuracy,precision,recall,support" and len(per_class) == 11
+    assert per_class[0] == "class,accuracy,ci95_low,ci95_high,precision,recall,images,correct" and len(per_class) == 11
     exported = json.loads((project / "metrics/export.json").read_text())
     assert exported["parity"]["onnx"]["same_predictions"] and exported["parity"]["onnx"]["max_abs_logit_diff"] <= 1e-4
     assert exported["latency"]["calls"] == 200 and exported["files"]["onnx_bytes"] > 100_000
@@ -155,7 +160,7 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
                                splits=("train", "test"), size=16, noise=20)
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
     project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": 5, "batch_size": 32, "log_images": 8},
+                           train={"epochs": 5, "min_steps": 0, "batch_size": 32, "log_images": 8},
                            export={"parity_images": 60, "latency_calls": 200})
     first = sh(project, DVC, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES, first.stdout
@@ -226,7 +231,7 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
                                splits=("train", "test"), size=16, noise=40)
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
     settings = dict(data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                    train={"epochs": 8, "batch_size": 32, "width": 8, "log_images": 0},
+                    train={"epochs": 8, "min_steps": 0, "batch_size": 32, "width": 8, "log_images": 0},
                     export={"parity_images": 30, "latency_calls": 200})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -267,7 +272,7 @@ def small_run(tmp_path: Path, epochs: int) -> Path:
     images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
     project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": epochs, "batch_size": 16, "width": 8, "log_images": 0},
+                           train={"epochs": epochs, "min_steps": 0, "batch_size": 16, "width": 8, "log_images": 0},
                            export={"parity_images": 20, "latency_calls": 200})
     sh(project, DVC, "repro")
     return project

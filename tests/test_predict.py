@@ -50,7 +50,7 @@ def project(tmp_path_factory):
     mean = (splits["train"][0].reshape(len(splits["train"][0]), 3, -1).mean(axis=(0, 2)) / 255).tolist()
     save_prepared(paths.prepared_dir, splits, {"dataset": "colours", "class_names": CLASSES,
                                                "image_shape": [3, SIZE, SIZE], "mean": mean, "std": [0.3] * 3})
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 8, "batch_size": 16, "log_images": 0,
+    params = real_params(train={"model": "convnet", "width": 8, "epochs": 8, "min_steps": 0, "batch_size": 16, "log_images": 0,
                                 "precision": "fp32"},
                          evaluate={"tta": False}, export={"parity_images": 60, "latency_calls": 200})
     train(params, paths)

@@ -75,7 +75,7 @@ def test_train_and_evaluate_stage_functions_run_in_process(tmp_path):
     # The stage's work is a plain function a test calls with real params, shrunk.
     paths = ProjectPaths(tmp_path)
     write_good(paths.prepared_dir)
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 1, "batch_size": 10, "log_images": 4},
+    params = real_params(train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 4},
                          evaluate={"tta": False})
     train(params, paths)
     assert paths.checkpoint.is_file() and len(list(paths.tensorboard_dir.iterdir())) == 1
@@ -89,7 +89,7 @@ def test_train_and_evaluate_stage_functions_run_in_process(tmp_path):
 def test_evaluate_refuses_a_model_trained_on_other_classes(tmp_path):
     paths = ProjectPaths(tmp_path)
     paths.prepared_dir.mkdir(parents=True)
-    params = real_params(train={"model": "lenet", "epochs": 1, "batch_size": 10, "log_images": 0},
+    params = real_params(train={"model": "lenet", "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 0},
                          data={"dataset": "imagefolder", "source": "x.tar", "image_size": 16})
     # LeNet needs 16 pixels: make the data that size, train, then relabel the data's classes.
     rng = np.random.default_rng(1)
@@ -109,7 +109,7 @@ def test_no_test_images_of_a_class_is_reported_as_null_not_zero(tmp_path, capsys
     write_good(paths.prepared_dir)
     labels = np.load(paths.prepared_dir / "test_labels.npy")
     np.save(paths.prepared_dir / "test_labels.npy", np.where(labels == 2, 0, labels))  # no test image of 'c'
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 1, "batch_size": 10, "log_images": 0},
+    params = real_params(train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 0},
                          evaluate={"tta": False})
     train(params, paths)
     evaluate(params, paths)
@@ -134,14 +134,14 @@ def test_ctrl_c_stops_at_a_step_boundary_and_the_next_run_ends_with_the_same_wei
         paths.prepared_dir.mkdir(parents=True)
         save_prepared(paths.prepared_dir, splits, {"dataset": "x", "class_names": ["a", "b", "c"],
                                                    "image_shape": [1, 12, 12], "mean": [0.5], "std": [0.25]})
-    shrink = {"model": "convnet", "width": 8, "epochs": 3, "batch_size": 10, "log_images": 0}
+    shrink = {"model": "convnet", "width": 8, "epochs": 3, "min_steps": 0, "batch_size": 10, "log_images": 0}
     params = real_params(train=shrink)
     train(params, straight)
 
     (stopped.root / "params.yaml").write_text(
         (REPO_ROOT / "params.yaml").read_text().replace("  model: fast", "  model: convnet", 1)
         .replace("  width: 32", "  width: 8", 1).replace("  epochs: 10", "  epochs: 3", 1)
-        .replace("  batch_size: 512", "  batch_size: 10", 1).replace("  log_images: 64", "  log_images: 0", 1))
+        .replace("  min_steps: 200", "  min_steps: 0", 1).replace("  batch_size: 512", "  batch_size: 10", 1).replace("  log_images: 64", "  log_images: 0", 1))
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=stopped.root,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -228,7 +228,7 @@ def test_training_from_disk_gives_the_weights_and_metrics_of_training_in_memory(
     for mode in ("always", "never"):
         paths = ProjectPaths(tmp_path / mode)
         write_good(paths.prepared_dir)
-        params = real_params(train={"model": "fast", "width": 8, "epochs": 2, "batch_size": 8, "log_images": 4,
+        params = real_params(train={"model": "fast", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 8, "log_images": 4,
                                     "in_memory": mode}, evaluate={"tta": False})
         train(params, paths)
         evaluate(params, paths)

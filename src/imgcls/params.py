@@ -24,7 +24,13 @@ MIN_IMAGE_SIZE = {
     "tutorial_cnn": 8,  # three 2x2 pools
     "convnet": 8,  # three 2x2 pools
     "fast": 9,  # the 2x2 valid whitening stem loses a pixel, then three 2x2 pools
+    # torchvision's ImageNet networks take any size (adaptive pooling) but halve it five times: at 16 pixels
+    # their last two stages see a single pixel, below that more of them would (a floor we set, not a layer's
+    # limit). Their ImageNet weights were trained on 224-pixel crops: larger images suit them better.
+    "resnet18": 16,
+    "mobilenet_v3_small": 16,
 }
+TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")  # built by torchvision; train.pretrained applies to them
 
 
 class Section(BaseModel):
@@ -48,6 +54,8 @@ class DataParams(Section):
     channels: Literal[1, 3]
     # Pillow itself refuses images of more than 178,956,970 pixels (its decompression-bomb limit).
     max_image_pixels: int = Field(ge=1024, le=178_956_970)
+    # imagefolder with train/ and val/ but no test/: val/ is the test split (test) or the validation split (val)
+    val_folder: Literal["test", "val"]
     retries: int = Field(ge=1, le=20)
     timeout_s: float = Field(gt=0, le=600)
     max_extract_gb: float = Field(gt=0, le=10000)
@@ -64,10 +72,17 @@ class AugmentParams(Section):
 
 
 class TrainParams(Section):
-    model: Literal["lenet", "tutorial_cnn", "convnet", "fast"]
+    model: Literal["lenet", "tutorial_cnn", "convnet", "fast", "resnet18", "mobilenet_v3_small"]
+    # none | imagenet (torchvision's weights: torch's cache, else downloaded) | path to torchvision's .pth file
+    pretrained: str = Field(min_length=1, description="none, imagenet or the path of a torchvision weights file")
+    init_from: str = Field(min_length=1, description="none or the path of a checkpoint.pt this pipeline wrote")
+    backbone_lr_scale: float = Field(gt=0, le=1)  # rate multiplier for loaded (pretrained) weights
+    freeze_backbone_epochs: int = Field(ge=0, le=1000)  # loaded weights stay fixed this many epochs
     width: int = Field(ge=8, le=256)
     epochs: int = Field(ge=1, le=1000)
     batch_size: int = Field(ge=1, le=65536)
+    min_batches_per_epoch: int = Field(ge=1, le=10000)  # the batch is cut so an epoch has at least this many
+    min_steps: int = Field(ge=0, le=1000000)  # epochs are raised so the run has at least this many steps
     optimizer: Literal["sgd", "adamw"]
     lr: float = Field(gt=0, le=10)
     momentum: float = Field(ge=0, lt=1)
@@ -124,6 +139,16 @@ def _check_combinations(params: Params) -> None:
         raise ParamsError(
             f"params: data.source = {_show(data.source)} lists {list_name[:-4]} locations but data.dataset = "
             f"{data.dataset!r}; set data.source to sources/{data.dataset}.txt or to your own copy")
+    train = params.train
+    if train.pretrained != "none" and train.model not in TORCHVISION_MODELS:
+        raise ParamsError(f"params: train.pretrained = {_show(train.pretrained)} loads torchvision's ImageNet weights, "
+                          f"which exist for {', '.join(TORCHVISION_MODELS)}, not for train.model = {train.model!r}; set "
+                          "train.pretrained: none, or start from a checkpoint of your own with train.init_from")
+    if train.pretrained != "none" and train.init_from != "none":
+        raise ParamsError("params: train.pretrained and train.init_from both name starting weights; set one to none")
+    if train.freeze_backbone_epochs and train.pretrained == "none" and train.init_from == "none":
+        raise ParamsError(f"params: train.freeze_backbone_epochs = {train.freeze_backbone_epochs} freezes weights loaded "
+                          "by train.pretrained or train.init_from, and both are none; set it to 0 or name the weights")
     size, smallest = input_size(data), MIN_IMAGE_SIZE[params.train.model]
     if size < smallest:
         where = "data.image_size" if data.dataset == "imagefolder" else f"{data.dataset}'s image size"

@@ -17,6 +17,18 @@ def confused_pairs(confusion: np.ndarray, class_names: list[str], top: int = 5) 
     return [p for p in pairs if p[2] > 0]
 
 
+def start_line(start: dict | None) -> str:
+    """Where the weights started: from scratch, torchvision's ImageNet weights or a checkpoint (fine-tuned)."""
+    if not start:
+        return "- Starting weights: none (trained from scratch)."
+    if start["kind"] == "pretrained":
+        which = "the published file" if start["official_file"] else "not torchvision's published file"
+        return (f"- Starting weights: torchvision's {start['weights']} ({which}, sha256 {start['sha256'][:12]}); "
+                "the head was replaced for these classes.")
+    return (f"- Starting weights: fine-tuned from the checkpoint {start['file']} (sha256 {start['sha256'][:12]}, "
+            f"trained on {start.get('dataset')} classes {', '.join(start['classes'])}); head {start['head']}.")
+
+
 def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarray, fp32: dict, int8: dict | None,
                latency: dict, sizes: dict, cpu: str) -> str:
     names = facts["class_names"]
@@ -36,8 +48,9 @@ def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarr
         "",
         "## Input and output",
         f"- Input: `images`, float32 (N, {channels}, {size}, {size}), values in [0, 1]; the normalization "
-        f"(mean {', '.join(f'{m:.4f}' for m in meta['mean'])}, std {', '.join(f'{s:.4f}' for s in meta['std'])}) "
-        "is inside the graph.",
+        f"(mean {', '.join(f'{m:.4f}' for m in facts['mean'])}, std {', '.join(f'{s:.4f}' for s in facts['std'])}"
+        + (", ImageNet's, which the pretrained weights expect" if (facts.get("start") or {}).get("kind") == "pretrained"
+           else "") + ") is inside the graph.",
         f"- A picture becomes input as in training: {'grayscale' if channels == 1 else 'RGB'} conversion, "
         f"transparency composited onto white, EXIF rotation, bilinear resize to {size}x{size} "
         "(`imgcls.preprocess.images`; `imgcls predict` does all of it).",
@@ -68,10 +81,12 @@ def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarr
     lines += [
         "",
         "## Training",
-        f"- Recipe: `{train['model']}` width {train['width']}, {train['epochs']} epochs, batch {train['batch_size']}, "
+        f"- Recipe: `{train['model']}` width {train['width']}, {extra.get('epochs', train['epochs'])} epochs, "
+        f"batch {extra.get('batch_size', train['batch_size'])}, "
         f"{train['optimizer']} lr {train['lr']} ({train['schedule']} schedule, {train['warmup_epochs']} warm-up epochs), "
         f"label smoothing {train['label_smoothing']}, augmentation flip {train['augment']['flip']} / translate "
         f"{train['augment']['translate']} px; seed {checkpoint['params']['base']['seed']}.",
+        start_line(extra.get("start")),
         f"- Training time: {extra.get('train_seconds', float('nan')):.1f} s, precision {extra.get('precision', '?')}"
         + (f", on {extra['device']}" if extra.get("device") else "") + ".",
         "",

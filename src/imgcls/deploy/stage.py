@@ -9,7 +9,8 @@ import torch
 
 from ..cli import log
 from ..errors import ExportError
-from ..evaluate.metrics import confusion_matrix, wilson_interval
+from ..evaluate.metrics import confusion_matrix
+from ..stats import wilson_interval
 from ..fileio import atomic_dir, write_json, write_text
 from ..model.checkpoint import load_checkpoint
 from ..model.networks import TTAModel

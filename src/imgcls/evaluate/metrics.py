@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 from pathlib import Path
 
 import numpy as np
 
 from ..fileio import atomic_path
+from ..stats import wilson_interval
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -17,19 +16,25 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
-    """Accuracy (= recall: share of the class's images classified right), precision and recall per class."""
+    """Per class: accuracy (= recall: share of the class's images classified right) with its 95% Wilson
+    interval, precision, and the counts behind them (``images``: test images of the class, ``correct``)."""
     metrics = {}
     for c, name in enumerate(class_names):
-        true_positive = confusion[c, c]
-        actual = confusion[c].sum()
-        predicted = confusion[:, c].sum()
-        # A class with no test images has no accuracy (None -> null in JSON), not an accuracy of 0.
-        recall = float(true_positive / actual) if actual else None
+        true_positive = int(confusion[c, c])
+        actual = int(confusion[c].sum())
+        predicted = int(confusion[:, c].sum())
+        # A class with no test images has no accuracy (None -> null in JSON), not an accuracy of 0; a class
+        # never predicted has no precision.
+        recall = true_positive / actual if actual else None
+        low, high = wilson_interval(true_positive, actual) if actual else (None, None)
         metrics[name] = {
             "accuracy": recall,
-            "precision": float(true_positive / predicted) if predicted else 0.0,
+            "ci95_low": low,
+            "ci95_high": high,
+            "precision": true_positive / predicted if predicted else None,
             "recall": recall,
-            "support": int(actual),
+            "images": actual,
+            "correct": true_positive,
         }
     return metrics
 
@@ -107,15 +112,3 @@ def plot_misclassified(path: Path, images: np.ndarray, labels: np.ndarray, predi
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return len(wrong)
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for an accuracy of ``correct`` / ``total`` (sound for small samples and for
-    accuracies near 0 or 1, where the normal approximation is not)."""
-    if total == 0:
-        return (0.0, 1.0)
-    p = correct / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))

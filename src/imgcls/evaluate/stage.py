@@ -13,6 +13,7 @@ from ..params import Params
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import resolve_device, resolve_precision, set_threads
+from ..stats import wilson_interval
 from .metrics import (confusion_matrix, per_class_metrics, plot_confusion_matrix, plot_misclassified,
                       write_per_class_csv, write_predictions_csv)
 
@@ -36,9 +37,12 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
     confusion = confusion_matrix(labels, predictions, len(class_names))
     per_class = per_class_metrics(confusion, class_names)
     metrics_dir = paths.metrics_dir
+    correct = int((predictions == labels).sum())
+    low, high = wilson_interval(correct, len(labels))
     write_json(metrics_dir / "eval.json", {
-        "test": {"accuracy": result["accuracy"], "loss": result["loss"], "images": int(len(labels))},
-        "per_class": {name: {k: v for k, v in values.items() if k != "support"} for name, values in per_class.items()},
+        "test": {"accuracy": result["accuracy"], "ci95_low": low, "ci95_high": high, "loss": result["loss"],
+                 "images": int(len(labels)), "correct": correct},
+        "per_class": per_class,
         "tta": config.tta, "precision": precision,
     })
     write_per_class_csv(metrics_dir / "per_class.csv", per_class)
@@ -47,10 +51,11 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
                           title=f"{prepared.meta['dataset']} test, accuracy {result['accuracy']:.4f}")
     shown = plot_misclassified(metrics_dir / "misclassified.png", images, labels, predictions, class_names,
                                config.misclassified_images)
-    missing = [name for name, values in per_class.items() if values["support"] == 0]
+    missing = [name for name, values in per_class.items() if values["images"] == 0]
     if missing:
         emit(f"no test images of class(es) {missing}: their accuracy is reported as null, not 0")
-    scored = {name: values for name, values in per_class.items() if values["support"]}
+    scored = {name: values for name, values in per_class.items() if values["images"]}
     worst = min(scored, key=lambda n: scored[n]["accuracy"])
-    emit(f"test accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f} on {len(labels)} images; "
+    emit(f"test accuracy {result['accuracy']:.4f} (95% interval {low:.4f}..{high:.4f}), loss {result['loss']:.4f} "
+         f"on {len(labels)} images; "
          f"weakest class {worst!r} ({per_class[worst]['accuracy']:.3f}); {shown} misclassified images drawn")

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..fileio import atomic_path
 from ..params import MIN_IMAGE_SIZE
-from .networks import MODEL_NAMES, build_model
+from .networks import MODEL_NAMES, build_model, normalized_channels
 
 FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP
@@ -102,8 +102,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)
             and len(class_names) == arguments.num_classes and len(set(class_names)) == len(class_names)):
         raise _bad(path, f"class_names {class_names!r} do not match the head's {arguments.num_classes} distinct classes")
-    if len(arguments.mean) != arguments.in_channels or len(arguments.std) != arguments.in_channels:
-        raise _bad(path, f"mean/std need {arguments.in_channels} value(s), one per channel")
+    channels = normalized_channels(architecture, arguments.in_channels)
+    if len(arguments.mean) != channels or len(arguments.std) != channels:
+        raise _bad(path, f"mean/std need {channels} value(s), one per channel")
     if arguments.image_size < MIN_IMAGE_SIZE[architecture]:
         raise _bad(path, f"{architecture} needs images of at least {MIN_IMAGE_SIZE[architecture]} pixels, "
                          f"arguments say {arguments.image_size}")

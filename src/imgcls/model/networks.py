@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..params import MIN_IMAGE_SIZE
+from ..params import MIN_IMAGE_SIZE, TORCHVISION_MODELS
 
 
 class Normalize(nn.Module):
@@ -30,6 +30,11 @@ class Network(nn.Module):
     one model's insides."""
 
     init_images = 0  # how many of the first training images initialize_from_data needs (0: none)
+    HEAD = "head"  # the submodule that maps features to class logits: replaced when fine-tuning to new classes
+
+    def head_parameter_names(self) -> set[str]:
+        """Names (as in named_parameters/state_dict) of the head's parameters and buffers."""
+        return {name for name in self.state_dict() if name.startswith(self.HEAD + ".")}
 
     def initialize_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation from the first ``init_images`` training images (uint8, (N, C, H, W)),
@@ -44,6 +49,8 @@ class Network(nn.Module):
 
 class LeNet(Network):
     """The PyTorch tutorial's network, with its first conv and first Linear sized from the input."""
+
+    HEAD = "fc3"
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float]):
         super().__init__()
@@ -66,6 +73,8 @@ class LeNet(Network):
 
 class TutorialCNN(Network):
     """Three 5x5 conv + 2x2 max-pool blocks of 32/32/64 channels, then Linear 64 and Linear to classes."""
+
+    HEAD = "classifier.3"
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float]):
         super().__init__()
@@ -189,18 +198,48 @@ class ConvNet(Network):
         self.stem.weight.copy_(torch.cat([filters, -filters]))
 
 
+class TorchvisionNet(Network):
+    """A torchvision ImageNet network (``backbone``) with its classifier sized for our classes. Grayscale
+    images are repeated to three channels before normalization, so ImageNet's RGB weights apply unchanged;
+    mean and std therefore always have three values (ImageNet's when its weights are loaded)."""
+
+    HEADS = {"resnet18": "fc", "mobilenet_v3_small": "classifier.3"}
+
+    def __init__(self, architecture: str, in_channels: int, num_classes: int, image_size: int, mean: list[float],
+                 std: list[float]):
+        super().__init__()
+        import torchvision
+
+        self.in_channels = in_channels
+        self.normalize = Normalize(mean, std)
+        self.backbone = getattr(torchvision.models, architecture)(weights=None, num_classes=num_classes)
+        self.HEAD = "backbone." + self.HEADS[architecture]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.backbone(self.normalize(x))
+
+
+def normalized_channels(architecture: str, in_channels: int) -> int:
+    """How many mean/std values a model's normalization holds: torchvision networks always see RGB."""
+    return 3 if architecture in TORCHVISION_MODELS else in_channels
+
+
 MODEL_NAMES = tuple(MIN_IMAGE_SIZE)  # the registry below builds each of them
 
 
 def build_model(name: str, *, width: int = 32, whiten_bias_epochs: float = 0.0, **arguments: Any) -> Network:
     """Build a registered model; the keyword arguments are what the checkpoint stores to rebuild it.
-    ``arguments``: in_channels, num_classes, image_size, mean, std. LeNet and TutorialCNN have fixed widths."""
+    ``arguments``: in_channels, num_classes, image_size, mean, std. LeNet, TutorialCNN and the torchvision
+    networks have fixed widths (``width`` is ignored)."""
     builders = {
         "lenet": lambda: LeNet(**arguments),
         "tutorial_cnn": lambda: TutorialCNN(**arguments),
         "convnet": lambda: ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False),
         "fast": lambda: ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True,
                                 whiten_bias_epochs=whiten_bias_epochs),
+        **{name: (lambda name=name: TorchvisionNet(name, **arguments)) for name in TORCHVISION_MODELS},
     }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")

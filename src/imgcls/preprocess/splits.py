@@ -64,10 +64,13 @@ SplitPlan = dict[str, tuple[str, np.ndarray]]  # final split -> (decoded split i
 
 
 def plan_splits(labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, limit: int,
-                seed: int) -> SplitPlan:
-    """Which decoded rows make train/val/test: carve test (if absent) and val out of train, then apply
-    limit. Works on labels only, so the images can stay on disk until they are copied once."""
+                seed: int, val_folder: str = "test") -> SplitPlan:
+    """Which decoded rows make train/val/test. A decoded val split without a test split (the ants/bees
+    layout) is the test split when ``val_folder`` is "test"; then test (if still absent) and val are carved
+    out of train, and limit applies. Works on labels only, so the images stay on disk until copied once."""
     plan = {name: (name, np.arange(len(split_labels))) for name, split_labels in labels.items()}
+    if "test" not in plan and "val" in plan and val_folder == "test":
+        plan["test"] = plan.pop("val")
 
     def pick(name: str, keep: np.ndarray) -> tuple[str, np.ndarray]:
         source, rows = plan[name]
@@ -95,10 +98,10 @@ def gather(images, rows: np.ndarray) -> np.ndarray:
 
 
 def make_splits(decoded: DecodedDataset, *, val_fraction: float, test_fraction: float, limit: int,
-                seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                seed: int, val_folder: str = "test") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The planned splits as in-memory arrays (small data; the stage streams them: write.py)."""
     plan = plan_splits({name: labels for name, (_, labels) in decoded.splits.items()}, val_fraction=val_fraction,
-                       test_fraction=test_fraction, limit=limit, seed=seed)
+                       test_fraction=test_fraction, limit=limit, seed=seed, val_folder=val_folder)
     return {name: (gather(decoded.splits[source][0], rows), decoded.splits[source][1][rows])
             for name, (source, rows) in plan.items()}
 

@@ -33,8 +33,9 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
                          log=emit)
         plan = plan_splits({name: labels for name, (_, labels) in decoded.splits.items()},
                            val_fraction=params.preprocess.val_fraction, test_fraction=data.test_fraction,
-                           limit=data.limit, seed=params.base.seed)
+                           limit=data.limit, seed=params.base.seed, val_folder=data.val_folder)
         meta = write_splits(tmp, decoded, plan, dataset=data.dataset, source=provenance)
         shutil.rmtree(scratch, ignore_errors=True)
-    counts = ", ".join(f"{split} {len(rows)}" for split, (_, rows) in plan.items())
+    counts = ", ".join(f"{split} {len(rows)}" + (f" (from {source}/)" if source != split else "")
+                       for split, (source, rows) in plan.items())
     emit(f"{data.dataset}: {len(decoded.class_names)} classes, image shape {meta['image_shape']}, {counts}")

@@ -21,7 +21,7 @@ from ..model.networks import Network
 from ..params import TrainParams
 from ..runtime import autocast
 from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
-from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer
+from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer, run_length
 from .resume import random_states, restore_random_states
 
 VALIDATION_BATCH_SIZE = 1000
@@ -33,6 +33,8 @@ class TrainingSetup:
 
     batch_size: int
     steps_per_epoch: int
+    epochs: int  # train.epochs, or more where train.min_steps asks for them
+    frozen_epochs: int  # fine-tuning: the loaded backbone's rate is held at 0 for these first epochs
     plan: StepPlan
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
@@ -42,21 +44,25 @@ class TrainingSetup:
 
 
 def make_training_setup(model: nn.Module, images: ImageSource | torch.Tensor, *, config: TrainParams,
-                        generator: torch.Generator) -> TrainingSetup:
-    """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``."""
-    batch_size = min(config.batch_size, len(images))
-    steps_per_epoch = len(images) // batch_size
-    total_steps = steps_per_epoch * config.epochs
+                        generator: torch.Generator, fine_tune: bool = False) -> TrainingSetup:
+    """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``.
+    ``fine_tune``: the model starts from loaded weights; its head and backbone get their own rates."""
+    length = run_length(len(images), config)
+    batch_size, steps_per_epoch = length.batch_size, length.steps_per_epoch
+    total_steps = length.total_steps
     # A warm-up longer than the run (train.epochs: 1 with the default warm-up) ends with the run.
     plan = StepPlan(total_steps=total_steps, warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps),
                     schedule=config.schedule)
     lr = config.lr * batch_size / REFERENCE_BATCH_SIZE
     optimizer = make_optimizer(model, name=config.optimizer, lr=lr, momentum=config.momentum,
                                nesterov=config.nesterov, weight_decay=config.weight_decay,
-                               bias_lr_scale=config.bias_lr_scale)
+                               bias_lr_scale=config.bias_lr_scale,
+                               head=model.head_parameter_names() if fine_tune else None,
+                               backbone_lr_scale=config.backbone_lr_scale)
     augment = config.augment
     return TrainingSetup(
-        batch_size=batch_size, steps_per_epoch=steps_per_epoch, plan=plan, optimizer=optimizer,
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, epochs=length.epochs,
+        frozen_epochs=config.freeze_backbone_epochs if fine_tune else 0, plan=plan, optimizer=optimizer,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         augmentation=Augmentation(flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip),
         flip_halves=torch.rand(len(images), generator=generator) < 0.5,
@@ -70,9 +76,10 @@ def epoch_batches(setup: TrainingSetup, images: ImageSource | torch.Tensor, labe
                            epoch=epoch, flip_halves=setup.flip_halves)
 
 
-def set_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def set_rate(optimizer: torch.optim.Optimizer, factor: float, backbone_factor: float = 1.0) -> None:
+    """The schedule's ``factor`` on every group; the loaded backbone's groups x ``backbone_factor`` (0: frozen)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = group["base_lr"] * factor * (backbone_factor if group.get("backbone") else 1.0)
 
 
 def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
@@ -106,7 +113,7 @@ class StopRequested(Exception):
 def train_one_epoch(
     model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], setup: TrainingSetup, *,
     device: torch.device, precision: str, first_step: int, progress_label: str = "",
-    done: dict | None = None, should_stop: Callable[[], bool] = lambda: False,
+    done: dict | None = None, should_stop: Callable[[], bool] = lambda: False, backbone_factor: float = 1.0,
 ) -> dict:
     """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number.
 
@@ -124,7 +131,7 @@ def train_one_epoch(
         if index < done["batches_done"]:
             continue  # trained on before the stop
         factor = lr_factor(step, setup.plan.total_steps, setup.plan.warmup_steps, setup.plan.schedule)
-        set_rate(setup.optimizer, factor)
+        set_rate(setup.optimizer, factor, backbone_factor)
         logits, loss = forward_loss(model, images, labels, setup.loss_fn, device, precision)
         backward(setup.optimizer, loss)
         apply_update(setup.optimizer, setup.lookahead, model, step, factor)
@@ -160,9 +167,10 @@ def fit(
     config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
     on_epoch: Callable[[dict], None] = lambda record: None,
     resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[], bool] = lambda: False, fine_tune: bool = False,
 ) -> list[dict]:
-    """Train ``model`` (on ``device``) for ``config.epochs``; returns one record per epoch.
+    """Train ``model`` (on ``device``) for ``config.epochs`` (or more: train.min_steps); returns one record
+    per epoch.
 
     ``train`` is (images: a ResidentImages or StreamedImages source, or a uint8 tensor (N, C, H, W); int64
     labels on the device); ``val`` is (uint8 images as a tensor or an NpyReader, labels). ``model`` stays
@@ -172,13 +180,18 @@ def fit(
     step boundary where ``should_stop`` (asked after every step) said yes, before StopRequested leaves.
     ``resume_from`` is such a state: the run continues from it (the finished epochs' records are replayed
     through ``on_epoch`` first) and ends with the weights an uninterrupted run would have.
+
+    ``fine_tune``: ``model`` holds loaded starting weights (train.pretrained or train.init_from), so no
+    data-dependent initialisation; the backbone trains at train.backbone_lr_scale x the rate, and not at all
+    for the first train.freeze_backbone_epochs epochs.
     """
     images, labels = train
     if isinstance(images, torch.Tensor):
         images = ResidentImages(images)
-    if model.init_images:
+    if model.init_images and not fine_tune:
         model.initialize_from_data(images.first(model.init_images))
-    setup = make_training_setup(model, images, config=config, generator=generator)
+    setup = make_training_setup(model, images, config=config, generator=generator, fine_tune=fine_tune)
+    epochs = setup.epochs
     step_model = torch.compile(model) if config.compile else model
     records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None
     if resume_from is not None:
@@ -201,15 +214,15 @@ def fit(
                 "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
                 "random": random, "records": records, "elapsed_seconds": time.perf_counter() - started}
 
-    for epoch in range(first_epoch, config.epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         model.start_epoch(epoch - 1)
         # The generators as the epoch starts: a stop inside it restarts the epoch's draws from here.
         epoch_start = random_states(generator) if save_state is not None else None
         try:
             result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator), setup,
                                      device=device, precision=precision, first_step=step,
-                                     progress_label=f"epoch {epoch}/{config.epochs}", done=done,
-                                     should_stop=should_stop)
+                                     progress_label=f"epoch {epoch}/{epochs}", done=done,
+                                     should_stop=should_stop, backbone_factor=0.0 if epoch <= setup.frozen_epochs else 1.0)
         except StopRequested as stop:
             step = stop.progress["step"]
             if save_state is not None:
@@ -217,7 +230,7 @@ def fit(
             raise
         done = None
         step = result.pop("next_step")
-        if setup.lookahead is not None and epoch == config.epochs:
+        if setup.lookahead is not None and epoch == epochs:
             setup.lookahead.finish(model)
         record = {"epoch": epoch, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                   "images_per_second": result["images"] / result["seconds"], "epoch_seconds": result["seconds"]}
@@ -233,7 +246,7 @@ def fit(
                 "images with (nearly) no variation inside them also whiten badly with train.model: fast")
         records.append(record)
         on_epoch(record)
-        if save_state is not None and epoch < config.epochs:
+        if save_state is not None and epoch < epochs:
             save_state(state(epoch, random_states(generator), None))
     model.finish_training()
     return records

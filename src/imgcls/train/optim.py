@@ -9,6 +9,44 @@ import torch
 from torch import nn
 
 REFERENCE_BATCH_SIZE = 256  # train.lr is the rate at this batch size; it scales linearly with batch size
+SHORT_RUN_STEPS = 100  # fewer optimizer steps than this rarely train a network: the train stage warns
+
+
+@dataclass
+class RunLength:
+    """Batch size, steps and epochs a run really gets, and why they differ from params.yaml."""
+
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    notes: list[str]  # lines for the log: each adjustment, naming the param behind it
+    warnings: list[str]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def run_length(images: int, config) -> RunLength:
+    """Fit the recipe to the data: the batch is cut to at most 1/``min_batches_per_epoch`` of the training
+    images, and epochs are raised until the run has ``min_steps`` optimizer steps. Large data sets are
+    untouched (Fashion-MNIST: 105 steps an epoch at batch 512)."""
+    notes, warnings = [], []
+    batch_size = max(1, min(config.batch_size, images // config.min_batches_per_epoch))
+    if batch_size < config.batch_size:
+        notes.append(f"batch size {batch_size} instead of train.batch_size {config.batch_size}: {images} training "
+                     f"images give train.min_batches_per_epoch = {config.min_batches_per_epoch} steps an epoch "
+                     f"(the rate scales with it: {config.lr} at batch {REFERENCE_BATCH_SIZE})")
+    steps_per_epoch = max(1, images // batch_size)
+    epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
+    if epochs > config.epochs:
+        notes.append(f"{epochs} epochs instead of train.epochs {config.epochs}: {steps_per_epoch} steps an epoch "
+                     f"reach train.min_steps = {config.min_steps} only then")
+    if steps_per_epoch * epochs < SHORT_RUN_STEPS:
+        warnings.append(f"warning: this run has only {steps_per_epoch * epochs} optimizer steps ({epochs} epochs x "
+                        f"{steps_per_epoch} batches of {batch_size}); under {SHORT_RUN_STEPS} steps a network rarely "
+                        "learns much. Raise train.min_steps or train.epochs, or lower train.batch_size")
+    return RunLength(batch_size, steps_per_epoch, epochs, notes, warnings)
 
 
 @dataclass
@@ -31,21 +69,30 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 def make_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, nesterov: bool,
-                   weight_decay: float, bias_lr_scale: float) -> torch.optim.Optimizer:
+                   weight_decay: float, bias_lr_scale: float, head: set[str] | None = None,
+                   backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """Two groups: BatchNorm biases (rate x bias_lr_scale, decay / bias_lr_scale so the decay per step is
-    unchanged, as in airbench) and everything else. Frozen parameters are left out."""
-    norm_biases, others = [], []
-    for module in model.modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            is_norm_bias = isinstance(module, nn.modules.batchnorm._BatchNorm) and param_name == "bias"
-            (norm_biases if is_norm_bias else others).append(param)
-    groups = [
-        {"params": others, "lr": lr, "weight_decay": weight_decay, "base_lr": lr},
-        {"params": norm_biases, "lr": lr * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale,
-         "base_lr": lr * bias_lr_scale},
-    ]
+    unchanged, as in airbench) and everything else. Frozen parameters are left out.
+
+    Fine-tuning (``head``: the names of the new head's parameters): the two groups are split again into the
+    head's and the loaded backbone's, whose rate is x ``backbone_lr_scale`` (groups marked "backbone", so
+    set_rate can also hold them at 0 while the backbone is frozen)."""
+    groups = []
+    for in_backbone in ((False,) if head is None else (True, False)):
+        norm_biases, others = [], []
+        for module_name, module in model.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                full_name = f"{module_name}.{param_name}" if module_name else param_name
+                if not param.requires_grad or (head is not None and (full_name not in head) != in_backbone):
+                    continue
+                is_norm_bias = isinstance(module, nn.modules.batchnorm._BatchNorm) and param_name == "bias"
+                (norm_biases if is_norm_bias else others).append(param)
+        rate = lr * (backbone_lr_scale if in_backbone else 1.0)
+        groups += [
+            {"params": others, "lr": rate, "weight_decay": weight_decay, "base_lr": rate, "backbone": in_backbone},
+            {"params": norm_biases, "lr": rate * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale,
+             "base_lr": rate * bias_lr_scale, "backbone": in_backbone},
+        ]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,

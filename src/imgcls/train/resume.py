@@ -25,9 +25,10 @@ FORMAT_VERSION = 1
 LIBRARY_ROOT = Path(__file__).resolve().parents[1]  # src/imgcls: a code change makes old state unusable
 
 
-def run_digest(params: Params, prepared_dir: Path) -> str:
-    """sha256 of what decides a run's result: base and train params, every prepared file, the library code."""
-    digest = hashlib.sha256()
+def run_digest(params: Params, prepared_dir: Path, extra: str = "") -> str:
+    """sha256 of what decides a run's result: base and train params, every prepared file, the library code,
+    and ``extra`` (the starting weights' sha256 when fine-tuning)."""
+    digest = hashlib.sha256(extra.encode())
     digest.update(json.dumps({"base": as_dict(params.base), "train": as_dict(params.train)}, sort_keys=True).encode())
     for root in (prepared_dir, LIBRARY_ROOT):
         for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):

@@ -13,15 +13,51 @@ import torch
 
 from ..cli import log
 from ..model.checkpoint import save_checkpoint
-from ..model.networks import build_model
-from ..params import Params, as_dict
+from ..model.networks import build_model, normalized_channels
+from ..params import Params, TrainParams, as_dict
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import available_memory, describe_device, resolve_device, resolve_precision, seed_everything, set_threads
 from .batches import ResidentImages, StreamedImages, keep_resident
+from ..stats import wilson_interval
 from .loop import StopRequested, fit
+from .optim import run_length
 from .reporting import EpochReporter
 from .resume import load_resume_state, run_digest, save_resume_state
+from .transfer import StartingWeights, apply_starting_weights, load_init_checkpoint, load_pretrained
+
+# A test split whose accuracy is known to worse than this (half the 95% interval at 80% accuracy) gets a warning.
+TEST_SPLIT_MAX_HALF_WIDTH = 0.05
+
+
+def small_test_split_warnings(counts: dict[str, int], source_hint: str) -> list[str]:
+    """Warnings for a test split too small to mean anything: its total, and classes without test images."""
+    warnings, total = [], sum(counts.values())
+    low, high = wilson_interval(round(0.8 * total), total)
+    if (high - low) / 2 > TEST_SPLIT_MAX_HALF_WIDTH:
+        warnings.append(f"warning: the test split has {total} images: an accuracy near 80% on it is only known to "
+                        f"{low:.2f}..{high:.2f} (95% interval, +-{(high - low) / 2 * 100:.0f} points), so runs cannot "
+                        f"be told apart; give it more images ({source_hint})")
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        warnings.append(f"warning: no test images of class(es) {empty}: their accuracy cannot be measured")
+    return warnings
+
+
+def starting_weights(config: TrainParams, *, in_channels: int, class_names: list[str], image_size: int,
+                     emit: Callable[[str], None]) -> StartingWeights | None:
+    """train.pretrained or train.init_from, loaded and checked; None for a run from scratch."""
+    if config.pretrained != "none":
+        start = load_pretrained(config.model, config.pretrained, emit)
+        trained_size = start.provenance["trained_image_size"]
+        if image_size < trained_size // 2:
+            emit(f"warning: {config.model}'s ImageNet weights were trained on {trained_size}-pixel images and these "
+                 f"are {image_size}: they still help, but more with data.image_size nearer {trained_size}")
+        return start
+    if config.init_from != "none":
+        return load_init_checkpoint(config.init_from, architecture=config.model, in_channels=in_channels,
+                                    width=config.width, class_names=class_names)
+    return None
 
 
 @contextlib.contextmanager
@@ -57,10 +93,24 @@ def train(params: Params, paths: ProjectPaths) -> None:
     prepared = load_prepared(paths.prepared_dir, ("train",), optional=("val",))
     meta = prepared.meta
     channels, height, width = meta["image_shape"]
+    start = starting_weights(config, in_channels=channels, class_names=meta["class_names"], image_size=height,
+                             emit=emit)
+    # The normalization the weights were trained with: the data's own from scratch (repeated to RGB for the
+    # torchvision networks), the loaded weights' otherwise.
+    repeat = normalized_channels(config.model, channels) // channels
+    mean, std = (start.mean, start.std) if start else (meta["mean"] * repeat, meta["std"] * repeat)
     arguments = {"in_channels": channels, "num_classes": len(meta["class_names"]), "image_size": height,
-                 "mean": meta["mean"], "std": meta["std"], "width": config.width,
-                 "whiten_bias_epochs": config.whiten_bias_epochs}
-    model = build_model(config.model, **arguments).to(device, memory_format=torch.channels_last)
+                 "mean": mean, "std": std, "width": config.width, "whiten_bias_epochs": config.whiten_bias_epochs}
+    model = build_model(config.model, **arguments)
+    if start:
+        where = f"train.{'pretrained' if config.pretrained != 'none' else 'init_from'} = {start.provenance['file']}"
+        apply_starting_weights(model, start, where)
+        emit(f"starting from {where} (sha256 {start.provenance['sha256'][:12]}): "
+             + ("head replaced for " + str(len(meta['class_names'])) + " classes" if start.head_replaced
+                else "same classes, head kept")
+             + f"; loaded weights train at train.backbone_lr_scale = {config.backbone_lr_scale} x the rate"
+             + (f", frozen for the first {config.freeze_backbone_epochs} epoch(s)" if config.freeze_backbone_epochs else ""))
+    model = model.to(device, memory_format=torch.channels_last)
     readers = {split: reader for split, (reader, _) in prepared.splits.items()}
     nbytes = sum(reader.nbytes for reader in readers.values())
     resident = keep_resident(config.in_memory, nbytes, available_memory(device))
@@ -78,10 +128,20 @@ def train(params: Params, paths: ProjectPaths) -> None:
          f"{nbytes / 1e6:,.0f} MB of images " + ("kept in memory" if resident else "read from disk batch by batch")
          + f" (train.in_memory: {config.in_memory})")
 
-    digest = run_digest(params, paths.prepared_dir)
+    length = run_length(len(train_images), config)
+    for line in length.notes + length.warnings:
+        emit(line)
+    test_counts = meta.get("counts", {}).get("test")
+    if test_counts is not None:
+        hint = ("a test/ folder, data.test_fraction or data.val_folder" if meta["dataset"] == "imagefolder"
+                else "data.limit keeps fewer")
+        for line in small_test_split_warnings(test_counts, hint):
+            emit(line)
+
+    digest = run_digest(params, paths.prepared_dir, extra=start.provenance["sha256"] if start else "")
     resume_from = load_resume_state(paths.resume_state, digest, emit)
     if resume_from is not None:
-        emit(f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {config.epochs}) from "
+        emit(f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {length.epochs}) from "
              f"{paths.resume_state}: the run continues exactly where the last one stopped")
     shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
     reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
@@ -92,7 +152,7 @@ def train(params: Params, paths: ProjectPaths) -> None:
             records = fit(model, (train_images, train_labels), val, config=config, device=device,
                           precision=precision, generator=generator, on_epoch=reporter, resume_from=resume_from,
                           save_state=lambda state: save_resume_state(paths.resume_state, digest, state),
-                          should_stop=stop_requested)
+                          should_stop=stop_requested, fine_tune=start is not None)
         except StopRequested as stop:
             emit(f"stopped after batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']}) "
                  f"with the state saved in {paths.resume_state}; run `dvc repro` again to continue from there")
@@ -104,10 +164,12 @@ def train(params: Params, paths: ProjectPaths) -> None:
     # Training time of the whole run: a resumed run adds the time spent before the stop.
     train_seconds = time.perf_counter() - started + (resume_from["elapsed_seconds"] if resume_from else 0.0)
     reporter.close({"train_seconds": train_seconds, "precision": precision, "device": device.type,
+                    "epochs": length.epochs, "batch_size": length.batch_size, "steps": length.total_steps,
                     "images_per_second": sum(r["images_per_second"] for r in records) / len(records)})
     save_checkpoint(paths.checkpoint, model, architecture=config.model, arguments=arguments,
-                    class_names=meta["class_names"], mean=meta["mean"], std=meta["std"],
+                    class_names=meta["class_names"], mean=mean, std=std,
                     params=as_dict(params), extra={"train_seconds": train_seconds, "precision": precision,
-                           "device": describe_device(device)})
+                           "device": describe_device(device), "epochs": length.epochs, "batch_size": length.batch_size,
+                           "start": start.provenance if start else None})
     shutil.rmtree(paths.resume_state.parent, ignore_errors=True)  # done: nothing to resume any more
     emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")

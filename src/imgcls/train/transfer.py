@@ -1,0 +1,164 @@
+"""Starting weights for a run: torchvision's ImageNet weights (``train.pretrained``) or a checkpoint this
+pipeline wrote (``train.init_from``), loaded into a freshly built model whose head fits this data set.
+
+Both are loaded with ``weights_only=True``. What was loaded (kind, file, sha256, head kept or replaced, the
+normalization the weights expect) is returned as provenance: the checkpoint and the exports record it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, TrainingError
+from ..model.checkpoint import load_checkpoint, plain_state_dict
+from ..model.networks import Network
+
+
+class TransferError(TrainingError):
+    """Starting weights that cannot be used for this run."""
+
+
+@dataclass
+class StartingWeights:
+    state: dict[str, torch.Tensor]  # names as in our model's state_dict; the head's left out when it is replaced
+    mean: list[float]  # the normalization the weights were trained with: the new model keeps it
+    std: list[float]
+    head_replaced: bool
+    provenance: dict = field(default_factory=dict)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def imagenet_weights(architecture: str):
+    """torchvision's default ImageNet weights entry for ``architecture`` (URL, hash prefix, transforms)."""
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(architecture).DEFAULT
+
+
+def torch_cache_file(weights) -> Path:
+    """Where torch looks for (and downloads) the weights file: $TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def _tensor_dict(state: object, where: str) -> dict[str, torch.Tensor]:
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        raise TransferError(f"{where} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_pretrained(architecture: str, source: str, emit: Callable[[str], None]) -> StartingWeights:
+    """torchvision's ImageNet weights for ``architecture``: ``source`` is ``imagenet`` (torch's cache, else a
+    download through torchvision's weights API with its hash check) or the path of the weights file."""
+    weights = imagenet_weights(architecture)
+    cache_file = torch_cache_file(weights)
+    expected_prefix = cache_file.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<sha256 prefix>.pth
+    if source == "imagenet":
+        was_cached = cache_file.is_file()
+        emit(f"{weights}: " + (f"from torch's cache {cache_file}" if was_cached else f"downloading {weights.url}"))
+        try:
+            state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, weights_only=True)
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            raise TransferError(
+                f"could not download {weights.url} ({error}). Without a network, copy torchvision's file "
+                f"{cache_file.name} into {cache_file.parent}/ (torch's cache; TORCH_HOME moves it) or set "
+                "train.pretrained to the file's path") from None
+        except Exception as error:  # a truncated or foreign file in the cache, or a failed hash check
+            where = f"the cached file {cache_file}" if was_cached else f"the download of {weights.url}"
+            raise TransferError(f"{where} is not readable weights ({type(error).__name__}: {str(error)[:300]}); "
+                                "delete it and run again to download it afresh") from None
+        path = cache_file
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise TransferError(f"train.pretrained = {source!r}: no such file; name torchvision's {architecture} "
+                                f"weights file ({cache_file.name}), or use imagenet or none")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise TransferError(f"train.pretrained = {source!r} is not a readable weights file "
+                                f"({type(error).__name__}: {str(error)[:300]})") from None
+    state = _tensor_dict(state, str(path))
+    sha256 = file_sha256(path)
+    official = sha256.startswith(expected_prefix)
+    if not official:
+        emit(f"warning: {path} is not torchvision's published file (its sha256 starts {sha256[:8]}, torchvision's "
+             f"{expected_prefix}); using it as {architecture} weights")
+    transforms = weights.transforms()
+    normalization = {"normalize.mean": torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                     "normalize.std": torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1)}
+    return StartingWeights(
+        state={**normalization, **{f"backbone.{name}": value for name, value in state.items()}},
+        mean=[float(m) for m in transforms.mean], std=[float(s) for s in transforms.std], head_replaced=True,
+        provenance={"kind": "pretrained", "weights": str(weights), "file": str(path), "sha256": sha256,
+                    "official_file": official, "head": "replaced", "trained_image_size": int(transforms.crop_size[0]),
+                    "mean": list(transforms.mean), "std": list(transforms.std)})
+
+
+def load_init_checkpoint(path: str, *, architecture: str, in_channels: int, width: int,
+                         class_names: list[str]) -> StartingWeights:
+    """A checkpoint this pipeline wrote, checked like any checkpoint (weights_only, structure, finite weights),
+    as starting weights: everything but the head, and the head too when the classes are the same."""
+    try:
+        source_model, checkpoint = load_checkpoint(Path(path))
+    except CheckpointError as error:
+        raise TransferError(f"train.init_from: {error}") from None
+    source_arch, arguments = checkpoint["architecture"], checkpoint["arguments"]
+    if source_arch != architecture:
+        raise TransferError(f"train.init_from = {path!r} holds a {source_arch} model but train.model is "
+                            f"{architecture!r}; set train.model: {source_arch}")
+    if arguments["in_channels"] != in_channels:
+        raise TransferError(f"train.init_from = {path!r} was trained on {arguments['in_channels']}-channel images, "
+                            f"this data has {in_channels}; set data.channels: {arguments['in_channels']}")
+    if architecture in ("convnet", "fast") and arguments.get("width", 32) != width:
+        raise TransferError(f"train.init_from = {path!r} has width {arguments.get('width', 32)}, train.width is "
+                            f"{width}; set train.width: {arguments.get('width', 32)}")
+    same_classes = list(checkpoint["class_names"]) == list(class_names)
+    state = plain_state_dict(source_model)
+    if not same_classes:
+        head = source_model.head_parameter_names() if isinstance(source_model, Network) else set()
+        state = {name: value for name, value in state.items() if name not in head}
+    return StartingWeights(
+        state=state, mean=list(arguments["mean"]), std=list(arguments["std"]), head_replaced=not same_classes,
+        provenance={"kind": "checkpoint", "file": str(path), "sha256": file_sha256(Path(path)),
+                    "dataset": checkpoint.get("params", {}).get("data", {}).get("dataset"),
+                    "classes": list(checkpoint["class_names"]), "head": "replaced" if not same_classes else "kept",
+                    "image_size": arguments["image_size"]})
+
+
+def apply_starting_weights(model: Network, start: StartingWeights, where: str) -> None:
+    """Load ``start`` into ``model``: every weight but (when replaced) the head must find its place."""
+    head = model.head_parameter_names() if start.head_replaced else set()
+    state = {name: value for name, value in start.state.items() if name not in head}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes: another input size for lenet, another network
+        problem = str(error).split("\n\t", 1)[-1].replace("\n\t", "; ")[:500]
+        raise TransferError(f"{where}: its weights do not fit this model ({problem}); for lenet and tutorial_cnn, "
+                            "whose layers depend on the image size, set data.image_size to the size it was "
+                            "trained on") from None
+    missing = sorted(set(missing) - head)
+    if missing or unexpected:
+        raise TransferError(f"{where} does not hold this model's weights: missing {missing[:4]}, "
+                            f"unexpected {sorted(unexpected)[:4]}")
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that came from the starting weights: all but the head's."""
+    head = model.head_parameter_names() if isinstance(model, Network) else set()
+    return [p for name, p in model.named_parameters() if name not in head]
