@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/transfer.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -267,14 +267,18 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
 
 
 def small_run(tmp_path: Path, epochs: int) -> Path:
-    """A project on a generated two-class image folder, after one `dvc repro`: for the tests of what
-    happens around a run (remotes, queues, plots)."""
-    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40)
+    """A project on a generated two-class image folder in the ants/bees layout (train/ and val/, no test/),
+    after one `dvc repro`: for the tests of what happens around a run (remotes, queues, plots)."""
+    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40,
+                               splits=("train", "val"))
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
     project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
                            train={"epochs": epochs, "min_steps": 0, "batch_size": 16, "width": 8, "log_images": 0},
                            export={"parity_images": 20, "latency_calls": 200})
-    sh(project, DVC, "repro")
+    run = sh(project, DVC, "repro")
+    # data.val_folder: test (the default): every val/ image tests; validation is carved from train/.
+    assert "train 54, test 60 (from val/), val 6 (from train/)" in run.stdout, run.stdout
+    assert json.loads((project / "metrics/eval.json").read_text())["test"]["images"] == 60
     return project
 
 
