@@ -99,6 +99,8 @@ class TrainParams(Section):
     compile: bool
     log_images: int = Field(ge=0, le=1024)
     in_memory: Literal["auto", "always", "never"]
+    processes: int = Field(ge=1, le=256)  # data-parallel processes on this machine (torchrun); 1 = one plain process
+    sync_batchnorm: bool  # with several processes on CUDA: BatchNorm statistics over the whole global batch
 
 
 class EvaluateParams(Section):
@@ -149,6 +151,9 @@ def _check_combinations(params: Params) -> None:
     if train.freeze_backbone_epochs and train.pretrained == "none" and train.init_from == "none":
         raise ParamsError(f"params: train.freeze_backbone_epochs = {train.freeze_backbone_epochs} freezes weights loaded "
                           "by train.pretrained or train.init_from, and both are none; set it to 0 or name the weights")
+    if train.processes > 1 and ":" in params.base.device:
+        raise ParamsError(f"params: base.device = {params.base.device!r} names one GPU, but train.processes = "
+                          f"{train.processes} gives each process the GPU of its local rank; set base.device: cuda or auto")
     size, smallest = input_size(data), MIN_IMAGE_SIZE[params.train.model]
     if size < smallest:
         where = "data.image_size" if data.dataset == "imagefolder" else f"{data.dataset}'s image size"

@@ -22,10 +22,16 @@ FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped model's state_dict on the CPU, with no compile/DDP prefixes."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile and DataParallel/DistributedDataParallel wrappers."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):
         model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+    return model
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's state_dict on the CPU, with no compile/DDP prefixes."""
+    model = unwrap(model)
     state = {}
     for name, tensor in model.state_dict().items():
         for prefix in WRAPPER_PREFIXES:

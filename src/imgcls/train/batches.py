@@ -91,13 +91,22 @@ def reflect_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
     return images[:, :, reflect_index(h)][:, :, :, reflect_index(w)]
 
 
-def batch_crop(padded: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """A random (H, W) window of each padded image: a translation by up to ``pad`` pixels each way.
-    One slice copy per distinct offset (at most (2 pad + 1)^2) instead of a per-pixel gather."""
+def random_offsets(n: int, pad: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, dx) window offsets in 0..2 pad for ``n`` images."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    return dy, dx
+
+
+def batch_crop(padded: torch.Tensor, pad: int, generator: torch.Generator | None = None,
+               offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A random (H, W) window of each padded image (or the window at ``offsets``): a translation by up to
+    ``pad`` pixels each way. One slice copy per distinct offset (at most (2 pad + 1)^2) instead of a
+    per-pixel gather."""
     n, c, padded_h, padded_w = padded.shape
     h, w = padded_h - 2 * pad, padded_w - 2 * pad
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(padded.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(padded.device)
+    dy, dx = offsets if offsets is not None else random_offsets(n, pad, generator)
+    dy, dx = dy.to(padded.device), dx.to(padded.device)
     out = torch.empty((n, c, h, w), dtype=padded.dtype, device=padded.device)
     for y in range(2 * pad + 1):
         for x in range(2 * pad + 1):
@@ -106,9 +115,10 @@ def batch_crop(padded: torch.Tensor, pad: int, generator: torch.Generator) -> to
     return out
 
 
-def batch_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+def batch_translate(images: torch.Tensor, pad: int, generator: torch.Generator | None = None,
+                    offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Random crop after reflect-padding by ``pad`` pixels: each image moves by up to ``pad`` each way."""
-    return images if pad == 0 else batch_crop(reflect_pad(images, pad), pad, generator)
+    return images if pad == 0 else batch_crop(reflect_pad(images, pad), pad, generator, offsets)
 
 
 @dataclass(frozen=True)
@@ -136,25 +146,34 @@ def _batch_reads(images: ImageSource, indices: list[torch.Tensor]) -> Iterator[t
 def iterate_batches(
     images: ImageSource | torch.Tensor, labels: torch.Tensor, batch_size: int, *, generator: torch.Generator,
     augmentation: Augmentation | None = None, epoch: int = 0, flip_halves: torch.Tensor | None = None,
-    drop_last: bool = True,
+    drop_last: bool = True, shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled, augmented float batches; ``labels`` are on the training device.
 
     Augmentation works on uint8 (a quarter of float's bytes) before the conversion to float; translation
     reflect-pads the batch and crops it (per batch: no padded copy of the whole split).
+
+    ``shard`` = (rank, world size): data-parallel training. Every rank draws the same order and the same
+    augmentation for the whole global batch of ``batch_size`` (a multiple of the world size) and reads and
+    yields only its own contiguous part of it: the ranks' parts together are exactly one process's batch.
     """
     if isinstance(images, torch.Tensor):
         images = ResidentImages(images)
+    rank, world = shard
     order = torch.randperm(len(images), generator=generator)
     end = len(images) - (len(images) % batch_size if drop_last and len(images) >= batch_size else 0)
     translate = augmentation.translate if augmentation is not None else 0
-    indices = [order[start:start + batch_size] for start in range(0, end, batch_size)]
-    for index, batch in zip(indices, _batch_reads(images, indices)):  # uint8 (B, C, H, W)
+    batches = [order[start:start + batch_size] for start in range(0, end, batch_size)]
+    mine = [slice(rank * len(b) // world, (rank + 1) * len(b) // world) for b in batches]
+    indices = [b[part] for b, part in zip(batches, mine)]
+    for whole, part, index, batch in zip(batches, mine, indices, _batch_reads(images, indices)):  # uint8 (B, C, H, W)
         if augmentation is not None and augmentation.flip:
             if augmentation.alternate_flip and flip_halves is not None:
-                batch = batch_flip(batch, mask=flip_halves[index] ^ bool(epoch % 2))
+                mask = flip_halves[index] ^ bool(epoch % 2)
             else:
-                batch = batch_flip(batch, generator)
+                mask = (torch.rand(len(whole), generator=generator) < 0.5)[part]
+            batch = batch_flip(batch, mask=mask)
         if translate:
-            batch = batch_translate(batch, translate, generator)
+            dy, dx = random_offsets(len(whole), translate, generator)
+            batch = batch_translate(batch, translate, offsets=(dy[part], dx[part]))
         yield to_float_images(batch), labels[index.to(labels.device)]

@@ -21,6 +21,7 @@ from ..model.networks import Network
 from ..params import TrainParams
 from ..runtime import autocast
 from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
+from .distributed import SINGLE, World, all_reduce_sum, wrap
 from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer, run_length
 from .resume import random_states, restore_random_states
 
@@ -44,10 +45,10 @@ class TrainingSetup:
 
 
 def make_training_setup(model: nn.Module, images: ImageSource | torch.Tensor, *, config: TrainParams,
-                        generator: torch.Generator, fine_tune: bool = False) -> TrainingSetup:
+                        generator: torch.Generator, fine_tune: bool = False, processes: int = 1) -> TrainingSetup:
     """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``.
     ``fine_tune``: the model starts from loaded weights; its head and backbone get their own rates."""
-    length = run_length(len(images), config)
+    length = run_length(len(images), config, processes)
     batch_size, steps_per_epoch = length.batch_size, length.steps_per_epoch
     total_steps = length.total_steps
     # A warm-up longer than the run (train.epochs: 1 with the default warm-up) ends with the run.
@@ -71,9 +72,9 @@ def make_training_setup(model: nn.Module, images: ImageSource | torch.Tensor, *,
 
 
 def epoch_batches(setup: TrainingSetup, images: ImageSource | torch.Tensor, labels: torch.Tensor, epoch: int,
-                  generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     return iterate_batches(images, labels, setup.batch_size, generator=generator, augmentation=setup.augmentation,
-                           epoch=epoch, flip_halves=setup.flip_halves)
+                           epoch=epoch, flip_halves=setup.flip_halves, shard=shard)
 
 
 def set_rate(optimizer: torch.optim.Optimizer, factor: float, backbone_factor: float = 1.0) -> None:
@@ -114,6 +115,7 @@ def train_one_epoch(
     model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], setup: TrainingSetup, *,
     device: torch.device, precision: str, first_step: int, progress_label: str = "",
     done: dict | None = None, should_stop: Callable[[], bool] = lambda: False, backbone_factor: float = 1.0,
+    world: World = SINGLE,
 ) -> dict:
     """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number.
 
@@ -126,7 +128,7 @@ def train_one_epoch(
     total_loss = torch.tensor(done["loss"], device=device)
     correct = torch.tensor(done["correct"], device=device)
     started = time.perf_counter() - done["seconds"]
-    bar = _progress_bar(setup.steps_per_epoch, progress_label)
+    bar = _progress_bar(setup.steps_per_epoch, progress_label) if world.is_main else None
     for index, (images, labels) in enumerate(batches):
         if index < done["batches_done"]:
             continue  # trained on before the stop
@@ -149,8 +151,10 @@ def train_one_epoch(
                                  "correct": float(correct), "seen": seen, "seconds": time.perf_counter() - started})
     if bar is not None:
         bar.close()
+    # Every rank's sums: the epoch's loss and accuracy over the whole global batch, on every rank.
+    loss_sum, correct_sum, seen = all_reduce_sum([float(total_loss), float(correct), float(seen)], device, world)
     seconds = time.perf_counter() - started
-    return {"loss": float(total_loss) / max(seen, 1), "accuracy": float(correct) / max(seen, 1), "images": seen,
+    return {"loss": loss_sum / max(seen, 1), "accuracy": correct_sum / max(seen, 1), "images": int(seen),
             "seconds": seconds, "next_step": step}
 
 
@@ -167,7 +171,7 @@ def fit(
     config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
     on_epoch: Callable[[dict], None] = lambda record: None,
     resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False, fine_tune: bool = False,
+    should_stop: Callable[[], bool] = lambda: False, fine_tune: bool = False, world: World = SINGLE,
 ) -> list[dict]:
     """Train ``model`` (on ``device``) for ``config.epochs`` (or more: train.min_steps); returns one record
     per epoch.
@@ -184,15 +188,20 @@ def fit(
     ``fine_tune``: ``model`` holds loaded starting weights (train.pretrained or train.init_from), so no
     data-dependent initialisation; the backbone trains at train.backbone_lr_scale x the rate, and not at all
     for the first train.freeze_backbone_epochs epochs.
+
+    ``world``: one rank of a data-parallel run (imgcls.train.distributed): the model is wrapped in
+    DistributedDataParallel for the steps, each rank takes its part of every global batch, the epoch's
+    loss and accuracy are summed over the ranks, and only rank 0 validates (``on_epoch`` and ``save_state``
+    are the caller's to silence on the other ranks).
     """
     images, labels = train
     if isinstance(images, torch.Tensor):
         images = ResidentImages(images)
     if model.init_images and not fine_tune:
         model.initialize_from_data(images.first(model.init_images))
-    setup = make_training_setup(model, images, config=config, generator=generator, fine_tune=fine_tune)
+    setup = make_training_setup(model, images, config=config, generator=generator, fine_tune=fine_tune,
+                                processes=world.size)
     epochs = setup.epochs
-    step_model = torch.compile(model) if config.compile else model
     records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
@@ -206,6 +215,17 @@ def fit(
         for record in resume_from["records"]:  # the logs DVC deleted with the stage's outputs
             records.append(record)
             on_epoch(record)
+    def wrapped() -> nn.Module:
+        # DDP starts every rank from rank 0's weights and all-reduces the parameters that train at the time it
+        # is built: after any resume, and again whenever the model's own schedule freezes one (fast: the
+        # whitening bias after train.whiten_bias_epochs).
+        distributed = wrap(model, world, device)
+        return torch.compile(distributed) if config.compile else distributed
+
+    def trainable() -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in model.parameters())
+
+    step_model, wrapped_for = wrapped(), trainable()
     started = time.perf_counter() - elapsed_before
 
     def state(epochs_done: int, random: dict, epoch_progress: dict | None) -> dict:
@@ -216,13 +236,16 @@ def fit(
 
     for epoch in range(first_epoch, epochs + 1):
         model.start_epoch(epoch - 1)
+        if world.size > 1 and trainable() != wrapped_for:
+            step_model, wrapped_for = wrapped(), trainable()
         # The generators as the epoch starts: a stop inside it restarts the epoch's draws from here.
         epoch_start = random_states(generator) if save_state is not None else None
         try:
-            result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator), setup,
+            result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator, world.shard), setup,
                                      device=device, precision=precision, first_step=step,
                                      progress_label=f"epoch {epoch}/{epochs}", done=done,
-                                     should_stop=should_stop, backbone_factor=0.0 if epoch <= setup.frozen_epochs else 1.0)
+                                     should_stop=should_stop, backbone_factor=0.0 if epoch <= setup.frozen_epochs else 1.0,
+                                     world=world)
         except StopRequested as stop:
             step = stop.progress["step"]
             if save_state is not None:
@@ -234,7 +257,7 @@ def fit(
             setup.lookahead.finish(model)
         record = {"epoch": epoch, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
                   "images_per_second": result["images"] / result["seconds"], "epoch_seconds": result["seconds"]}
-        if val is not None and len(val[0]):
+        if val is not None and len(val[0]) and world.is_main:
             metrics = evaluate_model(model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=device,
                                      precision=precision)
             record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..model.checkpoint import unwrap
+
 REFERENCE_BATCH_SIZE = 256  # train.lr is the rate at this batch size; it scales linearly with batch size
 SHORT_RUN_STEPS = 100  # fewer optimizer steps than this rarely train a network: the train stage warns
 
@@ -27,16 +29,21 @@ class RunLength:
         return self.steps_per_epoch * self.epochs
 
 
-def run_length(images: int, config) -> RunLength:
+def run_length(images: int, config, processes: int = 1) -> RunLength:
     """Fit the recipe to the data: the batch is cut to at most 1/``min_batches_per_epoch`` of the training
     images, and epochs are raised until the run has ``min_steps`` optimizer steps. Large data sets are
-    untouched (Fashion-MNIST: 105 steps an epoch at batch 512)."""
+    untouched (Fashion-MNIST: 105 steps an epoch at batch 512). With several ``processes`` the (global)
+    batch is a multiple of their number, so each takes an equal part."""
     notes, warnings = [], []
     batch_size = max(1, min(config.batch_size, images // config.min_batches_per_epoch))
     if batch_size < config.batch_size:
         notes.append(f"batch size {batch_size} instead of train.batch_size {config.batch_size}: {images} training "
                      f"images give train.min_batches_per_epoch = {config.min_batches_per_epoch} steps an epoch "
                      f"(the rate scales with it: {config.lr} at batch {REFERENCE_BATCH_SIZE})")
+    if batch_size % processes:
+        batch_size = max(processes, batch_size - batch_size % processes)
+        notes.append(f"batch size {batch_size}: a multiple of the {processes} processes, each taking "
+                     f"{batch_size // processes} images of every batch")
     steps_per_epoch = max(1, images // batch_size)
     epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
     if epochs > config.epochs:
@@ -112,6 +119,7 @@ class Lookahead:
     def update(self, model: nn.Module, step: int, lr_ratio: float) -> None:
         if step % self.every:
             return
+        model = unwrap(model)  # the compiled or DDP wrapper's state_dict names carry prefixes
         # Follow the model more closely as the rate decays (airbench's alpha schedule: decay * ratio^3).
         decay = self.decay * lr_ratio**3
         for name, value in model.state_dict().items():

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..cli import log
+from ..errors import RuntimeChoiceError
 from ..model.checkpoint import save_checkpoint
 from ..model.networks import build_model, normalized_channels
 from ..params import Params, TrainParams, as_dict
@@ -24,6 +25,8 @@ from .loop import StopRequested, fit
 from .optim import run_length
 from .reporting import EpochReporter
 from .resume import load_resume_state, run_digest, save_resume_state
+from .distributed import (SINGLE, World, broadcast_object, init_process_group, launch, report_failure,
+                          threads_per_process, world_from_env)
 from .transfer import StartingWeights, apply_starting_weights, load_init_checkpoint, load_pretrained
 
 # A test split whose accuracy is known to worse than this (half the 95% interval at 80% accuracy) gets a warning.
@@ -82,12 +85,60 @@ def stop_on_ctrl_c(emit: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+class SilentReporter:
+    """What ranks other than 0 report: nothing (rank 0 writes the console lines, dvclive and TensorBoard)."""
+
+    def __call__(self, record: dict) -> None:
+        pass
+
+    def log_images(self, images: torch.Tensor) -> None:
+        pass
+
+    def close(self, summary: dict) -> None:
+        pass
+
+
 def train(params: Params, paths: ProjectPaths) -> None:
-    config, emit = params.train, log("train")
-    set_threads(params.base.threads)
+    """The train stage. With train.processes > 1 (and not already under torchrun) it starts torchrun, which
+    runs this again in each process; under torchrun each process trains as its rank."""
+    world = world_from_env()
+    if world is None and params.train.processes > 1:
+        launch(params.train.processes, params.base.threads, log("train"))
+        return
+    world = world or SINGLE
+    try:
+        train_rank(params, paths, world)
+    except BaseException as error:
+        report_failure(world, error)
+        raise
+    finally:
+        if world.size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
+    """Train as one rank of ``world`` (the whole job when it is SINGLE); only rank 0 writes."""
+    config = params.train
+    emit = log("train") if world.is_main else (lambda message: None)
+    set_threads(threads_per_process(params.base.threads, world))
     generator = seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
+    if world.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one GPU per process on each machine
+        torch.cuda.set_device(device)
+    if config.sync_batchnorm and world.size > 1 and device.type != "cuda":
+        raise RuntimeChoiceError("train.sync_batchnorm: true needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs "
+                                 "only); on CPUs each process normalizes over its own part of the batch: set it false")
     precision = resolve_precision(config.precision, device)
+    if world.size > 1:
+        init_process_group(world, device)
+        emit(f"rank 0 of {world.size} processes ({world.local_size} on this machine), "
+             f"{'nccl' if device.type == 'cuda' else 'gloo'}; BatchNorm statistics "
+             + ("synchronized across processes (train.sync_batchnorm)" if config.sync_batchnorm
+                else "per process (train.sync_batchnorm: false)"))
     emit(f"device {describe_device(device)}, precision {precision} (train.precision: {config.precision})")
 
     prepared = load_prepared(paths.prepared_dir, ("train",), optional=("val",))
@@ -110,6 +161,8 @@ def train(params: Params, paths: ProjectPaths) -> None:
                 else "same classes, head kept")
              + f"; loaded weights train at train.backbone_lr_scale = {config.backbone_lr_scale} x the rate"
              + (f", frozen for the first {config.freeze_backbone_epochs} epoch(s)" if config.freeze_backbone_epochs else ""))
+    if config.sync_batchnorm and world.size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
     readers = {split: reader for split, (reader, _) in prepared.splits.items()}
     nbytes = sum(reader.nbytes for reader in readers.values())
@@ -128,7 +181,7 @@ def train(params: Params, paths: ProjectPaths) -> None:
          f"{nbytes / 1e6:,.0f} MB of images " + ("kept in memory" if resident else "read from disk batch by batch")
          + f" (train.in_memory: {config.in_memory})")
 
-    length = run_length(len(train_images), config)
+    length = run_length(len(train_images), config, world.size)
     for line in length.notes + length.warnings:
         emit(line)
     test_counts = meta.get("counts", {}).get("test")
@@ -138,21 +191,29 @@ def train(params: Params, paths: ProjectPaths) -> None:
         for line in small_test_split_warnings(test_counts, hint):
             emit(line)
 
-    digest = run_digest(params, paths.prepared_dir, extra=start.provenance["sha256"] if start else "")
-    resume_from = load_resume_state(paths.resume_state, digest, emit)
+    digest, resume_from = None, None
+    if world.is_main:  # rank 0 reads the state and hands it to the others (they may be on other machines)
+        digest = run_digest(params, paths.prepared_dir, extra=start.provenance["sha256"] if start else "")
+        resume_from = load_resume_state(paths.resume_state, digest, emit)
+    resume_from = broadcast_object(resume_from, world)
     if resume_from is not None:
         emit(f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {length.epochs}) from "
              f"{paths.resume_state}: the run continues exactly where the last one stopped")
-    shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
-    reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
+    if world.is_main:
+        shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
+        reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
+    else:
+        reporter = SilentReporter()
     reporter.log_images(train_images.first(config.log_images).cpu())
     started = time.perf_counter()
-    with stop_on_ctrl_c(emit) as stop_requested:
+    # Ctrl-C with several processes: torchrun ends them all; the state of the last finished epoch resumes.
+    with (stop_on_ctrl_c(emit) if world.size == 1 else contextlib.nullcontext(lambda: False)) as stop_requested:
         try:
             records = fit(model, (train_images, train_labels), val, config=config, device=device,
                           precision=precision, generator=generator, on_epoch=reporter, resume_from=resume_from,
-                          save_state=lambda state: save_resume_state(paths.resume_state, digest, state),
-                          should_stop=stop_requested, fine_tune=start is not None)
+                          save_state=(lambda state: save_resume_state(paths.resume_state, digest, state))
+                          if world.is_main else None,
+                          should_stop=stop_requested, fine_tune=start is not None, world=world)
         except StopRequested as stop:
             emit(f"stopped after batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']}) "
                  f"with the state saved in {paths.resume_state}; run `dvc repro` again to continue from there")
@@ -161,15 +222,18 @@ def train(params: Params, paths: ProjectPaths) -> None:
             emit("interrupted: " + ("run `dvc repro` again to continue from the last saved state"
                                     if paths.resume_state.is_file() else "no state saved yet; nothing to resume"))
             raise SystemExit(130) from None
+    if not world.is_main:
+        return
     # Training time of the whole run: a resumed run adds the time spent before the stop.
     train_seconds = time.perf_counter() - started + (resume_from["elapsed_seconds"] if resume_from else 0.0)
     reporter.close({"train_seconds": train_seconds, "precision": precision, "device": device.type,
                     "epochs": length.epochs, "batch_size": length.batch_size, "steps": length.total_steps,
+                    "processes": world.size,
                     "images_per_second": sum(r["images_per_second"] for r in records) / len(records)})
     save_checkpoint(paths.checkpoint, model, architecture=config.model, arguments=arguments,
                     class_names=meta["class_names"], mean=mean, std=std,
                     params=as_dict(params), extra={"train_seconds": train_seconds, "precision": precision,
                            "device": describe_device(device), "epochs": length.epochs, "batch_size": length.batch_size,
-                           "start": start.provenance if start else None})
+                           "start": start.provenance if start else None, "processes": world.size})
     shutil.rmtree(paths.resume_state.parent, ignore_errors=True)  # done: nothing to resume any more
     emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")

@@ -1,0 +1,144 @@
+"""Data-parallel training on torch.distributed, launched by torchrun (torch.distributed.run).
+
+With ``train.processes: 1`` (the default) the train stage is one plain process with no process group. With
+more, the stage starts ``torch.distributed.run --standalone`` itself on this machine, which runs
+``python -m imgcls.train`` once per process; for several machines, users run torchrun on each node
+themselves (README, "Scale out") and every process finds its place in the environment torchrun sets
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE).
+
+Every rank trains on its own contiguous part of each global batch (train.batch_size); DistributedDataParallel
+averages the gradients, so the rate, schedule and epochs mean what they mean in one process. Only rank 0
+writes anything (checkpoint, resume state, dvclive, TensorBoard, console lines). A rank that fails writes
+its message where the launching stage reads it; torchrun then ends the other ranks, and the stage exits 1
+with that message.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import TrainingError
+
+# A rank waiting longer than this in a collective (a peer on another machine gone silent) fails instead of
+# hanging; on one machine torchrun ends the other ranks as soon as one exits with an error.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+RANK_ERRORS_ENV = "IMGCLS_RANK_ERRORS"  # the folder where a failing rank leaves its message
+PEER_LOST = ("by peer", "Connection closed", "Broken pipe")  # gloo's words when another rank has gone
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.size
+
+
+SINGLE = World()
+
+
+def world_from_env() -> World | None:
+    """The place torchrun gave this process, or None when it was not started by torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+
+
+def threads_per_process(requested: int, world: World) -> int:
+    """``base.threads``, or this machine's cores shared out between its processes."""
+    return requested or max(1, (os.cpu_count() or 1) // world.local_size)
+
+
+def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
+    """Run the train stage in ``processes`` processes on this machine under torch.distributed.run and wait.
+    Raises TrainingError naming the failed rank and its message when any of them fails."""
+    with tempfile.TemporaryDirectory(prefix="imgcls-ranks-") as errors:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                   f"--nproc-per-node={processes}", "--max-restarts=0", "--module", "imgcls.train"]
+        per_process = threads_per_process(threads, World(size=processes, local_size=processes))
+        env = dict(os.environ, **{RANK_ERRORS_ENV: errors, "OMP_NUM_THREADS": str(per_process)})
+        emit(f"starting {processes} processes x {per_process} thread(s) with torchrun (train.processes: {processes}): "
+             + " ".join(command[1:]))
+        status = subprocess.call(command, env=env)
+        if status == 0:
+            return
+        reports = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
+        messages = [(report.stem.split("-", 1)[1], report.read_text().strip()) for report in reports]
+        # A rank that lost its connection to a peer only reports the peer's end: the cause is elsewhere.
+        causes = [(rank, text) for rank, text in messages if not any(s in text for s in PEER_LOST)]
+        if causes:
+            rank, text = causes[0]
+            raise TrainingError(f"rank {rank} of {processes} failed: {text}")
+        raise TrainingError(f"a training process of {processes} ended without a message (torchrun exit status "
+                            f"{status}): it was killed (out of memory, or a signal); torchrun's \"Root Cause\" "
+                            "above names its rank and signal"
+                            + (f". The others then lost their connection to it (rank {messages[0][0]}: "
+                               f"{messages[0][1][:200]})" if messages else ""))
+
+
+def report_failure(world: World, error: BaseException) -> None:
+    """Leave this rank's message for the launching stage (first failure wins: it has the oldest file)."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder and world.size > 1 and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+        message = str(error) if isinstance(error, TrainingError) or type(error).__module__.startswith("imgcls") \
+            else f"{type(error).__name__}: {error}"
+        try:
+            (Path(folder) / f"rank-{world.rank}.txt").write_text(message)
+        except OSError:
+            pass
+
+
+def init_process_group(world: World, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def broadcast_object(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank (the resume state: only rank 0 reads the file)."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_reduce_sum(values: list[float], device: torch.device, world: World) -> list[float]:
+    if world.size == 1:
+        return values
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (it broadcasts rank 0's weights and buffers first)."""
+    if world.size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
