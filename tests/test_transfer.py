@@ -199,7 +199,7 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path, capsys):
     assert not same.head_replaced and torch.equal(same.state["head.weight"], source_state["head.weight"])
 
 
-def test_init_from_mismatches_name_the_param_to_change(tmp_path):
+def test_init_from_mismatches_name_the_param_to_change(tmp_path, monkeypatch):
     source = project(tmp_path, "source", ["a", "b"], n_train=32, size=16)
     train(real_params(train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 16,
                              "log_images": 0}), source)
@@ -214,6 +214,9 @@ def test_init_from_mismatches_name_the_param_to_change(tmp_path):
             load_init_checkpoint(path, class_names=["x", "y"], **arguments)
     with pytest.raises(TransferError, match="train.init_from: .*does not exist"):
         load_init_checkpoint(str(tmp_path / "nope.pt"), architecture="convnet", in_channels=3, width=8, class_names=["x"])
+    monkeypatch.chdir(tmp_path)  # the project root: its own checkpoint is gone while train runs
+    with pytest.raises(TransferError, match="the train stage's own output, which DVC removes before the stage runs"):
+        load_init_checkpoint("data/model/checkpoint.pt", architecture="convnet", in_channels=3, width=8, class_names=["x"])
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"\x80\x04not a checkpoint")
     with pytest.raises(TransferError, match="train.init_from: .*not a readable imgcls checkpoint"):

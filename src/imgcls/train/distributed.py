@@ -15,6 +15,7 @@ with that message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,9 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed
 
 from ..errors import TrainingError
 
@@ -112,6 +114,16 @@ def init_process_group(world: World, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT,
                             **({"device_id": device} if device.type == "cuda" else {}))
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Rank 0 does the body first and the others after it (a download into a shared cache happens once)."""
+    if world.size > 1 and not world.is_main:
+        torch.distributed.barrier()
+    yield
+    if world.size > 1 and world.is_main:
+        torch.distributed.barrier()
 
 
 def broadcast_object(value: Any, world: World) -> Any:

@@ -114,6 +114,10 @@ def load_init_checkpoint(path: str, *, architecture: str, in_channels: int, widt
                          class_names: list[str]) -> StartingWeights:
     """A checkpoint this pipeline wrote, checked like any checkpoint (weights_only, structure, finite weights),
     as starting weights: everything but the head, and the head too when the classes are the same."""
+    if not Path(path).is_file() and Path(path).resolve() == (Path.cwd() / "data" / "model" / "checkpoint.pt").resolve():
+        raise TransferError(f"train.init_from = {path!r} is the train stage's own output, which DVC removes before the "
+                            "stage runs: copy the checkpoint elsewhere first (cp data/model/checkpoint.pt "
+                            "pretrained.pt) and set train.init_from to the copy")
     try:
         source_model, checkpoint = load_checkpoint(Path(path))
     except CheckpointError as error:
