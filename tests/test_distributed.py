@@ -144,3 +144,25 @@ def test_a_killed_rank_ends_the_job_with_exit_status_1_not_a_hang(tmp_path):
     assert "train: error: a training process of 2 ended without a message" in out, out
     assert "Signal 9 (SIGKILL)" in out  # torchrun's root cause names the killed rank
     assert not paths.checkpoint.exists()
+
+
+def test_stopping_the_stage_stops_every_rank(tmp_path):
+    # SIGTERM to the stage alone (a CI cancel, `timeout`, `kill`): torchrun and both ranks end too, none is
+    # left writing into data/ while the next run starts.
+    paths = make_project(tmp_path / "stopped", {"processes": 2, "epochs": 500})
+    tag = uuid.uuid4().hex
+    process = run_stage(paths.root, env=dict(os.environ, IMGCLS_TEST_TAG=tag))
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("train:     2 "):  # epoch 1's state is saved by now
+            break
+    process.send_signal(signal.SIGTERM)
+    out = "".join(lines) + finish(process, timeout=60)
+    assert process.returncode == 130, out
+    assert "stopped: torchrun ended every process" in out
+    deadline = time.monotonic() + 30
+    while (_worker(tag, 0) or _worker(tag, 1)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _worker(tag, 0) is None and _worker(tag, 1) is None
+    assert paths.resume_state.is_file()  # rank 0 saved the finished epochs: the next run resumes from there

@@ -149,6 +149,19 @@ def test_batchnorm_biases_get_their_own_rate_and_frozen_weights_are_left_out():
     assert not frozen & {id(p) for p in others["params"] + biases["params"]}
 
 
+def test_lookahead_follows_a_wrapped_model():
+    # torch.compile and DDP wrappers prefix state_dict names; the average must still follow the weights.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    lookahead = Lookahead(model, decay_per_step=0.5, every=1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = lookahead.state["weight"].clone()
+    lookahead.update(nn.DataParallel(model), step=0, lr_ratio=1.0)
+    assert not torch.equal(lookahead.state["weight"], before)
+    assert torch.equal(model.weight, lookahead.state["weight"])
+
+
 def test_lookahead_finish_leaves_the_average_in_the_model():
     model = nn.Linear(2, 1)
     lookahead = Lookahead(model, decay_per_step=0.9, every=1)

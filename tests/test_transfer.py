@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import real_params
-from imgcls.errors import ParamsError
+from imgcls.errors import ParamsError, TrainingError
 from imgcls.evaluate.metrics import per_class_metrics
 from imgcls.model.checkpoint import load_checkpoint
 from imgcls.model.networks import build_model
@@ -19,6 +19,7 @@ from imgcls.paths import ProjectPaths
 from imgcls.prepared import save_prepared
 from imgcls.preprocess.splits import plan_splits
 from imgcls.stats import wilson_interval
+from imgcls.train.loop import make_training_setup
 from imgcls.train.optim import SHORT_RUN_STEPS, run_length
 from imgcls.train.stage import small_test_split_warnings, train
 from imgcls.train.transfer import (TransferError, apply_starting_weights, imagenet_weights, load_init_checkpoint,
@@ -206,14 +207,15 @@ def test_init_from_mismatches_name_the_param_to_change(tmp_path, monkeypatch):
     path = str(source.checkpoint)
     cases = [
         ({"architecture": "fast", "in_channels": 3, "width": 8}, "holds a convnet model but train.model is 'fast'; set train.model: convnet"),
-        ({"architecture": "convnet", "in_channels": 1, "width": 8}, "trained on 3-channel images, this data has 1; set data.channels: 3"),
+        ({"architecture": "convnet", "in_channels": 1, "width": 8}, "trained on 3-channel images, this data has 1; use data of that many channels (data.channels: 3"),
         ({"architecture": "convnet", "in_channels": 3, "width": 16}, "has width 8, train.width is 16; set train.width: 8"),
     ]
     for arguments, fragment in cases:
         with pytest.raises(TransferError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             load_init_checkpoint(path, class_names=["x", "y"], **arguments)
-    with pytest.raises(TransferError, match="train.init_from: .*does not exist"):
+    with pytest.raises(TransferError, match="train.init_from: .*does not exist; name a checkpoint.pt") as caught:
         load_init_checkpoint(str(tmp_path / "nope.pt"), architecture="convnet", in_channels=3, width=8, class_names=["x"])
+    assert "dvc repro" not in str(caught.value)  # the advice for the pipeline's own checkpoint is not given here
     monkeypatch.chdir(tmp_path)  # the project root: its own checkpoint is gone while train runs
     with pytest.raises(TransferError, match="the train stage's own output, which DVC removes before the stage runs"):
         load_init_checkpoint("data/model/checkpoint.pt", architecture="convnet", in_channels=3, width=8, class_names=["x"])
@@ -226,7 +228,7 @@ def test_init_from_mismatches_name_the_param_to_change(tmp_path, monkeypatch):
     train(real_params(train={"model": "lenet", "epochs": 1, "min_steps": 0, "batch_size": 16, "log_images": 0}), lenet)
     start = load_init_checkpoint(str(lenet.checkpoint), architecture="lenet", in_channels=3, width=32, class_names=["x", "y"])
     model = build_model("lenet", in_channels=3, num_classes=2, image_size=32, mean=start.mean, std=start.std)
-    with pytest.raises(TransferError, match="set data.image_size to the size it was trained on"):
+    with pytest.raises(TransferError, match="use images of the size it was trained on"):
         apply_starting_weights(model, start, "train.init_from")
 
 
@@ -245,6 +247,17 @@ def test_small_data_gets_enough_steps_and_short_runs_warn():
     assert not ants_bees.warnings
     fashion = run_length(54000, config)  # large data: the recipe as written
     assert (fashion.batch_size, fashion.epochs, fashion.notes, fashion.warnings) == (512, 10, [], [])
+    # Freezing for at least train.epochs means the head alone, however many epochs min_steps adds.
+    images = torch.zeros(220, 3, 16, 16, dtype=torch.uint8)
+    model = build_model("fast", in_channels=3, num_classes=2, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, width=8)
+    frozen = real_params(train={"init_from": "a.pt", "freeze_backbone_epochs": 10}).train
+    setup = make_training_setup(model, images, config=frozen, generator=torch.Generator(), fine_tune=True)
+    assert setup.epochs == 25 and setup.frozen_epochs == 25
+    # Several processes: equal shares of at least two images each, or a clear refusal.
+    assert run_length(220, config, processes=2).batch_size == 26
+    assert run_length(220, config, processes=4).batch_size == 24
+    with pytest.raises(TrainingError, match="cannot give each of train.processes = 16 processes two images"):
+        run_length(20, config, processes=16)
     short = run_length(220, real_params(train={"min_steps": 0}).train)
     assert short.total_steps == 80 < SHORT_RUN_STEPS
     assert short.warnings and "only 80 optimizer steps" in short.warnings[0] and "train.min_steps" in short.warnings[0]

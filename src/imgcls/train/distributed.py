@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,8 +33,9 @@ import torch.distributed
 from ..errors import TrainingError
 
 # A rank waiting longer than this in a collective (a peer on another machine gone silent) fails instead of
-# hanging; on one machine torchrun ends the other ranks as soon as one exits with an error.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# hanging; on one machine torchrun ends the other ranks as soon as one exits with an error. The other ranks
+# also wait this long while rank 0 validates and saves after each epoch: keep validation well below it.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 RANK_ERRORS_ENV = "IMGCLS_RANK_ERRORS"  # the folder where a failing rank leaves its message
 PEER_LOST = ("by peer", "Connection closed", "Broken pipe")  # gloo's words when another rank has gone
 
@@ -79,7 +82,24 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
         env = dict(os.environ, **{RANK_ERRORS_ENV: errors, "OMP_NUM_THREADS": str(per_process)})
         emit(f"starting {processes} processes x {per_process} thread(s) with torchrun (train.processes: {processes}): "
              + " ".join(command[1:]))
-        status = subprocess.call(command, env=env)
+        process = subprocess.Popen(command, env=env)
+        received = []
+
+        def forward(signum, frame):  # a stop for this stage is a stop for torchrun, which ends its ranks
+            received.append(signum)
+            process.send_signal(signum)
+
+        handled = (signal.SIGINT, signal.SIGTERM)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, forward) for sig in handled} if in_main else {}
+        try:
+            status = process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if received:
+            emit("stopped: torchrun ended every process; the next run resumes from the last finished epoch")
+            raise SystemExit(130)
         if status == 0:
             return
         reports = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)

@@ -63,7 +63,9 @@ def make_training_setup(model: nn.Module, images: ImageSource | torch.Tensor, *,
     augment = config.augment
     return TrainingSetup(
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, epochs=length.epochs,
-        frozen_epochs=config.freeze_backbone_epochs if fine_tune else 0, plan=plan, optimizer=optimizer,
+        # freeze_backbone_epochs >= train.epochs: the head alone, for the whole run (however long min_steps makes it)
+        frozen_epochs=(0 if not fine_tune else length.epochs if config.freeze_backbone_epochs >= config.epochs
+                       else config.freeze_backbone_epochs), plan=plan, optimizer=optimizer,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         augmentation=Augmentation(flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip),
         flip_halves=torch.rand(len(images), generator=generator) < 0.5,
@@ -215,6 +217,10 @@ def fit(
         for record in resume_from["records"]:  # the logs DVC deleted with the stage's outputs
             records.append(record)
             on_epoch(record)
+    if world.size > 1:
+        # Ranks share the batch order (their own generator) but not dropout's draws: each its own stream.
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * world.rank + step)
+
     def wrapped() -> nn.Module:
         # DDP starts every rank from rank 0's weights and all-reduces the parameters that train at the time it
         # is built: after any resume, and again whenever the model's own schedule freezes one (fast: the
@@ -265,7 +271,9 @@ def fit(
         if not math.isfinite(record["train_loss"]):
             raise TrainingError(
                 f"the training loss became {record['train_loss']} in epoch {epoch}: the run diverged and its model "
-                f"would be useless. Lower train.lr ({config.lr}) or raise train.batch_size ({setup.batch_size}); "
+                f"would be useless. Lower train.lr ({config.lr}) or raise train.batch_size ({config.batch_size}"
+                + (f"; this run's batch of {setup.batch_size} was cut by train.min_batches_per_epoch"
+                   if setup.batch_size < config.batch_size else "") + "); "
                 "images with (nearly) no variation inside them also whiten badly with train.model: fast")
         records.append(record)
         on_epoch(record)

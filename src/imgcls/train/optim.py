@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import TrainingError
 from ..model.checkpoint import unwrap
 
 REFERENCE_BATCH_SIZE = 256  # train.lr is the rate at this batch size; it scales linearly with batch size
@@ -40,8 +41,12 @@ def run_length(images: int, config, processes: int = 1) -> RunLength:
         notes.append(f"batch size {batch_size} instead of train.batch_size {config.batch_size}: {images} training "
                      f"images give train.min_batches_per_epoch = {config.min_batches_per_epoch} steps an epoch "
                      f"(the rate scales with it: {config.lr} at batch {REFERENCE_BATCH_SIZE})")
-    if batch_size % processes:
-        batch_size = max(processes, batch_size - batch_size % processes)
+    if processes > 1 and (batch_size % processes or batch_size < 2 * processes):
+        # Each process takes an equal share of at least 2 images (BatchNorm needs two to normalize over).
+        batch_size = max(2 * processes, batch_size - batch_size % processes)
+        if batch_size > images:
+            raise TrainingError(f"{images} training images cannot give each of train.processes = {processes} "
+                                "processes two images a step; use fewer processes")
         notes.append(f"batch size {batch_size}: a multiple of the {processes} processes, each taking "
                      f"{batch_size // processes} images of every batch")
     steps_per_epoch = max(1, images // batch_size)

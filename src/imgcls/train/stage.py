@@ -194,7 +194,8 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
 
     digest, resume_from = None, None
     if world.is_main:  # rank 0 reads the state and hands it to the others (they may be on other machines)
-        digest = run_digest(params, paths.prepared_dir, extra=start.provenance["sha256"] if start else "")
+        extra = (start.provenance["sha256"] if start else "") + (f"|world {world.size}" if world.size > 1 else "")
+        digest = run_digest(params, paths.prepared_dir, extra=extra)  # a state from another world size is not used
         resume_from = load_resume_state(paths.resume_state, digest, emit)
     resume_from = broadcast_object(resume_from, world)
     if resume_from is not None:

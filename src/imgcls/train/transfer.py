@@ -8,6 +8,7 @@ normalization the weights expect) is returned as provenance: the checkpoint and 
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import urllib.error
 from dataclasses import dataclass, field
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError, TrainingError
 from ..model.checkpoint import load_checkpoint, plain_state_dict
@@ -120,15 +120,18 @@ def load_init_checkpoint(path: str, *, architecture: str, in_channels: int, widt
                             "pretrained.pt) and set train.init_from to the copy")
     try:
         source_model, checkpoint = load_checkpoint(Path(path))
-    except CheckpointError as error:
-        raise TransferError(f"train.init_from: {error}") from None
+    except CheckpointError as error:  # its advice (retrain the pipeline's own checkpoint) is not for this file
+        problem = re.sub(r"(; it is damaged or was not written by this pipeline)?[;.] (Rebuild it with|run the train "
+                         r"stage first|Retrain with).*$", "", str(error), flags=re.S)
+        raise TransferError(f"train.init_from: {problem}; name a checkpoint.pt this pipeline wrote") from None
     source_arch, arguments = checkpoint["architecture"], checkpoint["arguments"]
     if source_arch != architecture:
         raise TransferError(f"train.init_from = {path!r} holds a {source_arch} model but train.model is "
                             f"{architecture!r}; set train.model: {source_arch}")
     if arguments["in_channels"] != in_channels:
         raise TransferError(f"train.init_from = {path!r} was trained on {arguments['in_channels']}-channel images, "
-                            f"this data has {in_channels}; set data.channels: {arguments['in_channels']}")
+                            f"this data has {in_channels}; use data of that many channels (data.channels: "
+                            f"{arguments['in_channels']} for an image folder)")
     if architecture in ("convnet", "fast") and arguments.get("width", 32) != width:
         raise TransferError(f"train.init_from = {path!r} has width {arguments.get('width', 32)}, train.width is "
                             f"{width}; set train.width: {arguments.get('width', 32)}")
@@ -153,16 +156,10 @@ def apply_starting_weights(model: Network, start: StartingWeights, where: str) -
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # tensors of other shapes: another input size for lenet, another network
         problem = str(error).split("\n\t", 1)[-1].replace("\n\t", "; ")[:500]
-        raise TransferError(f"{where}: its weights do not fit this model ({problem}); for lenet and tutorial_cnn, "
-                            "whose layers depend on the image size, set data.image_size to the size it was "
-                            "trained on") from None
+        raise TransferError(f"{where}: its weights do not fit this model ({problem}); lenet and tutorial_cnn "
+                            "layers depend on the image size: use images of the size it was trained on "
+                            "(data.image_size for an image folder)") from None
     missing = sorted(set(missing) - head)
     if missing or unexpected:
         raise TransferError(f"{where} does not hold this model's weights: missing {missing[:4]}, "
                             f"unexpected {sorted(unexpected)[:4]}")
-
-
-def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that came from the starting weights: all but the head's."""
-    head = model.head_parameter_names() if isinstance(model, Network) else set()
-    return [p for name, p in model.named_parameters() if name not in head]
