@@ -53,6 +53,17 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         ({1: {"x": 1}}, "key 1 in params.yaml is not a name"),
         ({"train": {2: 0.1}}, "key 2 in train is not a name"),
         ({"data": {"source": "sources/cifar10.txt"}}, "lists cifar10 locations but data.dataset = 'fashion-mnist'"),
+        ({"train": {"pretrained": "imagenet"}}, "train.pretrained = 'imagenet' loads torchvision's ImageNet weights, "
+         "which exist for resnet18, mobilenet_v3_small, not for train.model = 'fast'"),
+        ({"train": {"model": "resnet18", "pretrained": "imagenet", "init_from": "a.pt"}},
+         "train.pretrained and train.init_from both name starting weights"),
+        ({"train": {"freeze_backbone_epochs": 2}}, "train.freeze_backbone_epochs = 2 freezes weights loaded"),
+        ({"train": {"backbone_lr_scale": 0}}, "train.backbone_lr_scale = 0 is not allowed; expected 0 < x <= 1"),
+        ({"train": {"init_from": ""}}, "train.init_from = '' is not allowed; expected none or the path"),
+        ({"train": {"processes": 0}}, "train.processes = 0 is not allowed; expected 1..256"),
+        ({"train": {"processes": 2}, "base": {"device": "cuda:1"}}, "base.device = 'cuda:1' names one GPU, but "
+         "train.processes = 2 gives each process the GPU of its local rank"),
+        ({"data": {"val_folder": "validation"}}, "data.val_folder = 'validation' is not allowed; expected one of 'test'"),
         ({"data": {"dataset": "imagefolder", "source": "x.zip", "image_size": 8}},
          "train.model = 'fast' needs images of at least 9x9 pixels, but data.image_size is 8"),
     ],
