@@ -21,14 +21,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import SHARED_CIFAR_IMAGES, extract_shared_cifar, machine, run_timed, scratch_project, set_params, write_results
+from common import SHARED_CIFAR_IMAGES, extract_shared_cifar, machine, scratch_project, set_params, write_results
+from run import run_stages
 
 WORK = Path("/tmp/imgcls-bench")
 SMALL_CLASSES = ("cat", "dog")
 TRAIN_PER_CLASS = 122  # the ants/bees training set: 244 images
 
 
-def link_folder(source: Path, target: Path, files: list[Path]) -> None:
+def link_folder(target: Path, files: list[Path]) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
         os.link(path, target / path.name)
@@ -44,23 +45,12 @@ def make_folders(cifar: Path, root: Path) -> tuple[Path, Path]:
         name = class_dir.name
         train_files, test_files = sorted(class_dir.iterdir()), sorted((cifar / "test" / name).iterdir())
         if name in SMALL_CLASSES:
-            link_folder(class_dir, small / "train" / name, rng.sample(train_files, TRAIN_PER_CLASS))
-            link_folder(class_dir, small / "val" / name, test_files)
+            link_folder(small / "train" / name, rng.sample(train_files, TRAIN_PER_CLASS))
+            link_folder(small / "val" / name, test_files)
         else:
-            link_folder(class_dir, pretrain / "train" / name, train_files)
-            link_folder(class_dir, pretrain / "test" / name, test_files)
+            link_folder(pretrain / "train" / name, train_files)
+            link_folder(pretrain / "test" / name, test_files)
     return pretrain, small
-
-
-def run_stages(project: Path, stages: list[str]) -> dict:
-    total = {"seconds": 0.0, "peak_rss_mib": 0.0}
-    for stage in stages:
-        result = run_timed([sys.executable, f"stages/{stage}.py"], project, project / f"{stage}.log")
-        if result["returncode"]:
-            raise SystemExit(f"{stage} failed:\n{(project / f'{stage}.log').read_text()[-3000:]}")
-        total["seconds"] += result["seconds"]
-        total["peak_rss_mib"] = max(total["peak_rss_mib"], result["peak_rss_mib"])
-    return total
 
 
 def results(project: Path) -> dict:
