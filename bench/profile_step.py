@@ -1,5 +1,8 @@
 """Where a training step's time goes: data (batching + augmentation), forward, backward, optimizer,
-and evaluation, for one recipe of bench/recipes.yaml on CIFAR-10-shaped data.
+and evaluation, for one recipe of bench/recipes.yaml on CIFAR-10-shaped data; and how far the step is from
+what this CPU can do: the step's floating-point operations (forward + backward, counted by torch's
+FlopCounterMode), the FLOP/s it achieves, and that as a share of the FLOP/s of a large matrix product in the
+same precision on the same threads (the attainable dense-math peak here, measured, not from a data sheet).
 
     .venv/bin/python bench/profile_step.py [RECIPE] [--steps N]
 
@@ -28,6 +31,44 @@ from imgcls.runtime import resolve_precision, seed_everything
 from imgcls.train.loop import apply_update, backward, epoch_batches, forward_loss, make_training_setup, set_rate
 
 PREPARED = Path("/tmp/imgcls-bench/cifar10-jpeg/data/prepared")
+
+
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+PEAK_SIZE = 2048  # a square matrix product this large keeps every core's vector units busy
+
+
+def cpu_features() -> list[str]:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in CPU_FEATURES if f in flags]
+
+
+def step_flops(model, batch, labels, loss_fn, device, precision) -> int:
+    """Floating-point operations of one training step (forward + backward), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, loss = forward_loss(model, batch, labels, loss_fn, device, precision)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak(precision: str, seconds: float = 2.0) -> float:
+    """FLOP/s of a large square matrix product in ``precision`` (bf16 tensors or fp32) on torch's threads."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype)
+    b = torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    calls, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        calls += 1
+    return 2 * PEAK_SIZE**3 * calls / (time.perf_counter() - started)
 
 
 def main() -> int:
@@ -84,6 +125,9 @@ def main() -> int:
                 totals[key] += finish - begin
     step_seconds = sum(totals.values()) / args.steps
     steps_per_epoch = setup.steps_per_epoch
+    flops = step_flops(model, batch, batch_labels, setup.loss_fn, device, precision)
+    achieved = flops / step_seconds
+    peaks = {p: matmul_peak(p) for p in dict.fromkeys((precision, "fp32"))}
     eval_model = TTAModel(model) if evaluate_config.tta else model
     started = time.perf_counter()
     predict(eval_model, test_images, batch_size=evaluate_config.batch_size, device=device, precision=precision)
@@ -99,11 +143,20 @@ def main() -> int:
     print(f"{'step':<12}{step_seconds * 1000:>9.1f}{1:>8.0%}{step_seconds * steps_per_epoch:>9.1f}"
           f"   ({config.batch_size / step_seconds:,.0f} training images/s)")
     print(f"evaluation of {len(test_images)} test images (tta={evaluate_config.tta}): {evaluation_seconds:.1f} s")
+    print(f"step: {flops / 1e9:.1f} GFLOP ({flops / len(batch) / 1e6:.1f} MFLOP per image, forward + backward), "
+          f"achieved {achieved / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads; CPU features: "
+          f"{', '.join(cpu_features())}")
+    for name, peak in peaks.items():
+        print(f"  {PEAK_SIZE}x{PEAK_SIZE} matrix product in {name}: {peak / 1e9:.1f} GFLOP/s; "
+              f"the step reaches {achieved / peak:.1%} of it")
     payload = {"machine": machine(), "recipe": args.recipe, "data": data, "precision": precision, "compile": args.compile,
                "steps": args.steps, "batch_size": config.batch_size,
                "ms_per_step": {k: v / args.steps * 1000 for k, v in totals.items()},
                "training_images_per_second": config.batch_size / step_seconds,
-               "epoch_seconds": step_seconds * steps_per_epoch, "evaluation_seconds": evaluation_seconds}
+               "epoch_seconds": step_seconds * steps_per_epoch, "evaluation_seconds": evaluation_seconds,
+               "step_flops": flops, "achieved_flops_per_second": achieved, "threads": torch.get_num_threads(),
+               "cpu_features": cpu_features(), "matmul_peak_flops_per_second": peaks,
+               "share_of_matmul_peak": {name: achieved / peak for name, peak in peaks.items()}}
     name = f"profile-{args.recipe}" + ("-compile" if args.compile else "")
     print(f"wrote {write_results(name, payload)}")
     return 0
