@@ -166,3 +166,18 @@ def test_stopping_the_stage_stops_every_rank(tmp_path):
         time.sleep(0.5)
     assert _worker(tag, 0) is None and _worker(tag, 1) is None
     assert paths.resume_state.is_file()  # rank 0 saved the finished epochs: the next run resumes from there
+
+
+def test_a_killed_stage_takes_torchrun_and_its_ranks_with_it(tmp_path):
+    paths = make_project(tmp_path / "orphans", {"processes": 2, "epochs": 500})
+    tag = uuid.uuid4().hex
+    process = run_stage(paths.root, env=dict(os.environ, IMGCLS_TEST_TAG=tag))
+    for line in process.stdout:
+        if line.startswith("train:     1 "):
+            break
+    process.kill()  # SIGKILL: the stage cannot pass anything on
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while (_worker(tag, 0) or _worker(tag, 1)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _worker(tag, 0) is None and _worker(tag, 1) is None

@@ -82,7 +82,7 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
         env = dict(os.environ, **{RANK_ERRORS_ENV: errors, "OMP_NUM_THREADS": str(per_process)})
         emit(f"starting {processes} processes x {per_process} thread(s) with torchrun (train.processes: {processes}): "
              + " ".join(command[1:]))
-        process = subprocess.Popen(command, env=env)
+        process = subprocess.Popen(command, env=env, preexec_fn=_end_with_parent)
         received = []
 
         def forward(signum, frame):  # a stop for this stage is a stop for torchrun, which ends its ranks
@@ -114,6 +114,17 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
                             "above names its rank and signal"
                             + (f". The others then lost their connection to it (rank {messages[0][0]}: "
                                f"{messages[0][1][:200]})" if messages else ""))
+
+
+def _end_with_parent() -> None:
+    """In the torchrun child, before it starts: SIGTERM it when this stage dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so that torchrun ends its ranks instead of training on with no one waiting."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a SIGKILL of the stage leaves torchrun to its own end
+        pass
 
 
 def report_failure(world: World, error: BaseException) -> None:
