@@ -33,15 +33,22 @@ def run_stages(project: Path, stages: list[str]) -> dict:
     return total
 
 
-def tutorial_row() -> dict:
-    images = extract_shared_cifar(WORK / "cifar10-images")
-    result_path = WORK / "tutorial.json"
-    run = run_timed([sys.executable, str(REPO_ROOT / "bench" / "tutorial.py"), str(images), str(result_path)],
-                    WORK, WORK / "tutorial.log")
+FASHION_MNIST_IDX = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+def tutorial_row(dataset: str = "cifar10-jpeg") -> dict:
+    """The tutorial's loop on CIFAR-10 (the JPEG copy) or on Fashion-MNIST (issue 14's baseline for it)."""
+    result_path = WORK / f"tutorial-{dataset}.json"
+    if dataset == "fashion-mnist":
+        args, name = ["--fashion-mnist", str(FASHION_MNIST_IDX)], "tutorial (LeNet 1-channel, batch 4, 2 epochs)"
+    else:
+        args, name = [str(extract_shared_cifar(WORK / "cifar10-images"))], "tutorial (LeNet, batch 4, 2 epochs)"
+    log = WORK / f"tutorial-{dataset}.log"
+    run = run_timed([sys.executable, str(REPO_ROOT / "bench" / "tutorial.py"), *args, str(result_path)], WORK, log)
     if run["returncode"]:
-        raise SystemExit((WORK / "tutorial.log").read_text()[-3000:])
+        raise SystemExit(log.read_text()[-3000:])
     result = json.loads(result_path.read_text())
-    return {"recipe": "tutorial (LeNet, batch 4, 2 epochs)", "dataset": "cifar10-jpeg", "test_accuracy": result["test_accuracy"],
+    return {"recipe": name, "dataset": dataset, "test_accuracy": result["test_accuracy"],
             "wall_seconds": run["seconds"], "train_images_per_second": result["train_images"] / result["train_seconds"],
             "peak_rss_mib": run["peak_rss_mib"]}
 
@@ -89,7 +96,7 @@ def prepare(dataset: str, overrides: dict) -> tuple[Path, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", help="recipe names from bench/recipes.yaml")
-    parser.add_argument("--skip-tutorial", action="store_true")
+    parser.add_argument("--skip-tutorial", action="store_true", help="no tutorial rows (CIFAR-10 or Fashion-MNIST)")
     args = parser.parse_args()
     recipes = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())
     if args.only:
@@ -100,9 +107,15 @@ def main() -> int:
         print(f"CIFAR-10 rows skipped: {SHARED_CIFAR_IMAGES} is absent (it sits beside the checkout on the project's machines)")
         recipes = {k: v for k, v in recipes.items() if not k.startswith("cifar10")}
     rows, projects = [], {}
-    if have_cifar and not args.skip_tutorial:
+    if have_cifar and not args.skip_tutorial and any(k.startswith("cifar10") for k in recipes):
         rows.append(tutorial_row())
-        print_row(rows[-1], rows[0])
+        print_row(rows[-1], {rows[-1]["dataset"]: rows[-1]})
+    if any(not k.startswith("cifar10") for k in recipes) and not args.skip_tutorial:
+        if (FASHION_MNIST_IDX / "train-images-idx3-ubyte.gz").is_file():
+            rows.append(tutorial_row("fashion-mnist"))
+            print_row(rows[-1], {rows[-1]["dataset"]: rows[-1]})
+        else:
+            print(f"Fashion-MNIST tutorial row skipped: {FASHION_MNIST_IDX} is absent (apt-get install dataset-fashion-mnist)")
     if any(k.startswith("cifar10") for k in recipes):
         # The standard split: all 50,000 training images train, the 10,000 test images only test.
         cifar_data = {"data": {"dataset": "imagefolder", "source": str(SHARED_CIFAR_IMAGES), "image_size": 32, "channels": 3},
@@ -115,15 +128,17 @@ def main() -> int:
     for name, overrides in recipes.items():
         rows.append(recipe_row(name, overrides, projects))
         print(f"done: {name}: accuracy {rows[-1]['test_accuracy']:.4f} in {rows[-1]['wall_seconds']:.0f} s", flush=True)
-    baseline = rows[0] if rows and rows[0]["recipe"].startswith("tutorial") else None
+    # Each data set's rows compare with the tutorial's loop on the same data set in this run.
+    baselines = {row["dataset"]: row for row in rows if row["recipe"].startswith("tutorial")}
     print()
     print(f"{'recipe':<38}{'dataset':<15}{'test_acc':>9}{'wall_s':>9}{'train_img/s':>12}{'peak_MiB':>10}"
           f"{'acc_x_tut':>10}{'time_x_tut':>11}")
     for row in rows:
-        print_row(row, baseline)
-    payload = {"machine": machine(), "command": "make bench", "baseline": "tutorial" if baseline else None, "rows": rows}
+        print_row(row, baselines)
+    payload = {"machine": machine(), "command": "make bench", "baselines": sorted(baselines), "rows": rows}
     for row in rows:
-        if baseline and "test_accuracy" in row and row["dataset"] == baseline["dataset"]:
+        baseline = baselines.get(row["dataset"])
+        if baseline and "test_accuracy" in row:
             row["accuracy_ratio_to_tutorial"] = row["test_accuracy"] / baseline["test_accuracy"]
             row["time_ratio_to_tutorial"] = row["wall_seconds"] / baseline["wall_seconds"]
     if args.only:
@@ -133,11 +148,12 @@ def main() -> int:
     return 0
 
 
-def print_row(row: dict, baseline: dict | None) -> None:
+def print_row(row: dict, baselines: dict[str, dict]) -> None:
     accuracy = f"{row['test_accuracy']:9.4f}" if "test_accuracy" in row else f"{'':>9}"
     speed = f"{row['train_images_per_second']:12.0f}" if "train_images_per_second" in row else f"{'':>12}"
     ratios = ""
-    if baseline and "test_accuracy" in row and row["dataset"] == baseline["dataset"]:  # same data set only
+    baseline = baselines.get(row["dataset"])  # the tutorial on the same data set only
+    if baseline and "test_accuracy" in row:
         ratios = f"{row['test_accuracy'] / baseline['test_accuracy']:10.2f}{row['wall_seconds'] / baseline['wall_seconds']:11.2f}"
     print(f"{row['recipe']:<38}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}{ratios}",
           flush=True)

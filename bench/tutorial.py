@@ -1,7 +1,11 @@
 """The PyTorch tutorial's CIFAR-10 loop, as written there: LeNet, batch 4, per-image ToTensor/Normalize,
-SGD lr 0.001 momentum 0.9, 2 epochs. Runs on an extracted image folder (train/<class>, test/<class>).
+SGD lr 0.001 momentum 0.9, 2 epochs. Runs on an extracted image folder (train/<class>, test/<class>), or,
+with --fashion-mnist, on Fashion-MNIST through torchvision.datasets.FashionMNIST with the one-channel LeNet
+of PyTorch's own Fashion-MNIST tutorial ("Visualizing models, data, and training with TensorBoard": conv
+1->6, fc1 16*4*4), the same loop otherwise.
 
     python bench/tutorial.py IMAGE_ROOT RESULT_JSON
+    python bench/tutorial.py --fashion-mnist IDX_GZ_FOLDER RESULT_JSON
 """
 
 import json
@@ -17,12 +21,12 @@ import torchvision.transforms as transforms
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, channels=3, side=5):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv1 = nn.Conv2d(channels, 6, 5)
         self.pool = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc1 = nn.Linear(16 * side * side, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 10)
 
@@ -35,15 +39,36 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
-def main(root: str, result_path: str) -> None:
+def fashion_mnist_root(idx_folder: str) -> str:
+    """torchvision's FashionMNIST layout (<root>/FashionMNIST/raw/<files>) from the four .gz IDX files."""
+    import gzip
+    import os
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="tutorial-fmnist-")
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(os.path.join(idx_folder, name + ".gz")) as source, open(os.path.join(raw, name), "wb") as target:
+            target.write(source.read())
+    return root
+
+
+def main(root: str, result_path: str, fashion_mnist: bool = False) -> None:
     started = time.perf_counter()
     torch.manual_seed(0)
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    trainset = torchvision.datasets.ImageFolder(f"{root}/train", transform=transform)
+    if fashion_mnist:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+        data_root = fashion_mnist_root(root)
+        trainset = torchvision.datasets.FashionMNIST(data_root, train=True, download=False, transform=transform)
+        testset = torchvision.datasets.FashionMNIST(data_root, train=False, download=False, transform=transform)
+    else:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+        trainset = torchvision.datasets.ImageFolder(f"{root}/train", transform=transform)
+        testset = torchvision.datasets.ImageFolder(f"{root}/test", transform=transform)
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
-    testset = torchvision.datasets.ImageFolder(f"{root}/test", transform=transform)
     testloader = torch.utils.data.DataLoader(testset, batch_size=4, shuffle=False, num_workers=2)
-    net = Net()
+    net = Net(1, 4) if fashion_mnist else Net()
     criterion = nn.CrossEntropyLoss()
     optimizer = optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     train_started = time.perf_counter()
@@ -73,4 +98,7 @@ def main(root: str, result_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--fashion-mnist":
+        main(sys.argv[2], sys.argv[3], fashion_mnist=True)
+    else:
+        main(sys.argv[1], sys.argv[2])
