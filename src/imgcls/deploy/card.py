@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from ..evaluate.metrics import per_class_metrics
+
 
 def confused_pairs(confusion: np.ndarray, class_names: list[str], top: int = 5) -> list[tuple[str, str, int]]:
     off = confusion.copy()
@@ -35,9 +37,8 @@ def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarr
     size, channels = facts["image_size"], facts["channels"]
     train = checkpoint["params"]["train"]
     extra = checkpoint.get("extra", {})
-    support = confusion.sum(axis=1)
-    per_class = [(name, confusion[i, i] / support[i] if support[i] else None, int(support[i]))
-                 for i, name in enumerate(names)]
+    per_class = [(name, values["accuracy"], values["images"])
+                 for name, values in per_class_metrics(confusion, names).items()]
     scored = [p for p in per_class if p[1] is not None]
     weakest = min(scored, key=lambda p: p[1]) if scored else None
     lines = [
