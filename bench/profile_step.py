@@ -1,12 +1,13 @@
 """Where a training step's time goes: data (batching + augmentation), forward, backward, optimizer,
-and evaluation, for one recipe of bench/recipes.yaml on CIFAR-10-shaped data; and how far the step is from
-what this CPU can do: the step's floating-point operations (forward + backward, counted by torch's
+and evaluation, for one recipe of bench/recipes.yaml on its data set's image shape; and how far the step is
+from what this CPU can do: the step's floating-point operations (forward + backward, counted by torch's
 FlopCounterMode), the FLOP/s it achieves, and that as a share of the FLOP/s of a large matrix product in the
-same precision on the same threads (the attainable dense-math peak here, measured, not from a data sheet).
+same precision on the same threads (the attainable peak, measured) and of the nominal cores x clock x
+FLOPs/cycle (bench/flops.py).
 
     .venv/bin/python bench/profile_step.py [RECIPE] [--steps N]
 
-Uses the prepared CIFAR-10 images from a previous `make bench` when present (else random uint8 images
+Uses the recipe's prepared images from a previous `make bench` when present (else random uint8 images
 of the same shape: the timings do not depend on pixel values). Prints a table; writes
 bench/results/profile-RECIPE.json.
 """
@@ -23,6 +24,7 @@ import torch
 import yaml
 
 from common import REPO_ROOT, machine, write_results
+from flops import PEAK_SIZE, cpu_features, matmul_peak, nominal_peak, step_flops
 
 from imgcls.model.inference import predict
 from imgcls.model.networks import TTAModel, build_model
@@ -30,45 +32,8 @@ from imgcls.params import parse_params, read_yaml
 from imgcls.runtime import resolve_precision, seed_everything
 from imgcls.train.loop import apply_update, backward, epoch_batches, forward_loss, make_training_setup, set_rate
 
-PREPARED = Path("/tmp/imgcls-bench/cifar10-jpeg/data/prepared")
-
-
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-PEAK_SIZE = 2048  # a square matrix product this large keeps every core's vector units busy
-
-
-def cpu_features() -> list[str]:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return [f for f in CPU_FEATURES if f in flags]
-
-
-def step_flops(model, batch, labels, loss_fn, device, precision) -> int:
-    """Floating-point operations of one training step (forward + backward), as torch counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        _, loss = forward_loss(model, batch, labels, loss_fn, device, precision)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def matmul_peak(precision: str, seconds: float = 2.0) -> float:
-    """FLOP/s of a large square matrix product in ``precision`` (bf16 tensors or fp32) on torch's threads."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype)
-    b = torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype)
-    for _ in range(3):
-        torch.mm(a, b)
-    calls, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        torch.mm(a, b)
-        calls += 1
-    return 2 * PEAK_SIZE**3 * calls / (time.perf_counter() - started)
+BENCH_WORK = Path("/tmp/imgcls-bench")
+SHAPES = {"cifar10-jpeg": (50000, 10000, 3, 32), "fashion-mnist": (60000, 10000, 1, 28)}  # train, test, C, side
 
 
 def main() -> int:
@@ -86,18 +51,22 @@ def main() -> int:
     config, evaluate_config = params.train, params.evaluate
 
     generator = seed_everything(0)
-    if (PREPARED / "train_images.npy").is_file():
-        images = torch.from_numpy(np.load(PREPARED / "train_images.npy"))
-        test_images = torch.from_numpy(np.load(PREPARED / "test_images.npy"))
-        data = "prepared CIFAR-10 (JPEG copy)"
+    dataset = "cifar10-jpeg" if args.recipe.startswith("cifar10") else "fashion-mnist"
+    prepared = BENCH_WORK / dataset / "data" / "prepared"
+    n_train, n_test, channels, side = SHAPES[dataset]
+    if (prepared / "train_images.npy").is_file():
+        images = torch.from_numpy(np.load(prepared / "train_images.npy"))
+        test_images = torch.from_numpy(np.load(prepared / "test_images.npy"))
+        data = f"prepared {dataset} images"
     else:
-        images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8)
-        test_images = torch.randint(0, 256, (10000, 3, 32, 32), dtype=torch.uint8)
-        data = "random uint8 images, CIFAR-10 shape"
+        images = torch.randint(0, 256, (n_train, channels, side, side), dtype=torch.uint8)
+        test_images = torch.randint(0, 256, (n_test, channels, side, side), dtype=torch.uint8)
+        data = f"random uint8 images, {dataset} shape"
     labels = torch.randint(0, 10, (len(images),))
     device = torch.device("cpu")
     precision = resolve_precision(config.precision, device)
-    model = build_model(config.model, in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3, std=[0.25] * 3,
+    model = build_model(config.model, in_channels=channels, num_classes=10, image_size=side, mean=[0.5] * channels,
+                        std=[0.25] * channels,
                         width=config.width, whiten_bias_epochs=config.whiten_bias_epochs)
     model = model.to(memory_format=torch.channels_last)
     # The same set-up and step phases as imgcls.train.loop.fit / train_one_epoch, timed one by one.
@@ -149,13 +118,19 @@ def main() -> int:
     for name, peak in peaks.items():
         print(f"  {PEAK_SIZE}x{PEAK_SIZE} matrix product in {name}: {peak / 1e9:.1f} GFLOP/s; "
               f"the step reaches {achieved / peak:.1%} of it")
+    nominal = nominal_peak()
+    for name in dict.fromkeys((precision, "fp32")):
+        if nominal[name]:
+            print(f"  nominal {name} peak: {nominal['cores']} cores x {nominal['mhz']:.0f} MHz x "
+                  f"{nominal['flops_per_cycle_per_core'][name]} FLOP/cycle = {nominal[name] / 1e9:.1f} GFLOP/s; "
+                  f"the step reaches {achieved / nominal[name]:.1%} of it")
     payload = {"machine": machine(), "recipe": args.recipe, "data": data, "precision": precision, "compile": args.compile,
                "steps": args.steps, "batch_size": config.batch_size,
                "ms_per_step": {k: v / args.steps * 1000 for k, v in totals.items()},
                "training_images_per_second": config.batch_size / step_seconds,
                "epoch_seconds": step_seconds * steps_per_epoch, "evaluation_seconds": evaluation_seconds,
                "step_flops": flops, "achieved_flops_per_second": achieved, "threads": torch.get_num_threads(),
-               "cpu_features": cpu_features(), "matmul_peak_flops_per_second": peaks,
+               "cpu_features": cpu_features(), "matmul_peak_flops_per_second": peaks, "nominal_peak": nominal,
                "share_of_matmul_peak": {name: achieved / peak for name, peak in peaks.items()}}
     name = f"profile-{args.recipe}" + ("-compile" if args.compile else "")
     print(f"wrote {write_results(name, payload)}")

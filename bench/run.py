@@ -1,8 +1,13 @@
 """`make bench`: the tutorial's loop against the pipeline's recipes, in one run on one machine.
 
 Prints one table (recipe, data set, test accuracy, wall seconds, training images/s, peak resident memory,
-ratios to the tutorial) and writes it as JSON to bench/results/bench.json. CIFAR-10 rows need
-../shared/data/cifar10-images.tar.gz and are skipped with a message when it is absent.
+the training's achieved GFLOP/s and its share of the CPU's peak, ratios to the tutorial), then issue 14's
+targets, each met or missed by how much, and writes it all as JSON to bench/results/bench.json. CIFAR-10 rows
+need ../shared/data/cifar10-images.tar.gz and are skipped with a message when it is absent.
+
+Achieved FLOP/s = FLOPs per training image (forward + backward, counted by torch for the recipe's model) x the
+train stage's images/s (epochs, validation and all); the peak is a large matrix product in the same precision
+measured at the start of the run (bench/flops.py), with the nominal cores x clock x FLOPs/cycle beside it.
 
     .venv/bin/python bench/run.py [--only RECIPE ...] [--skip-tutorial]
 """
@@ -17,9 +22,22 @@ from pathlib import Path
 import yaml
 
 from common import extract_shared_cifar, REPO_ROOT, SHARED_CIFAR_IMAGES, machine, run_timed, scratch_project, set_params, write_results
+from flops import cpu_features, matmul_peak, nominal_peak, training_flops_per_image
 
 WORK = Path("/tmp/imgcls-bench")
+# Issue 14's targets: (data set, least test accuracy, most wall time as a multiple of the tutorial's loop on the
+# same data set in the same run).
+TARGETS = [
+    ("1", "cifar10-jpeg", 0.870, 1.0),
+    ("2", "cifar10-jpeg", 0.905, 3.5),
+    ("3 (stretch)", "cifar10-jpeg", 0.920, 9.0),
+    ("4", "fashion-mnist", 0.940, 1.0),
+]
+MEMORY_TARGET_MIB = 4096  # target 5: every stage's peak resident memory
 FASHION_MNIST_SOURCE = {"data": {"dataset": "fashion-mnist", "source": str(REPO_ROOT / "sources" / "fashion-mnist.txt")}}
+# The standard split: all 50,000 training images train, the 10,000 test images only test.
+CIFAR_DATA = {"data": {"dataset": "imagefolder", "source": str(SHARED_CIFAR_IMAGES), "image_size": 32, "channels": 3},
+              "preprocess": {"val_fraction": 0.0}}
 
 
 def run_stages(project: Path, stages: list[str]) -> dict:
@@ -48,22 +66,44 @@ def tutorial_row(dataset: str = "cifar10-jpeg") -> dict:
     if run["returncode"]:
         raise SystemExit(log.read_text()[-3000:])
     result = json.loads(result_path.read_text())
+    shape = [1, 28, 28] if dataset == "fashion-mnist" else [3, 32, 32]
     return {"recipe": name, "dataset": dataset, "test_accuracy": result["test_accuracy"],
             "wall_seconds": run["seconds"], "train_images_per_second": result["train_images"] / result["train_seconds"],
-            "peak_rss_mib": run["peak_rss_mib"]}
+            "peak_rss_mib": run["peak_rss_mib"], "precision": "fp32",
+            "train_flops_per_image": training_flops_per_image("lenet", width=32, image_shape=shape, num_classes=10,
+                                                              precision="fp32")}
 
 
-def recipe_row(name: str, overrides: dict, projects: dict[str, Path]) -> dict:
-    dataset = "cifar10-jpeg" if name.startswith("cifar10") else "fashion-mnist"
-    project = projects[dataset]
+def recipe_dataset(name: str) -> str:
+    return "cifar10-jpeg" if name.startswith("cifar10") else "fashion-mnist"
+
+
+def recipe_data(name: str, overrides: dict) -> tuple[str, dict]:
+    """The prepared project a recipe trains in (its name under WORK) and the data params that prepare it: the
+    data set's, with the recipe's own ``preprocess`` overrides (e.g. no validation split) on top."""
+    dataset = recipe_dataset(name)
+    data = CIFAR_DATA if dataset == "cifar10-jpeg" else FASHION_MNIST_SOURCE
+    own = overrides.get("preprocess", {})
+    if not own:
+        return dataset, data
+    merged = {**data, "preprocess": {**data.get("preprocess", {}), **own}}
+    return dataset + "".join(f"-{key}{value}" for key, value in sorted(own.items())), merged
+
+
+def recipe_row(name: str, overrides: dict, project: Path) -> dict:
+    dataset = recipe_dataset(name)
     set_params(project, _reset(overrides))
     run = run_stages(project, ["train", "evaluate"])
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
+    config = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
+    flops = training_flops_per_image(config["model"], width=config["width"], image_shape=meta["image_shape"],
+                                     num_classes=len(meta["class_names"]), precision=train["precision"])
     return {"recipe": name, "dataset": dataset, "test_accuracy": evaluation["test"]["accuracy"],
             "wall_seconds": run["seconds"], "train_seconds": train["train_seconds"],
             "train_images_per_second": train["images_per_second"], "peak_rss_mib": run["peak_rss_mib"],
-            "precision": train["precision"], "params": overrides}
+            "precision": train["precision"], "train_flops_per_image": flops, "params": overrides}
 
 
 def _reset(overrides: dict) -> dict:
@@ -77,8 +117,8 @@ def _reset(overrides: dict) -> dict:
     return merged
 
 
-def prepare(dataset: str, overrides: dict) -> tuple[Path, dict]:
-    project = WORK / dataset
+def prepare(dataset: str, overrides: dict, folder: str | None = None) -> tuple[Path, dict]:
+    project = WORK / (folder or dataset)
     stamp = project / "prepared-with.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == overrides and (project / "data/prepared/meta.json").is_file():
         # Same data params as last time: reuse the prepared data (the row reports that run's time).
@@ -87,7 +127,7 @@ def prepare(dataset: str, overrides: dict) -> tuple[Path, dict]:
     scratch_project(project, overrides)
     run = run_stages(project, ["download", "preprocess"])
     stamp.write_text(json.dumps(overrides))
-    row = {"recipe": "data: download + preprocess", "dataset": dataset, "wall_seconds": run["seconds"],
+    row = {"recipe": f"data: download + preprocess{'' if folder in (None, dataset) else ' (' + folder + ')'}", "dataset": dataset, "wall_seconds": run["seconds"],
            "peak_rss_mib": run["peak_rss_mib"]}
     (project / "prepared-row.json").write_text(json.dumps(row))
     return project, row
@@ -102,50 +142,110 @@ def main() -> int:
     if args.only:
         recipes = {k: v for k, v in recipes.items() if k in args.only}
     WORK.mkdir(parents=True, exist_ok=True)
+    # The CPU's dense-math peak, measured while nothing else runs: what each row's FLOP/s is a share of.
+    peaks = {"fp32": matmul_peak("fp32")}
+    if {"avx512_bf16", "amx_bf16"} & set(cpu_features()):
+        peaks["bf16"] = matmul_peak("bf16")
+    nominal = nominal_peak()
+    print("peak (2048x2048 matrix product): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+          + "; nominal (cores x clock x FLOP/cycle): "
+          + ", ".join(f"{k} {nominal[k] / 1e9:.1f} GFLOP/s" for k in ("fp32", "bf16") if nominal[k])
+          + f"; CPU features: {', '.join(cpu_features())}", flush=True)
     have_cifar = SHARED_CIFAR_IMAGES.is_file()
     if not have_cifar:
         print(f"CIFAR-10 rows skipped: {SHARED_CIFAR_IMAGES} is absent (it sits beside the checkout on the project's machines)")
         recipes = {k: v for k, v in recipes.items() if not k.startswith("cifar10")}
     rows, projects = [], {}
     if have_cifar and not args.skip_tutorial and any(k.startswith("cifar10") for k in recipes):
-        rows.append(tutorial_row())
+        rows.append(with_flops(tutorial_row(), peaks))
         print_row(rows[-1], {rows[-1]["dataset"]: rows[-1]})
     if any(not k.startswith("cifar10") for k in recipes) and not args.skip_tutorial:
         if (FASHION_MNIST_IDX / "train-images-idx3-ubyte.gz").is_file():
-            rows.append(tutorial_row("fashion-mnist"))
+            rows.append(with_flops(tutorial_row("fashion-mnist"), peaks))
             print_row(rows[-1], {rows[-1]["dataset"]: rows[-1]})
         else:
             print(f"Fashion-MNIST tutorial row skipped: {FASHION_MNIST_IDX} is absent (apt-get install dataset-fashion-mnist)")
-    if any(k.startswith("cifar10") for k in recipes):
-        # The standard split: all 50,000 training images train, the 10,000 test images only test.
-        cifar_data = {"data": {"dataset": "imagefolder", "source": str(SHARED_CIFAR_IMAGES), "image_size": 32, "channels": 3},
-                      "preprocess": {"val_fraction": 0.0}}
-        projects["cifar10-jpeg"], row = prepare("cifar10-jpeg", cifar_data)
-        rows.append(row)
-    if any(not k.startswith("cifar10") for k in recipes):
-        projects["fashion-mnist"], row = prepare("fashion-mnist", FASHION_MNIST_SOURCE)
-        rows.append(row)
+    for name, overrides in recipes.items():  # each data variant is prepared once, before any recipe trains
+        folder, data = recipe_data(name, overrides)
+        if folder not in projects:
+            projects[folder], row = prepare(recipe_dataset(name), data, folder)
+            rows.append(row)
     for name, overrides in recipes.items():
-        rows.append(recipe_row(name, overrides, projects))
+        rows.append(with_flops(recipe_row(name, overrides, projects[recipe_data(name, overrides)[0]]), peaks))
         print(f"done: {name}: accuracy {rows[-1]['test_accuracy']:.4f} in {rows[-1]['wall_seconds']:.0f} s", flush=True)
     # Each data set's rows compare with the tutorial's loop on the same data set in this run.
     baselines = {row["dataset"]: row for row in rows if row["recipe"].startswith("tutorial")}
     print()
     print(f"{'recipe':<38}{'dataset':<15}{'test_acc':>9}{'wall_s':>9}{'train_img/s':>12}{'peak_MiB':>10}"
-          f"{'acc_x_tut':>10}{'time_x_tut':>11}")
+          f"{'GFLOP/s':>9}{'%peak':>7}{'acc_x_tut':>10}{'time_x_tut':>11}")
     for row in rows:
         print_row(row, baselines)
-    payload = {"machine": machine(), "command": "make bench", "baselines": sorted(baselines), "rows": rows}
     for row in rows:
         baseline = baselines.get(row["dataset"])
         if baseline and "test_accuracy" in row:
             row["accuracy_ratio_to_tutorial"] = row["test_accuracy"] / baseline["test_accuracy"]
             row["time_ratio_to_tutorial"] = row["wall_seconds"] / baseline["wall_seconds"]
+    verdicts = target_verdicts(rows, baselines)
+    print()
+    for verdict in verdicts:
+        print(verdict["line"])
+    payload = {"machine": machine(), "command": "make bench", "cpu_features": cpu_features(),
+               "matmul_peak_flops_per_second": peaks, "nominal_peak": nominal, "baselines": sorted(baselines),
+               "rows": rows, "targets": verdicts}
     if args.only:
         payload["command"] = "bench/run.py --only " + " ".join(args.only)
     name = "bench" if not args.only else "bench-" + "-".join(args.only)  # a partial run keeps the full table
     print(f"\nmachine: {payload['machine']}\nwrote {write_results(name, payload)}")
     return 0
+
+
+def with_flops(row: dict, peaks: dict[str, float]) -> dict:
+    """The row's achieved training FLOP/s and its share of the measured peak in the row's precision."""
+    achieved = row["train_flops_per_image"] * row["train_images_per_second"]
+    peak = peaks.get(row["precision"], peaks["fp32"])
+    return {**row, "train_flops_per_second": achieved, "share_of_peak": achieved / peak}
+
+
+def target_verdicts(rows: list[dict], baselines: dict[str, dict]) -> list[dict]:
+    """Each target: met (by the fastest row that meets it) or missed, by how much (the closest row)."""
+    verdicts = []
+    for label, dataset, accuracy, ratio in TARGETS:
+        head = f"target {label}: {dataset} >= {accuracy:.1%} in <= {ratio:g}x the tutorial:"
+        candidates = [r for r in rows if r["dataset"] == dataset and "time_ratio_to_tutorial" in r
+                      and not r["recipe"].startswith("tutorial")]
+        if not candidates:
+            verdicts.append({"target": label, "status": "not run",
+                             "line": f"{head} not run (no tutorial or recipe row for {dataset})"})
+            continue
+        meeting = [r for r in candidates if r["test_accuracy"] >= accuracy and r["time_ratio_to_tutorial"] <= ratio]
+        if meeting:
+            best = min(meeting, key=lambda r: r["time_ratio_to_tutorial"])
+            status = "met"
+            detail = f"MET by {best['recipe']} ({best['test_accuracy']:.2%} at {best['time_ratio_to_tutorial']:.2f}x)"
+        else:
+            # The miss is the shortfall of the row that comes closest: accuracy short (points) and time over (x).
+            def shortfall(r: dict) -> tuple[float, float]:
+                return max(0.0, accuracy - r["test_accuracy"]), max(0.0, r["time_ratio_to_tutorial"] - ratio)
+            best = min(candidates, key=lambda r: (shortfall(r)[0] * 100 + shortfall(r)[1]))
+            short, over = shortfall(best)
+            status = "missed"
+            detail = (f"missed; closest {best['recipe']}: {best['test_accuracy']:.2%} at "
+                      f"{best['time_ratio_to_tutorial']:.2f}x ("
+                      + ", ".join(part for part in (f"{short * 100:.2f} points short" if short else "",
+                                                    f"{over:.2f}x over" if over else "") if part) + ")")
+        verdicts.append({"target": label, "status": status, "recipe": best["recipe"],
+                         "test_accuracy": best["test_accuracy"], "time_ratio_to_tutorial": best["time_ratio_to_tutorial"],
+                         "line": f"{head} {detail}"})
+    measured = [r for r in rows if "peak_rss_mib" in r]
+    if measured:
+        largest = max(measured, key=lambda r: r["peak_rss_mib"])
+        met = largest["peak_rss_mib"] <= MEMORY_TARGET_MIB
+        verdicts.append({"target": "5", "status": "met" if met else "missed", "recipe": largest["recipe"],
+                         "peak_rss_mib": largest["peak_rss_mib"],
+                         "line": f"target 5: peak resident memory <= {MEMORY_TARGET_MIB} MiB: "
+                                 f"{'MET' if met else 'missed'}; largest {largest['peak_rss_mib']:.0f} MiB "
+                                 f"({largest['recipe']}, {largest['dataset']})"})
+    return verdicts
 
 
 def print_row(row: dict, baselines: dict[str, dict]) -> None:
@@ -155,8 +255,10 @@ def print_row(row: dict, baselines: dict[str, dict]) -> None:
     baseline = baselines.get(row["dataset"])  # the tutorial on the same data set only
     if baseline and "test_accuracy" in row:
         ratios = f"{row['test_accuracy'] / baseline['test_accuracy']:10.2f}{row['wall_seconds'] / baseline['wall_seconds']:11.2f}"
-    print(f"{row['recipe']:<38}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}{ratios}",
-          flush=True)
+    flops = (f"{row['train_flops_per_second'] / 1e9:9.1f}{row['share_of_peak']:7.0%}" if "train_flops_per_second" in row
+             else f"{'':>16}")
+    print(f"{row['recipe']:<38}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}"
+          f"{flops}{ratios}", flush=True)
 
 
 if __name__ == "__main__":
