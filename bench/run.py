@@ -176,7 +176,7 @@ def main() -> int:
     # Each data set's rows compare with the tutorial's loop on the same data set in this run.
     baselines = {row["dataset"]: row for row in rows if row["recipe"].startswith("tutorial")}
     print()
-    print(f"{'recipe':<38}{'dataset':<15}{'test_acc':>9}{'wall_s':>9}{'train_img/s':>12}{'peak_MiB':>10}"
+    print(f"{'recipe':<46}{'dataset':<15}{'test_acc':>9}{'wall_s':>9}{'train_img/s':>12}{'peak_MiB':>10}"
           f"{'GFLOP/s':>9}{'%peak':>7}{'acc_x_tut':>10}{'time_x_tut':>11}")
     for row in rows:
         print_row(row, baselines)
@@ -257,7 +257,7 @@ def print_row(row: dict, baselines: dict[str, dict]) -> None:
         ratios = f"{row['test_accuracy'] / baseline['test_accuracy']:10.2f}{row['wall_seconds'] / baseline['wall_seconds']:11.2f}"
     flops = (f"{row['train_flops_per_second'] / 1e9:9.1f}{row['share_of_peak']:7.0%}" if "train_flops_per_second" in row
              else f"{'':>16}")
-    print(f"{row['recipe']:<38}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}"
+    print(f"{row['recipe']:<46}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}"
           f"{flops}{ratios}", flush=True)
 
 
