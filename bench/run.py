@@ -6,7 +6,7 @@ targets, each met or missed by how much, and writes it all as JSON to bench/resu
 need ../shared/data/cifar10-images.tar.gz and are skipped with a message when it is absent.
 
 Achieved FLOP/s = FLOPs per training image (forward + backward, counted by torch for the recipe's model) x the
-train stage's images/s (epochs, validation and all); the peak is a large matrix product in the same precision
+train stage's images/s (the mean of its epochs' rates; validation is outside them); the peak is a large matrix product in the same precision
 measured at the start of the run (bench/flops.py), with the nominal cores x clock x FLOPs/cycle beside it.
 
     .venv/bin/python bench/run.py [--only RECIPE ...] [--skip-tutorial]
@@ -223,7 +223,8 @@ def target_verdicts(rows: list[dict], baselines: dict[str, dict]) -> list[dict]:
             status = "met"
             detail = f"MET by {best['recipe']} ({best['test_accuracy']:.2%} at {best['time_ratio_to_tutorial']:.2f}x)"
         else:
-            # The miss is the shortfall of the row that comes closest: accuracy short (points) and time over (x).
+            # The miss is the shortfall of the row that comes closest: accuracy short (points) and time over (x),
+            # one point of accuracy weighing as much as one tutorial's time.
             def shortfall(r: dict) -> tuple[float, float]:
                 return max(0.0, accuracy - r["test_accuracy"]), max(0.0, r["time_ratio_to_tutorial"] - ratio)
             best = min(candidates, key=lambda r: (shortfall(r)[0] * 100 + shortfall(r)[1]))
