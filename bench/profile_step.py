@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import yaml
 
 from common import REPO_ROOT, machine, write_results
 from flops import PEAK_SIZE, cpu_features, matmul_peak, nominal_peak, step_flops
+from run import WORK, recipe_data, recipe_dataset
 
 from imgcls.model.inference import predict
 from imgcls.model.networks import TTAModel, build_model
@@ -32,7 +32,6 @@ from imgcls.params import parse_params, read_yaml
 from imgcls.runtime import resolve_precision, seed_everything
 from imgcls.train.loop import apply_update, backward, epoch_batches, forward_loss, make_training_setup, set_rate
 
-BENCH_WORK = Path("/tmp/imgcls-bench")
 SHAPES = {"cifar10-jpeg": (50000, 10000, 3, 32), "fashion-mnist": (60000, 10000, 1, 28)}  # train, test, C, side
 
 
@@ -51,8 +50,8 @@ def main() -> int:
     config, evaluate_config = params.train, params.evaluate
 
     generator = seed_everything(0)
-    dataset = "cifar10-jpeg" if args.recipe.startswith("cifar10") else "fashion-mnist"
-    prepared = BENCH_WORK / dataset / "data" / "prepared"
+    dataset = recipe_dataset(args.recipe)
+    prepared = WORK / recipe_data(args.recipe, recipe)[0] / "data" / "prepared"  # where bench/run.py prepared it
     n_train, n_test, channels, side = SHAPES[dataset]
     if (prepared / "train_images.npy").is_file():
         images = torch.from_numpy(np.load(prepared / "train_images.npy"))

@@ -165,13 +165,14 @@ def main() -> int:
             print_row(rows[-1], {rows[-1]["dataset"]: rows[-1]})
         else:
             print(f"Fashion-MNIST tutorial row skipped: {FASHION_MNIST_IDX} is absent (apt-get install dataset-fashion-mnist)")
+    folders = {}
     for name, overrides in recipes.items():  # each data variant is prepared once, before any recipe trains
-        folder, data = recipe_data(name, overrides)
+        folder, data = folders[name] = recipe_data(name, overrides)
         if folder not in projects:
             projects[folder], row = prepare(recipe_dataset(name), data, folder)
             rows.append(row)
     for name, overrides in recipes.items():
-        rows.append(with_flops(recipe_row(name, overrides, projects[recipe_data(name, overrides)[0]]), peaks))
+        rows.append(with_flops(recipe_row(name, overrides, projects[folders[name][0]]), peaks))
         print(f"done: {name}: accuracy {rows[-1]['test_accuracy']:.4f} in {rows[-1]['wall_seconds']:.0f} s", flush=True)
     # Each data set's rows compare with the tutorial's loop on the same data set in this run.
     baselines = {row["dataset"]: row for row in rows if row["recipe"].startswith("tutorial")}
