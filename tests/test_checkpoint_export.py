@@ -150,21 +150,44 @@ def test_a_checkpoint_that_is_not_a_dict_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
+def test_temporaries_of_killed_runs_are_removed_by_the_next_stage_write_and_nothing_else(tmp_path):
     from imgcls.fileio import atomic_dir
 
     target = tmp_path / "data" / "raw"
     target.parent.mkdir()
-    dead = target.parent / ".raw.999999999.abcd.tmp"  # no process has this pid
+    dead = target.parent / ".raw.imgcls.999999999.abcd1234.tmp"  # no process has this pid
     (dead / "half").mkdir(parents=True)
     (dead / "half" / "big.bin").write_bytes(b"x" * 1000)
-    alive = target.parent / f".raw.{os.getpid()}.efgh.tmp"  # a running writer's: left alone
+    dead_old = target.parent / ".raw.imgcls.999999999.zz_x9876.old"  # killed between the two renames
+    dead_old.mkdir()
+    alive = target.parent / f".raw.imgcls.{os.getpid()}.efgh5678.tmp"  # a running writer's: left alone
     alive.mkdir()
-    (target.parent / ".raw.old").mkdir()
-    with atomic_dir(target) as tmp:
+    # Names a user (or another tool) may have: similar, but not ours. None may be touched.
+    lookalikes = [".raw.old", ".raw.999999999.abcd.tmp", ".raw.imgcls.999999999.abcd1234.tmp.keep",
+                  ".raw.imgcls.999999999.toolongrandom.tmp"]
+    for name in lookalikes:
+        (target.parent / name).mkdir()
+        (target.parent / name / "precious.txt").write_text("mine")
+    with atomic_dir(target, clean_stale=True) as tmp:
         (tmp / "ok").write_text("done")
-    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["raw", alive.name])
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["raw", alive.name] + lookalikes)
     assert (target / "ok").read_text() == "done"
+    # Replacing an existing folder moves it aside under this process's own unique name, then removes that only.
+    with atomic_dir(target) as tmp:
+        (tmp / "ok").write_text("again")
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["raw", alive.name] + lookalikes)
+    assert all((target.parent / name / "precious.txt").read_text() == "mine" for name in lookalikes)
+
+
+def test_writes_outside_the_project_never_clean_anything(tmp_path):
+    from imgcls.fileio import atomic_path
+
+    stale = tmp_path / ".report.csv.imgcls.999999999.abcd1234.tmp"
+    stale.write_text("looks like ours, but this is the user's folder")
+    with atomic_path(tmp_path / "report.csv") as tmp:
+        tmp.write_text("rows")
+    assert stale.read_text().startswith("looks like ours")
+    assert (tmp_path / "report.csv").read_text() == "rows"
 
 
 def test_int8_calibration_batch_by_batch_gives_the_ranges_of_calibrating_all_at_once(tmp_path):

@@ -197,9 +197,14 @@ def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_pat
     folder.mkdir()
     for i, image in enumerate(splits["test"][0][:12]):
         Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:02d}.png")
+    for untrusted in (paths.export_dir / "model.torchscript.pt", paths.checkpoint):  # code-carrying formats
+        code, out, err = predict(str(folder), "--model", str(untrusted), "--output", str(tmp_path / "no.json"))
+        assert code == 1 and "--trust-model" in err and "Traceback" not in err, err
+        assert not (tmp_path / "no.json").exists()
     results = {}
-    for name, extra in (("onnx", []), ("torchscript", ["--model", str(paths.export_dir / "model.torchscript.pt")]),
-                        ("checkpoint", ["--model", str(paths.checkpoint)]), ("int8", ["--int8"])):
+    for name, extra in (("onnx", []),
+                        ("torchscript", ["--model", str(paths.export_dir / "model.torchscript.pt"), "--trust-model"]),
+                        ("checkpoint", ["--model", str(paths.checkpoint), "--trust-model"]), ("int8", ["--int8"])):
         model = [] if extra and extra[0] == "--model" else ["--model", onnx_model(paths)]
         code, _, err = predict(str(folder), *model, *extra, "--output", str(tmp_path / f"{name}.json"))
         assert code == 0, (name, err)

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ParamsError
 
 DATASET_IMAGE_SIZE = {"fashion-mnist": 28, "cifar10": 32}  # fixed sizes; imagefolder takes data.image_size
+# The largest image side anything in the pipeline takes: params, checkpoints and model files alike. A model
+# file claiming more is refused before any buffer is sized from it.
+MAX_IMAGE_SIZE = 512
 # The registered models and the smallest input side (pixels) each one's layers can take. Validation refuses
 # smaller inputs before any stage runs; tests/test_models_training.py checks each value against the layers.
 MIN_IMAGE_SIZE = {
@@ -50,7 +53,7 @@ class DataParams(Section):
     limit: int = Field(ge=0)  # at most this many train and test images (0 = all)
     test_fraction: float = Field(gt=0, lt=1)
     on_bad_image: Literal["error", "skip"]
-    image_size: int = Field(ge=8, le=512)
+    image_size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
     channels: Literal[1, 3]
     # Pillow itself refuses images of more than 178,956,970 pixels (its decompression-bomb limit).
     max_image_pixels: int = Field(ge=1024, le=178_956_970)

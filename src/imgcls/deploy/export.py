@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ExportError
 from .metadata import TORCHSCRIPT_EXTRA_FILE
+from .onnx_session import onnx_session
 
 # torch.jit is deprecated in favour of torch.export, but TorchScript files are still what C++ and mobile
 # runtimes load; the deprecation warnings say nothing a user of this stage can act on.
@@ -36,17 +37,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int)
         model, (example,), str(path), input_names=["images"], output_names=["logits"],
         dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
     )
-
-
-def onnx_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:

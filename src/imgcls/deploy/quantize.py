@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import batch_for, onnx_session
+from .export import batch_for
+from .onnx_session import onnx_session
 
 CALIBRATION_BATCH = 20
 

@@ -19,7 +19,8 @@ from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import cpu_model, set_threads
 from .card import model_card
-from .export import check_parity, export_onnx, export_torchscript, measure_latency, median_latency_ms, onnx_session
+from .export import check_parity, export_onnx, export_torchscript, measure_latency, median_latency_ms
+from .onnx_session import onnx_session
 from .metadata import add_onnx_metadata, model_facts
 from .quantize import onnx_logits, quantize_int8
 
@@ -41,7 +42,7 @@ def export(params: Params, paths: ProjectPaths) -> None:
     test_images, test_labels = prepared.splits["test"]  # NpyReaders: read batch by batch
     images01 = test_images.read(0, config.parity_images).astype(np.float32) / 255  # (N, C, H, W) in [0, 1]
     example = torch.from_numpy(images01[:2])
-    with atomic_dir(paths.export_dir) as tmp:  # nothing is published unless parity and the int8 check hold
+    with atomic_dir(paths.export_dir, clean_stale=True) as tmp:  # nothing is published unless parity and the int8 check hold
         torchscript_path, onnx_path, int8_path = tmp / "model.torchscript.pt", tmp / "model.onnx", tmp / "model.int8.onnx"
         export_onnx(model, example, onnx_path, config.opset)
         logits = onnx_logits(onnx_path, test_images)

@@ -44,7 +44,7 @@ def write_per_class_csv(path: Path, per_class: dict[str, dict[str, float]]) -> N
 
     frame = pd.DataFrame.from_dict(per_class, orient="index")
     frame.index.name = "class"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=True) as tmp:
         frame.to_csv(tmp, float_format="%.4f")
 
 
@@ -54,7 +54,7 @@ def write_predictions_csv(path: Path, labels: np.ndarray, predictions: np.ndarra
 
     names = np.array(class_names, dtype=object)
     frame = pd.DataFrame({"actual": names[labels], "predicted": names[predictions]})
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=True) as tmp:
         frame.to_csv(tmp, index=False)
 
 
@@ -81,7 +81,7 @@ def plot_confusion_matrix(path: Path, confusion: np.ndarray, class_names: list[s
                 ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if row_share[i, j] > 0.5 else "black")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
@@ -108,7 +108,7 @@ def plot_misclassified(path: Path, images: np.ndarray, labels: np.ndarray, predi
         axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     fig.suptitle("misclassified test images (true -> predicted)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=True) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return len(wrong)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import atomic_path
-from ..params import MIN_IMAGE_SIZE
+from ..params import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from .networks import MODEL_NAMES, build_model, normalized_channels
 
 FORMAT_VERSION = 1
@@ -54,7 +54,7 @@ def save_checkpoint(path: Path, model: nn.Module, *, architecture: str, argument
         "params": params,
         "extra": extra or {},
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=True) as tmp:
         torch.save(payload, tmp)
 
 
@@ -65,7 +65,7 @@ class ModelArguments(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     in_channels: Literal[1, 3]
     num_classes: int = Field(ge=2, le=100000)
-    image_size: int = Field(ge=1, le=512)
+    image_size: int = Field(ge=1, le=MAX_IMAGE_SIZE)
     mean: list[float]
     std: list[float]
     width: int = Field(default=32, ge=8, le=256)

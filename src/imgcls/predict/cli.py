@@ -5,32 +5,47 @@
 
 Results go to the terminal (a table, then a summary line with images/s and, for a labelled folder laid out
 as <class>/<images>, accuracy per class) and, with --output, to a .csv, .json or .jsonl file written
-atomically. An unreadable image is reported by name and the rest still run; the exit status is 1 at the end
-unless --skip-bad."""
+as the results come (a stop, a dead worker or an error keeps what was finished: the file is completed and
+published with the rows done, and the message says so). An unreadable image is reported by name and the rest
+still run; the exit status is 1 at the end unless --skip-bad. Only ONNX models load without --trust-model:
+TorchScript files and checkpoints can carry code."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import io
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_path
 from .models import LoadedModel, load_model
-from .sources import FileJob, Item, camera_frames, decode_jobs, plan_sources, video_frames
+from .sources import FileJob, Item, Skipped, camera_frames, decode_jobs, plan_sources, video_frames
 
 DEFAULT_MODEL = Path("data/export/model.onnx")
 OUTPUT_SUFFIXES = (".csv", ".json", ".jsonl")
 TABLE_ROWS = 20  # rows printed on the terminal before "... and N more"
+MAX_THREADS = 1024
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so temporaries are removed and finished results kept."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ANSI escapes, newlines) and undecodable bytes of
+    file names shown as escapes instead of acting on the terminal or splitting a line."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, metavar="N", help="with --camera: stop after N predictions")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help=f"model file: .onnx (default {DEFAULT_MODEL}), .torchscript.pt or checkpoint.pt")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="allow a TorchScript or checkpoint (.pt) model: such files can run code when loaded, "
+                             "so only for files from someone you trust; ONNX needs no trust")
     parser.add_argument("--int8", action="store_true", help="use the int8 ONNX model beside --model (model.int8.onnx)")
     parser.add_argument("--top-k", type=int, default=1, metavar="K", help="classes reported per image (default 1)")
     parser.add_argument("--output", type=Path, metavar="FILE", help="write results to FILE (.csv, .json or .jsonl)")
@@ -59,8 +77,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("top_k", "every", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.output is not None and args.output.suffix.lower() not in OUTPUT_SUFFIXES:
-        parser.error(f"--output {args.output}: the suffix says the format: one of {', '.join(OUTPUT_SUFFIXES)}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads must be 0 (all cores) to {MAX_THREADS}")
+    if args.frames is not None and args.frames < 1:
+        parser.error("--frames must be at least 1")
+    if args.output is not None:
+        output = printable(str(args.output))
+        if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
+            parser.error(f"--output {output}: the suffix says the format: one of {', '.join(OUTPUT_SUFFIXES)}")
+        if args.output.is_dir():
+            parser.error(f"--output {output} is a folder; name a file in it, such as {output}/results.csv")
+        if args.output.exists() and not args.output.is_file():
+            parser.error(f"--output {output} exists and is not a regular file")
     return args
 
 
@@ -78,7 +106,9 @@ def items_of(args: argparse.Namespace, model: LoadedModel, scratch: Path, thread
         if run:  # consecutive image files decode together on the process pool
             yield from decode_jobs(run, image_size=size, channels=channels, workers=threads)
             run = []
-        if entry is not None:
+        if isinstance(entry, Skipped):
+            yield Item(entry.name, None, None, entry.reason)
+        elif entry is not None:
             yield from video_frames(entry, image_size=size, channels=channels, every=args.every, threads=threads)
 
 
@@ -105,23 +135,58 @@ def result_row(item: Item, probabilities: np.ndarray | None, class_names: list[s
     return row
 
 
-def write_output(path: Path, rows: list[dict], k: int) -> None:
-    suffix = path.suffix.lower()
-    with atomic_path(path) as tmp:
-        if suffix == ".json":
-            tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        elif suffix == ".jsonl":
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+class ResultWriter:
+    """Rows written to an open file as they come, in the format the suffix names (.csv, .json, .jsonl).
+    File names that are not valid UTF-8 are written back as their original bytes (surrogate escapes)."""
+
+    def __init__(self, file: IO[str], suffix: str):
+        self.file, self.suffix, self.k, self.rows = file, suffix, 0, 0
+
+    def begin(self, k: int) -> None:
+        """Start the file for ``k`` classes per row (known once the model is loaded)."""
+        self.k = k
+        if self.suffix == ".csv":
+            self.csv = csv.writer(self.file)
+            self.csv.writerow(["source"] + [f"{f}_{i}" for i in range(1, k + 1) for f in ("class", "probability")]
+                              + ["true_class", "error"])
+        elif self.suffix == ".json":
+            self.file.write("[")
+
+    def write(self, row: dict) -> None:
+        if self.suffix == ".csv":
+            top = [v for t in row.get("top", []) for v in (t["class"], t["probability"])]
+            self.csv.writerow([row["source"]] + top + [""] * (2 * self.k - len(top))
+                              + [row.get("true_class", ""), row.get("error", "")])
+        elif self.suffix == ".json":
+            self.file.write(("," if self.rows else "") + "\n " + json.dumps(row))
         else:
-            buffer = io.StringIO()
-            writer = csv.writer(buffer)
-            writer.writerow(["source"] + [f"{f}_{i}" for i in range(1, k + 1) for f in ("class", "probability")]
-                            + ["true_class", "error"])
-            for r in rows:
-                top = [v for t in r.get("top", []) for v in (t["class"], t["probability"])]
-                writer.writerow([r["source"]] + top + [""] * (2 * k - len(top)) + [r.get("true_class", ""),
-                                                                                 r.get("error", "")])
-            tmp.write_text(buffer.getvalue())
+            self.file.write(json.dumps(row) + "\n")
+        self.rows += 1
+
+    def finish(self) -> None:
+        if self.suffix == ".json" and self.k:
+            self.file.write("\n]\n")
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def result_file(path: Path) -> Iterator[ResultWriter]:
+    """A ResultWriter on a temporary file beside ``path``, published atomically when the run ends, also when
+    it ends early with rows done (those rows are kept; the caller says the file is partial). A run that
+    ends before any row leaves ``path`` as it was."""
+    failure: BaseException | None = None
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as file:
+            writer = ResultWriter(file, path.suffix.lower())
+            try:
+                yield writer
+            except BaseException as error:  # Ctrl-C, SIGTERM, a dead worker: keep what is finished
+                failure = error
+            writer.finish()
+        if failure is not None and not writer.rows:
+            raise failure  # nothing to keep: atomic_path removes the temporary, path is untouched
+    if failure is not None:
+        raise failure
 
 
 def _progress(total: int | None):
@@ -134,16 +199,31 @@ def _progress(total: int | None):
 
 def predict_main(args: argparse.Namespace) -> int:
     threads = args.threads or os.cpu_count() or 1
-    model = load_model(args.model, threads=threads, int8=args.int8)
+    with contextlib.ExitStack() as stack:
+        # The output is opened first: a path that cannot be written fails now, not after all the inference.
+        writer = stack.enter_context(result_file(args.output)) if args.output is not None else None
+        try:
+            return run_predictions(args, threads, writer)
+        except (UserError, KeyboardInterrupt, Terminated):
+            if writer is not None and writer.rows:
+                print(f"predict: kept the {writer.rows} result(s) finished before the stop in "
+                      f"{printable(str(args.output))}", file=sys.stderr, flush=True)
+            raise
+    raise AssertionError("unreachable")
+
+
+def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter | None) -> int:
+    model = load_model(args.model, threads=threads, int8=args.int8, trust=args.trust_model)
     k = min(args.top_k, len(model.class_names))
-    rows: list[dict] = []
+    if writer is not None:
+        writer.begin(k)
+    predicted = bad = printed = 0
     correct, seen_labelled = np.zeros(len(model.class_names)), np.zeros(len(model.class_names))
-    bad = 0
-    printed = 0
     quiet = args.quiet
     if not quiet:
-        print(f"model {model.path} ({model.kind}{', int8' if args.int8 else ''}): {len(model.class_names)} classes, "
-              f"input {model.channels}x{model.image_size}x{model.image_size}", flush=True)
+        print(f"model {printable(str(model.path))} ({model.kind}{', int8' if args.int8 else ''}): "
+              f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}",
+              flush=True)
     started = time.perf_counter()
     bar = _progress(None)
     with tempfile.TemporaryDirectory(prefix="imgcls-predict-") as scratch:
@@ -153,51 +233,72 @@ def predict_main(args: argparse.Namespace) -> int:
             for item in batch:
                 row = result_row(item, next(probabilities) if item.image is not None else None,
                                  model.class_names, k)
-                rows.append(row)
+                if writer is not None:
+                    writer.write(row)
                 if item.image is None:
                     bad += 1
-                    print(f"predict: cannot read {item.name}: {item.error}", file=sys.stderr, flush=True)
+                    print(f"predict: cannot read {printable(item.name)}: {printable(str(item.error))}",
+                          file=sys.stderr, flush=True)
                     continue
+                predicted += 1
                 if item.label is not None:
                     seen_labelled[item.label] += 1
                     correct[item.label] += row["top"][0]["class"] == model.class_names[item.label]
                 if not quiet and printed < TABLE_ROWS:
-                    top = "  ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
-                    truth = f"  (true: {row['true_class']})" if "true_class" in row else ""
-                    print(f"{item.name[-60:]:<60}  {top}{truth}", flush=True)
+                    top = "  ".join(f"{printable(t['class'])} {t['probability']:.3f}" for t in row["top"])
+                    truth = f"  (true: {printable(row['true_class'])})" if "true_class" in row else ""
+                    print(f"{printable(item.name)[-60:]:<60}  {top}{truth}", flush=True)
                     printed += 1
             if bar is not None:
                 bar.update(len(batch))
+            if writer is not None:
+                writer.file.flush()
     seconds = time.perf_counter() - started
     if bar is not None:
         bar.close()
-    predicted = len(rows) - bad
+    output = printable(str(args.output)) if args.output is not None else None
     if not quiet and predicted > printed:
-        print(f"... and {predicted - printed} more" + (f" (all in {args.output})" if args.output else
+        print(f"... and {predicted - printed} more" + (f" (all in {output})" if output else
                                                        " (use --output FILE to keep them all)"))
-    if args.output is not None:
-        write_output(args.output, rows, k)
     summary = f"predict: {predicted} images in {seconds:.2f} s ({predicted / max(seconds, 1e-9):,.0f} images/s)"
     if seen_labelled.sum():
         summary += f"; labelled folder: accuracy {correct.sum() / seen_labelled.sum():.4f} on {int(seen_labelled.sum())}"
-        per_class = [f"{name} {correct[i] / seen_labelled[i]:.3f}" for i, name in enumerate(model.class_names)
+        per_class = [f"{printable(name)} {correct[i] / seen_labelled[i]:.3f}" for i, name in enumerate(model.class_names)
                      if seen_labelled[i]]
         summary += " (" + ", ".join(per_class) + ")"
     if bad:
         summary += f"; {bad} unreadable" + ("" if args.skip_bad else " (exit status 1; --skip-bad to ignore)")
-    if args.output is not None:
-        summary += f"; results in {args.output}"
+    if not predicted:
+        summary += "; no image was predicted (exit status 1)"
+    if output is not None:
+        summary += f"; results in {output}"
     print(summary, flush=True)
-    return 1 if bad and not args.skip_bad else 0
+    return 1 if not predicted or (bad and not args.skip_bad) else 0
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return predict_main(args)
     except UserError as error:
-        print(f"predict: error: {error}", file=sys.stderr, flush=True)
+        print(f"predict: error: {printable(str(error))}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print("predict: interrupted", file=sys.stderr, flush=True)
         return 130
+    except Terminated:
+        print("predict: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        return 143
+    except OSError as error:  # the output file: a full disk, a folder without write permission
+        where = f" ({printable(str(error.filename))})" if error.filename else ""
+        print(f"predict: error: {error.strerror or error}{where}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

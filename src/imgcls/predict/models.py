@@ -1,6 +1,17 @@
 """Load a model for prediction from any file the pipeline writes: the ONNX export (its metadata says
 everything predict needs), the TorchScript export (the same facts in an extra file) or a checkpoint.
 
+A model file is data from whoever made it. ONNX is loaded as data (a graph of standard operators; ONNX Runtime
+runs no code from the file) and is the only format loaded without ``trust``. A TorchScript file is a
+program (its scripted methods, ``__setstate__`` among them, run when it loads) and a checkpoint is a pickle
+(torch's weights_only loader restricts it, but it remains a parser of a format built to run code): both
+need the user's explicit ``--trust-model``.
+
+What a file says about itself is checked before anything is sized from it: types and ranges of the metadata
+(image size capped as for checkpoints, 1 or 3 channels, distinct class names), then the graph's declared input
+and output shapes, then one probe image through the model, so a file whose metadata disagrees with its graph
+is one line naming the file and the field, never an allocation the metadata asked for or a runtime traceback.
+
 Every loaded model takes uint8 images (N, C, H, W) at its own input size and returns class probabilities."""
 
 from __future__ import annotations
@@ -14,6 +25,13 @@ import numpy as np
 
 from ..deploy.metadata import METADATA_KEY, TORCHSCRIPT_EXTRA_FILE
 from ..errors import UserError
+from ..params import MAX_IMAGE_SIZE
+
+MAX_CLASSES = 100_000  # as a checkpoint's num_classes
+MAX_CLASS_NAME_CHARS = 256
+MAX_METADATA_BYTES = 1 << 20  # a real document is a few KB
+TRUST_HINT = ("pass --trust-model only if you trust whoever made the file, or use the ONNX export "
+              "(model.onnx), which predict loads as data")
 
 
 @dataclass
@@ -28,20 +46,84 @@ class LoadedModel:
 
     def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
         logits = self.logits(images_uint8.astype(np.float32) / 255)
+        if logits.shape != (len(images_uint8), len(self.class_names)):
+            raise UserError(f"{self.path}: the model answered {len(images_uint8)} image(s) with logits of shape "
+                            f"{tuple(logits.shape)}, not ({len(images_uint8)}, {len(self.class_names)}); the file is "
+                            "damaged or its metadata does not describe its graph")
         logits = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _check_facts(path: Path, facts: object) -> dict:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def check_facts(path: Path, facts: object) -> dict:
+    """The metadata document, checked field by field; the first bad field is a UserError naming it."""
+    redo = "re-export it (dvc repro -f export)"
     if not isinstance(facts, dict):
-        raise UserError(f"{path}: its imgcls metadata is not a JSON object; re-export it (dvc repro -f export)")
-    names, size, channels = facts.get("class_names"), facts.get("image_size"), facts.get("channels")
-    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
-            and isinstance(size, int) and size > 0 and channels in (1, 3)):
-        raise UserError(f"{path}: its imgcls metadata lacks class_names, image_size or channels "
-                        f"(found {sorted(facts)}); re-export it (dvc repro -f export)")
+        raise UserError(f"{path}: its imgcls metadata is not a JSON object; {redo}")
+    missing = [key for key in ("class_names", "image_size", "channels") if key not in facts]
+    if missing:
+        raise UserError(f"{path}: its imgcls metadata lacks {', '.join(missing)}; {redo}")
+    names, size, channels = facts["class_names"], facts["image_size"], facts["channels"]
+    if not (isinstance(names, list) and 2 <= len(names) <= MAX_CLASSES):
+        raise UserError(f"{path}: metadata field class_names must be a list of 2..{MAX_CLASSES:,} names; {redo}")
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME_CHARS for n in names) or len(set(names)) != len(names):
+        raise UserError(f"{path}: metadata field class_names must hold distinct names of 1..{MAX_CLASS_NAME_CHARS} "
+                        f"characters; {redo}")
+    if not (_is_int(size) and 1 <= size <= MAX_IMAGE_SIZE):
+        raise UserError(f"{path}: metadata field image_size = {str(size)[:40]} is not an integer in 1..{MAX_IMAGE_SIZE}; "
+                        f"{redo}")
+    if not (_is_int(channels) and channels in (1, 3)):
+        raise UserError(f"{path}: metadata field channels = {str(channels)[:40]} is not 1 or 3; {redo}")
     return facts
+
+
+def _parse_facts(path: Path, text: str | bytes) -> dict:
+    if len(text) > MAX_METADATA_BYTES:
+        raise UserError(f"{path}: its imgcls metadata is {len(text):,} bytes, over {MAX_METADATA_BYTES:,}; "
+                        "re-export it (dvc repro -f export)")
+    try:
+        return check_facts(path, json.loads(text))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{path}: its imgcls metadata is not valid JSON; re-export it (dvc repro -f export)") from None
+
+
+def _check_declared_shapes(path: Path, facts: dict, inputs: list, outputs: list) -> None:
+    """The graph's declared input (N, C, H, W) and output (N, K) against the metadata; symbolic dims pass
+    here and are settled by the probe."""
+    if len(inputs) != 1:
+        raise UserError(f"{path}: the graph takes {len(inputs)} inputs; an imgcls model takes one (images)")
+    if not outputs:
+        raise UserError(f"{path}: the graph has no outputs")
+    declared_in, declared_out = inputs[0].shape, outputs[0].shape
+    if inputs[0].type != "tensor(float)" or len(declared_in) != 4:
+        raise UserError(f"{path}: the graph's input is {inputs[0].type} of shape {declared_in}; an imgcls model takes "
+                        "float images (N, C, H, W)")
+    expected = {"channels": (declared_in[1], facts["channels"]), "image_size": (declared_in[2], facts["image_size"]),
+                "image_size (width)": (declared_in[3], facts["image_size"])}
+    if len(declared_out) == 2:
+        expected["class_names (count)"] = (declared_out[1], len(facts["class_names"]))
+    else:
+        raise UserError(f"{path}: the graph's output has shape {declared_out}; an imgcls model answers (N, classes)")
+    for field, (graph, meta) in expected.items():
+        if isinstance(graph, int) and graph != meta:
+            raise UserError(f"{path}: metadata field {field.split(' ')[0]} says {meta} but the graph declares {graph}; "
+                            "the file's metadata does not describe its graph; re-export it (dvc repro -f export)")
+
+
+def _probe(model: LoadedModel) -> LoadedModel:
+    """One black image through the model: the answer must have one logit per class."""
+    try:
+        model.probabilities(np.zeros((1, model.channels, model.image_size, model.image_size), np.uint8))
+    except UserError:
+        raise
+    except Exception as error:  # the runtime's own errors for a graph that cannot take its declared input
+        raise UserError(f"{model.path}: the model fails on a {model.channels}x{model.image_size}x{model.image_size} "
+                        f"image, the input its metadata declares ({type(error).__name__}: {str(error)[:200]})") from None
+    return model
 
 
 def _missing(path: Path) -> UserError:
@@ -53,27 +135,28 @@ def _missing(path: Path) -> UserError:
 def load_onnx(path: Path, threads: int) -> LoadedModel:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    from ..deploy.onnx_session import onnx_session
+
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, threads)
     except Exception as error:  # onnxruntime raises its own exception types for any damaged file
         raise UserError(f"{path}: not a loadable ONNX model ({type(error).__name__}: {str(error)[:200]})") from None
     metadata = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in metadata:
         raise UserError(f"{path}: an ONNX model without imgcls metadata (class names, input size); export it with "
                         "this pipeline (dvc repro export) or pass the checkpoint with --model data/model/checkpoint.pt")
-    try:
-        facts = _check_facts(path, json.loads(metadata[METADATA_KEY]))
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: its imgcls metadata is not valid JSON; re-export it (dvc repro -f export)") from None
+    facts = _parse_facts(path, metadata[METADATA_KEY])
+    _check_declared_shapes(path, facts, session.get_inputs(), session.get_outputs())
     input_name = session.get_inputs()[0].name
 
     def logits(images: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: images})[0]
+        try:
+            return session.run(None, {input_name: images})[0]
+        except ort.capi.onnxruntime_pybind11_state.Fail as error:
+            raise UserError(f"{path}: ONNX Runtime failed on a batch of {len(images)} ({str(error)[:200]})") from None
 
-    return LoadedModel(path, "onnx", facts["class_names"], facts["image_size"], facts["channels"], facts, logits)
+    return _probe(LoadedModel(path, "onnx", facts["class_names"], facts["image_size"], facts["channels"], facts,
+                              logits))
 
 
 def load_torchscript(path: Path, threads: int) -> LoadedModel:
@@ -83,18 +166,21 @@ def load_torchscript(path: Path, threads: int) -> LoadedModel:
     extra = {TORCHSCRIPT_EXTRA_FILE: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-    except (RuntimeError, ValueError) as error:
-        raise UserError(f"{path}: not a loadable TorchScript file ({str(error)[:200]})") from None
+    except Exception as error:  # any damaged or foreign file (the user trusts its maker, not its integrity)
+        raise UserError(f"{path}: not a loadable TorchScript file ({type(error).__name__}: {str(error)[:200]})") from None
     if not extra[TORCHSCRIPT_EXTRA_FILE]:
         raise UserError(f"{path}: a TorchScript file without {TORCHSCRIPT_EXTRA_FILE}; export it with this pipeline")
-    facts = _check_facts(path, json.loads(extra[TORCHSCRIPT_EXTRA_FILE]))
+    facts = _parse_facts(path, extra[TORCHSCRIPT_EXTRA_FILE])
 
     def logits(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return module(torch.from_numpy(images)).float().numpy()
+            output = module(torch.from_numpy(images))
+        if not isinstance(output, torch.Tensor):
+            raise UserError(f"{path}: the model returned {type(output).__name__}, not a tensor of logits")
+        return output.float().numpy()
 
-    return LoadedModel(path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"], facts,
-                       logits)
+    return _probe(LoadedModel(path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"],
+                              facts, logits))
 
 
 def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:
@@ -116,9 +202,10 @@ def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:
                        logits)
 
 
-def load_model(path: Path, *, threads: int, int8: bool = False) -> LoadedModel:
+def load_model(path: Path, *, threads: int, int8: bool = False, trust: bool = False) -> LoadedModel:
     """The model in ``path`` (.onnx, TorchScript .pt or a checkpoint .pt); ``int8`` takes the quantized ONNX
-    file written beside an fp32 one (model.int8.onnx)."""
+    file written beside an fp32 one (model.int8.onnx). ``trust``: the user vouches for a file format that
+    can carry code (TorchScript, pickle); without it only ONNX loads."""
     path = Path(path)
     if int8 and not path.name.endswith(".int8.onnx"):
         if path.suffix != ".onnx":
@@ -129,7 +216,13 @@ def load_model(path: Path, *, threads: int, int8: bool = False) -> LoadedModel:
     if path.suffix == ".onnx":
         return load_onnx(path, threads)
     if path.name.endswith(".torchscript.pt"):
+        if not trust:
+            raise UserError(f"{path}: a TorchScript file is a program: loading it runs code stored in it; "
+                            + TRUST_HINT)
         return load_torchscript(path, threads)
     if path.suffix == ".pt":
+        if not trust:
+            raise UserError(f"{path}: a checkpoint is a pickle, a format made to run code, read through torch's "
+                            "restricted loader; " + TRUST_HINT)
         return load_checkpoint_model(path, threads)
     raise UserError(f"{path}: not a model file this tool reads (.onnx, .torchscript.pt or checkpoint.pt)")

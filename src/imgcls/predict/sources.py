@@ -3,15 +3,21 @@ under the download stage's safety rules), video files (PyAV, every Nth frame) an
 
 Each source yields ``Item``s: a name (a path, ``video.mp4#frame=120``, ``archive.zip:member.png``), the
 true class where a labelled folder (``<class>/<images>``) says it, and either the model input or the
-reason it could not be read. Pictures become model input through the preprocess stage's own functions
+reason it could not be read. Only regular files are opened (a FIFO named ``p.png`` would block forever);
+links to folders are never followed inside a folder or a ``**`` pattern (a link to an ancestor makes the
+walk endless), and each one skipped is reported as an item, as is a folder that cannot be listed. Pictures become model input through the preprocess stage's own functions
 (``decode_image`` for files, ``prepare_image`` for decoded frames), so predict sees what training saw."""
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
+import signal
+import stat
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -46,57 +52,124 @@ class FileJob:
     label: int | None
 
 
-def _image_files(folder: Path) -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(folder):  # os.walk does not follow links to folders
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+@dataclass
+class Skipped:
+    """Something found while expanding a source that is not read: reported like an unreadable image."""
+    name: str
+    reason: str
+
+
+def is_regular_file(path: str | Path) -> bool:
+    """A regular file (through links): never a FIFO, device or socket, which can block or never end."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """Image files under ``folder`` (sorted, hidden names left out), and what was skipped: links to folders
+    (not followed) and folders that cannot be listed."""
+    files: list[Path] = []
+    skipped: list[Skipped] = []
+
+    def unreadable(error: OSError) -> None:
+        skipped.append(Skipped(str(error.filename), f"cannot list this folder ({error.strerror or error})"))
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):  # os.walk does not follow links to folders
+        linked = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        skipped += [Skipped(os.path.join(root, d), "a link to a folder: not followed (give the folder it points to "
+                                                   "as a SOURCE)") for d in sorted(linked) if not is_hidden(d)]
+        dirs[:] = sorted(d for d in dirs if not is_hidden(d) and d not in linked)
         files += [Path(root) / n for n in sorted(names)
                   if not is_hidden(n) and Path(n).suffix.lower() in IMAGE_SUFFIXES]
-    return files
+    return files, skipped
 
 
-def _folder_jobs(folder: Path, class_names: list[str], shown_as: str | None = None) -> list[FileJob]:
+def _folder_jobs(folder: Path, class_names: list[str],
+                 shown_as: str | None = None) -> tuple[list[FileJob], list[Skipped]]:
     """Every image under ``folder``; labelled when each top-level subfolder is one of the model's classes."""
-    subfolders = [d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name)]
+    try:
+        subfolders = [d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name)]
+    except OSError as error:
+        raise UserError(f"{folder}: cannot list this folder ({error.strerror or error})") from None
     labelled = bool(subfolders) and set(subfolders) <= set(class_names)
+    files, skipped = _walk_images(folder)
     jobs = []
-    for path in _image_files(folder):
+    for path in files:
         relative = path.relative_to(folder)
         label = class_names.index(relative.parts[0]) if labelled and len(relative.parts) > 1 else None
         name = f"{shown_as}:{relative.as_posix()}" if shown_as else str(path)
         jobs.append(FileJob(path, name, label))
-    return jobs
+    return jobs, skipped
+
+
+def _has_magic(part: str) -> bool:
+    return any(ch in part for ch in "*?[")
+
+
+def glob_images(pattern: str) -> list[Path]:
+    """Image files matching ``pattern`` (glob syntax, ``**`` for any depth), sorted. Unlike ``glob.glob``,
+    ``**`` never descends through a link to a folder, so links to an ancestor cannot make the walk endless;
+    hidden names match only a part that starts with a dot, as in glob."""
+    parts = Path(pattern).parts
+    first = next((i for i, part in enumerate(parts) if _has_magic(part)), len(parts))
+    bases = [Path(*parts[:first]) if first else Path(".")]
+    for part in parts[first:]:
+        matched: list[Path] = []
+        for base in bases:
+            if part == "**":  # this folder and every folder below it, links to folders not followed
+                for root, dirs, _ in os.walk(base):
+                    dirs[:] = sorted(d for d in dirs if not is_hidden(d) and not os.path.islink(os.path.join(root, d)))
+                    matched.append(Path(root))
+            elif _has_magic(part):
+                try:
+                    names = sorted(os.listdir(base))
+                except OSError:
+                    continue
+                matched += [base / n for n in names if fnmatch.fnmatchcase(n, part)
+                            and (part.startswith(".") or not n.startswith("."))]
+            elif (base / part).exists() or (base / part).is_symlink():
+                matched.append(base / part)
+        bases = list(dict.fromkeys(matched))  # "**/**" would list a folder twice
+    return sorted(p for p in bases if p.suffix.lower() in IMAGE_SUFFIXES and is_regular_file(p))
 
 
 def is_video(path: str | Path) -> bool:
     return str(path).lower().endswith(VIDEO_SUFFIXES)
 
 
-def plan_sources(sources: list[str], class_names: list[str], scratch: Path) -> list[FileJob | Path]:
-    """Expand SOURCE arguments into image jobs and video paths, in the order given. Archives are extracted
-    into ``scratch``. A source that names nothing is an error before any work."""
-    planned: list[FileJob | Path] = []
+def plan_sources(sources: list[str], class_names: list[str], scratch: Path) -> list[FileJob | Skipped | Path]:
+    """Expand SOURCE arguments into image jobs, skipped entries and video paths, in the order given. Archives
+    are extracted into ``scratch``. A source that names nothing is an error before any work."""
+    planned: list[FileJob | Skipped | Path] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            jobs = _folder_jobs(path, class_names)
+            jobs, skipped = _folder_jobs(path, class_names)
             if not jobs:
-                raise UserError(f"{source}: a folder without images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-            planned += jobs
+                raise UserError(f"{source}: a folder without images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+                                + (f"; {len(skipped)} link(s) or unreadable folder(s) skipped, first {skipped[0].name}"
+                                   if skipped else ""))
+            planned += skipped + jobs
+        elif path.exists() and not is_regular_file(path):
+            raise UserError(f"{source}: not a regular file (a FIFO, device or socket); give image files or folders")
         elif path.is_file() and is_archive(path.name):
             target = Path(tempfile.mkdtemp(prefix="archive-", dir=scratch))
             try:
                 extract_archive(path, target, ArchiveLimits(max_bytes=ARCHIVE_MAX_BYTES))
             except DataError as error:
                 raise UserError(str(error)) from None
-            planned += _folder_jobs(target, class_names, shown_as=str(path))
+            jobs, skipped = _folder_jobs(target, class_names, shown_as=str(path))
+            if not jobs:
+                raise UserError(f"{source}: an archive without images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            planned += jobs
         elif path.is_file() and is_video(path):
             planned.append(path)
         elif path.is_file():
             planned.append(FileJob(path, str(path), None))  # any suffix: the decoder decides
-        elif any(ch in source for ch in "*?["):
-            matches = sorted(glob.glob(source, recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES]
+        elif _has_magic(source):
+            files = glob_images(source)
             if not files:
                 raise UserError(f"{source}: the pattern matches no image files")
             planned += [FileJob(f, str(f), None) for f in files]
@@ -108,6 +181,9 @@ def plan_sources(sources: list[str], class_names: list[str], scratch: Path) -> l
 def _decode_files(jobs: list[tuple[str, str, int | None]], image_size: int, channels: int) -> list[Item]:
     items = []
     for path, name, label in jobs:
+        if not is_regular_file(path):  # checked again here: the file may have been swapped since the listing
+            items.append(Item(name, label, None, "not a regular file (a FIFO, device or socket, or gone)"))
+            continue
         try:
             items.append(Item(name, label, decode_image(path, image_size=image_size, channels=channels,
                                                         max_pixels=MAX_PIXELS)))
@@ -116,15 +192,24 @@ def _decode_files(jobs: list[tuple[str, str, int | None]], image_size: int, chan
     return items
 
 
+def _worker_start() -> None:
+    # Ctrl-C and SIGTERM are the parent's to handle: it cancels the work, cleans up and says so once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers: int) -> Iterator[Item]:
-    """Decode image files in order; with ``workers`` > 1 on a process pool, a few tasks ahead."""
+    """Decode image files in order; with ``workers`` > 1 on a process pool (no more processes than tasks
+    or cores), a few tasks ahead."""
     tasks = [[(str(j.path), j.name, j.label) for j in jobs[i:i + FILES_PER_TASK]]
              for i in range(0, len(jobs), FILES_PER_TASK)]
-    if workers <= 1 or len(tasks) <= 1:
+    workers = min(workers, len(tasks), os.cpu_count() or 1)
+    if workers <= 1:
         for task in tasks:
             yield from _decode_files(task, image_size, channels)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    pool = ProcessPoolExecutor(workers, initializer=_worker_start)
+    try:
         pending = []
         for task in tasks:
             pending.append(pool.submit(_decode_files, task, image_size, channels))
@@ -132,6 +217,11 @@ def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers:
                 yield from pending.pop(0).result()
         for future in pending:
             yield from future.result()
+    except BrokenProcessPool:
+        raise UserError(f"an image-decoding worker process died (killed by a signal, or out of memory) while "
+                        f"decoding the images from {jobs[0].name} on; nothing after that was predicted") from None
+    finally:  # an error or a stop: drop the queued work instead of decoding it first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _picture(frame) -> Image.Image:
@@ -154,14 +244,19 @@ def video_frames(path: Path, *, image_size: int, channels: int, every: int, thre
         stream = container.streams.video[0]
         stream.thread_type = "AUTO" if threads > 1 else "SLICE"
         stream.codec_context.thread_count = threads
+        frames = 0
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if index % every:
                     continue
                 image = prepare_image(_picture(frame), image_size=image_size, channels=channels)
+                frames += 1
                 yield Item(f"{path}#frame={index}", None, image)
         except av.error.FFmpegError as error:
             yield Item(f"{path}#frame=?", None, None, f"video decoding stopped: {error}")
+            return
+        if not frames:
+            yield Item(f"{path}", None, None, "no frame could be decoded from this video")
 
 
 def camera_frames(camera: int, *, image_size: int, channels: int, every: int, limit: int | None) -> Iterator[Item]:

@@ -26,7 +26,7 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
     if provenance.get("dataset") != data.dataset:
         raise DataError(f"data/raw holds {provenance.get('dataset')} but data.dataset is {data.dataset}; "
                         "run the download stage again (dvc repro)")
-    with atomic_dir(paths.prepared_dir) as tmp:
+    with atomic_dir(paths.prepared_dir, clean_stale=True) as tmp:
         scratch = tmp / ".decoded"  # inside the temporary folder: a killed run leaves nothing behind for good
         decoded = decode(data.dataset, paths.raw_dir, image_size=data.image_size, channels=data.channels,
                          on_bad_image=data.on_bad_image, max_image_pixels=data.max_image_pixels, workdir=scratch,
