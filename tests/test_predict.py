@@ -222,3 +222,266 @@ def test_python_dash_m_runs_the_same_command(project, tmp_path):
     process = subprocess.run([sys.executable, "-m", "imgcls", "predict", str(tmp_path / "one.png"), "--model",
                               onnx_model(paths)], capture_output=True, text=True, timeout=120)
     assert process.returncode == 0 and "1 images" in process.stdout, process.stderr
+
+
+# --- Hostile inputs (issue 20): each test is a finding of a hostile review that it would have caught. -------------
+# In-process through cli.main (the console-script test above covers the installed entrypoint).
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    from imgcls.predict.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse refusals
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def save_png(path: Path, label: int = 0, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(coloured(label, np.random.default_rng(seed))).save(path)
+    return path
+
+
+def test_code_carrying_model_files_are_not_even_opened_without_trust(project, tmp_path, capsys, monkeypatch):
+    import torch
+
+    paths, _ = project
+    opened = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: opened.append(a))  # a crafted file's code runs in here
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a))
+    image = save_png(tmp_path / "a.png")
+    for model in (paths.export_dir / "model.torchscript.pt", paths.checkpoint):
+        code, _, err = run_main(capsys, str(image), "--model", str(model))
+        assert code == 1 and "--trust-model" in err and str(model) in err
+    assert opened == []
+
+
+def crafted_onnx(paths: ProjectPaths, target: Path, **changes) -> Path:
+    """The project's ONNX export with its imgcls metadata changed (``changes`` None removes a field; a str
+    value for key "raw" replaces the whole document)."""
+    import onnx
+
+    model = onnx.load(onnx_model(paths))
+    entry = next(p for p in model.metadata_props if p.key == "imgcls")
+    facts = json.loads(entry.value)
+    if "raw" in changes:
+        entry.value = changes["raw"]
+    else:
+        facts.update(changes)
+        entry.value = json.dumps(facts)
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"image_size": 200000}, "image_size"),  # was: allocation until the out-of-memory killer, 22.8 GB
+    ({"image_size": True}, "image_size"),
+    ({"image_size": 24}, "image_size"),  # within range, but the graph declares 16
+    ({"channels": 1}, "channels"),  # the graph takes 3
+    ({"class_names": ["a", "b"]}, "class_names"),  # the graph answers 3
+    ({"class_names": ["a", "a", "b"]}, "class_names"),
+    ({"raw": "{not json"}, "not valid JSON"),
+    ({"raw": "[1, 2]"}, "not a JSON object"),
+])
+def test_crafted_onnx_metadata_is_refused_naming_the_field(project, tmp_path, capsys, changes, field):
+    import resource
+
+    paths, _ = project
+    model = crafted_onnx(paths, tmp_path / "crafted.onnx", **changes)
+    image = save_png(tmp_path / "a.png")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, out, err = run_main(capsys, str(image), "--model", str(model), "--output", str(tmp_path / "r.csv"))
+    assert code == 1 and field in err and str(model) in err and "Traceback" not in err, err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing sized from it
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_crafted_torchscript_metadata_is_one_line_even_when_trusted(project, tmp_path, capsys):
+    import torch
+
+    paths, _ = project
+    module = torch.jit.load(str(paths.export_dir / "model.torchscript.pt"))
+    crafted = tmp_path / "crafted.torchscript.pt"
+    for document, expected in (("{not json", "not valid JSON"), (json.dumps({"class_names": ["a", "b"], "image_size": 16,
+                                                                             "channels": 3}), "logits of shape")):
+        module.save(str(crafted), _extra_files={"imgcls.json": document})
+        code, _, err = run_main(capsys, str(save_png(tmp_path / "a.png")), "--model", str(crafted), "--trust-model")
+        assert code == 1 and expected in err and "Traceback" not in err, err
+
+
+def test_output_never_deletes_neighbours_that_look_like_temporaries(project, tmp_path, capsys):
+    paths, _ = project
+    image = save_png(tmp_path / "in" / "a.png")
+    out_dir = tmp_path / "reports"
+    out_dir.mkdir()
+    precious = [out_dir / ".report.csv.old", out_dir / ".report.csv.999999999.abcd.tmp",
+                out_dir / ".report.csv.imgcls.999999999.abcd1234.tmp"]
+    for folder in precious:
+        folder.mkdir()
+        (folder / "mine.txt").write_text("the user's")
+    code, _, err = run_main(capsys, str(image), "--model", onnx_model(paths), "--output", str(out_dir / "report.csv"))
+    assert code == 0, err
+    assert all((folder / "mine.txt").read_text() == "the user's" for folder in precious)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(["report.csv"] + [p.name for p in precious])
+
+
+def test_a_fifo_among_images_neither_hangs_nor_is_opened(project, tmp_path, capsys):
+    import os
+    import signal
+
+    paths, _ = project
+    folder = tmp_path / "imgs"
+    save_png(folder / "a.png")
+    os.mkfifo(folder / "p.png")  # opening it for reading would wait for a writer forever
+    signal.alarm(60)  # a hang fails the test instead of the whole run
+    try:
+        code, out, err = run_main(capsys, str(folder), "--model", onnx_model(paths))
+        assert code == 1 and "p.png" in err and "not a regular file" in err and "1 images" in out
+        code, _, err = run_main(capsys, str(folder / "p.png"), "--model", onnx_model(paths))
+        assert code == 1 and "not a regular file" in err
+    finally:
+        signal.alarm(0)
+
+
+def test_globs_and_folders_never_follow_links_to_folders(project, tmp_path, capsys):
+    import os
+
+    from imgcls.predict.sources import glob_images
+
+    paths, _ = project
+    root = tmp_path / "d"
+    save_png(root / "a" / "b" / "x.png")
+    save_png(root / "y.png")
+    os.symlink("../..", root / "a" / "b" / "up")  # two links to ancestors: glob.glob walks 2^40 paths
+    os.symlink("..", root / "a" / "back")
+    assert glob_images(f"{root}/**/*.png") == [root / "a" / "b" / "x.png", root / "y.png"]
+    assert glob_images(f"{root}/*/b/*.png") == [root / "a" / "b" / "x.png"]
+    assert glob_images(f"{root}/*.png") == [root / "y.png"]
+    code, out, err = run_main(capsys, f"{root}/**/*.png", "--model", onnx_model(paths))
+    assert code == 0 and "2 images" in out, err
+    code, out, err = run_main(capsys, str(root), "--model", onnx_model(paths))  # a folder: links reported, not walked
+    assert code == 1 and "2 images" in out and "a link to a folder: not followed" in err and "2 unreadable" in out
+
+
+def test_names_with_terminal_escapes_and_undecodable_bytes(project, tmp_path, capsys):
+    import os
+
+    paths, _ = project
+    folder = tmp_path / "imgs"
+    save_png(folder / "evil\x1b[2J\nname.png")
+    save_png(Path(os.fsdecode(bytes(folder) + b"/caf\xe9.png")))  # Latin-1 bytes: not UTF-8
+    for suffix in (".csv", ".json", ".jsonl"):
+        output = tmp_path / f"out{suffix}"
+        code, out, err = run_main(capsys, str(folder), "--model", onnx_model(paths), "--output", str(output))
+        assert code == 0 and "\x1b" not in out + err and "\\x1b[2J\\nname.png" in out, err
+        assert b"caf\xe9.png" in output.read_bytes() or b"caf\\udce9.png" in output.read_bytes()
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert len(rows) == 2 and {os.fsencode(r["source"]).endswith(b"caf\xe9.png") for r in rows} == {True, False}
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_inference(project, tmp_path, capsys, monkeypatch):
+    from imgcls.predict import cli
+
+    paths, _ = project
+    image = save_png(tmp_path / "a.png")
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("inference started"))
+    (tmp_path / "results.csv").mkdir()
+    code, _, err = run_main(capsys, str(image), "--model", onnx_model(paths), "--output", str(tmp_path / "results.csv"))
+    assert code == 2 and "is a folder" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_main(capsys, str(image), "--model", onnx_model(paths), "--output", str(tmp_path / "file" / "r.csv"))
+    assert code == 1 and "Traceback" not in err and "file" in err
+
+
+def _decode_or_die(jobs, image_size, channels):
+    """A decode task whose worker is killed (as by the out-of-memory killer) when it meets die.png."""
+    import os
+
+    from imgcls.predict.sources import Item
+
+    if any(name.endswith("die.png") for _, name, _ in jobs):
+        os._exit(9)
+    return [Item(name, label, np.zeros((channels, image_size, image_size), np.uint8)) for _, name, label in jobs]
+
+
+def test_a_killed_decode_worker_is_one_line_and_finished_rows_are_kept(project, tmp_path, capsys, monkeypatch):
+    from imgcls.predict import sources
+
+    paths, _ = project
+    folder = tmp_path / "imgs"
+    for name in ("a", "b", "c", "d", "die", "e"):
+        save_png(folder / f"{name}.png")
+    monkeypatch.setattr(sources, "FILES_PER_TASK", 2)
+    monkeypatch.setattr(sources, "_decode_files", _decode_or_die)
+    monkeypatch.setattr(sources.os, "cpu_count", lambda: 2)
+    code, _, err = run_main(capsys, str(folder), "--model", onnx_model(paths), "--threads", "2", "--batch-size", "1",
+                            "--output", str(tmp_path / "r.jsonl"))
+    assert code == 1 and "worker process died" in err and "Traceback" not in err, err
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [Path(r["source"]).name for r in rows][:2] == ["a.png", "b.png"] and "kept the" in err
+
+
+def test_decode_workers_never_outnumber_the_work_or_the_cores(monkeypatch, tmp_path, capsys):
+    from imgcls.predict import cli, sources
+
+    created = []
+
+    class Recorder(sources.ProcessPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            created.append(workers)
+            super().__init__(workers, **kwargs)
+
+    monkeypatch.setattr(sources, "ProcessPoolExecutor", Recorder)
+    jobs = [sources.FileJob(save_png(tmp_path / f"{i}.png", seed=i), f"{i}.png", None) for i in range(3)]
+    assert len(list(sources.decode_jobs(jobs, image_size=8, channels=3, workers=64))) == 3 and created == []
+    monkeypatch.setattr(sources, "FILES_PER_TASK", 1)
+    assert len(list(sources.decode_jobs(jobs, image_size=8, channels=3, workers=64))) == 3
+    assert created == [min(3, __import__("os").cpu_count())]
+    code, _, err = run_main(capsys, str(tmp_path), "--threads", "-1")
+    assert code == 2 and "--threads" in err
+    assert cli.MAX_THREADS >= 64
+
+
+def test_sources_that_yield_no_image_exit_1(project, tmp_path, capsys):
+    paths, _ = project
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
+        archive.writestr("notes.txt", "no pictures here")
+    code, _, err = run_main(capsys, str(tmp_path / "empty.zip"), "--model", onnx_model(paths))
+    assert code == 1 and "an archive without images" in err
+
+
+def test_sigterm_removes_the_scratch_folder_and_keeps_finished_rows(project, tmp_path):
+    import os
+    import signal
+    import time
+
+    paths, _ = project
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(coloured(1, np.random.default_rng(1))).save(buffer, format="PNG")
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as archive:
+        for i in range(3000):
+            archive.writestr(f"{i:05d}.png", buffer.getvalue())
+    script = Path(sys.executable).parent / "imgcls"
+    process = subprocess.Popen([str(script), "predict", str(tmp_path / "many.zip"), "--model", onnx_model(paths),
+                                "--batch-size", "1", "--quiet", "--output", str(tmp_path / "r.jsonl")],
+                               env=dict(os.environ, TMPDIR=str(scratch_parent)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until it is predicting: rows are being written
+        temporaries = list(tmp_path.glob(".r.jsonl.imgcls.*.tmp"))
+        if temporaries and temporaries[0].stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert list(scratch_parent.glob("imgcls-predict-*")), "predict never started"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert list(scratch_parent.glob("imgcls-predict-*")) == []  # the extracted archive is gone
+    rows = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert 0 < len(rows) < 3000 and all(json.loads(row)["source"].startswith(str(tmp_path / "many.zip")) for row in rows)
+    assert list(tmp_path.glob(".r.jsonl.*")) == []

@@ -83,10 +83,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--frames must be at least 1")
     if args.output is not None:
         output = printable(str(args.output))
-        if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
-            parser.error(f"--output {output}: the suffix says the format: one of {', '.join(OUTPUT_SUFFIXES)}")
         if args.output.is_dir():
             parser.error(f"--output {output} is a folder; name a file in it, such as {output}/results.csv")
+        if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
+            parser.error(f"--output {output}: the suffix says the format: one of {', '.join(OUTPUT_SUFFIXES)}")
         if args.output.exists() and not args.output.is_file():
             parser.error(f"--output {output} exists and is not a regular file")
     return args
