@@ -8,6 +8,7 @@ or an out-of-range value raises ``ParamsError`` naming the key, the value and wh
 
 from __future__ import annotations
 
+import re
 import reprlib
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ MIN_IMAGE_SIZE = {
     "mobilenet_v3_small": 16,
 }
 TORCHVISION_MODELS = ("resnet18", "mobilenet_v3_small")  # built by torchvision; train.pretrained applies to them
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, file://, s3://: train paths are never URLs
 
 
 class Section(BaseModel):
@@ -145,6 +147,11 @@ def _check_combinations(params: Params) -> None:
             f"params: data.source = {_show(data.source)} lists {list_name[:-4]} locations but data.dataset = "
             f"{data.dataset!r}; set data.source to sources/{data.dataset}.txt or to your own copy")
     train = params.train
+    for key in ("pretrained", "init_from"):
+        value = getattr(train, key)
+        if URL_SCHEME.match(value):  # a path is opened as given: "https://x" would become the folder "https:/x"
+            raise ParamsError(f"params: train.{key} = {_show(value)} is a URL, but it takes a file's path: download "
+                              f"the file (curl -LO <URL>) and set train.{key} to where it is")
     if train.pretrained != "none" and train.model not in TORCHVISION_MODELS:
         raise ParamsError(f"params: train.pretrained = {_show(train.pretrained)} loads torchvision's ImageNet weights, "
                           f"which exist for {', '.join(TORCHVISION_MODELS)}, not for train.model = {train.model!r}; set "

@@ -19,6 +19,12 @@ from .arrays import ArrayFileError, NpyReader, save_array
 from .errors import DataError
 
 REBUILD = "rebuild it with: dvc repro -f preprocess"
+# mean and std are of pixel values in [0, 1]: a mean lies in 0..1 and a std in 0..0.5 (half black, half white).
+# The smallest std that uint8 data can have without being constant is 1/(255 * sqrt(n)) for n pixels per
+# channel: above this floor for any data set up to 10^13 pixels. A std far below it (1e-30) is no statistic of
+# any images, and dividing by it overflows float32 (the fast model's whitening then fails in linalg.eigh).
+MIN_STD = 1e-9
+MAX_STD = 0.5
 
 
 def images_file(directory: Path, split: str) -> Path:
@@ -86,6 +92,9 @@ def _check_meta(path: Path, meta: object) -> dict:
             raise _bad(path, f"{key} must hold {shape[0]} number(s), one per channel, found {values!r}")
     if not all(np.isfinite(meta["mean"] + meta["std"])) or min(meta["std"]) <= 0:
         raise _bad(path, f"mean must be finite and std finite and positive, found {meta['mean']}, {meta['std']}")
+    if not (all(0 <= m <= 1 for m in meta["mean"]) and all(MIN_STD <= s <= MAX_STD for s in meta["std"])):
+        raise _bad(path, f"mean must lie in 0..1 and std in {MIN_STD:g}..{MAX_STD} (pixel values in [0, 1]), found "
+                         f"mean {meta['mean']}, std {meta['std']}: they are not statistics of these images")
     if not isinstance(meta.get("dataset"), str):
         raise _bad(path, f"dataset must be a name, found {meta.get('dataset')!r}")
     return meta

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,18 +31,58 @@ def set_threads(threads: int) -> int:
     return count
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def available_memory(device: torch.device) -> int:
-    """Bytes free for data on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    """Bytes free for data on ``device``: the GPU's free memory, or the host's MemAvailable (less where this
+    process's cgroup, a container's memory limit, leaves less: the kernel kills at that limit, not the host's)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    host = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if host is None:
+        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limited = cgroup_available_memory()
+    return host if limited is None else min(host, limited)
+
+
+def cgroup_available_memory(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``
+    as mounted in a container), counting inactive page cache as free (the kernel reclaims it before it kills);
+    None where there is no limit or no cgroup to read."""
+    for folder, limit_name, usage_name, inactive_name in (
+            (root, "memory.max", "memory.current", "inactive_file"),
+            (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            limit_text = (folder / limit_name).read_text().strip()
+            usage = int((folder / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 1 << 60:  # v1's "unlimited"
+            return None
+        inactive = 0
+        try:
+            for line in (folder / "memory.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == inactive_name and value.strip().isdigit():
+                    inactive = int(value)
+        except OSError:
+            pass
+        return max(0, int(limit_text) - usage + inactive)
+    return None
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed
 
-from ..errors import TrainingError
+from ..errors import RuntimeChoiceError, TrainingError
 
 # A rank waiting longer than this in a collective (a peer on another machine gone silent) fails instead of
 # hanging; on one machine torchrun ends the other ranks as soon as one exits with an error. The other ranks
@@ -38,6 +38,19 @@ from ..errors import TrainingError
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 RANK_ERRORS_ENV = "IMGCLS_RANK_ERRORS"  # the folder where a failing rank leaves its message
 PEER_LOST = ("by peer", "Connection closed", "Broken pipe")  # gloo's words when another rank has gone
+PLACE_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # where torchrun puts each process
+TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun (torch.distributed.run) in every process it starts
+# Memory of each training process beyond its data and batch: PyTorch, its libraries, gloo and the reporters.
+# Measured as the peak private memory (Private_Clean + Private_Dirty in /proc/<pid>/smaps_rollup, polled every
+# 0.1 s) of each rank of `train.processes: 2` and `4` runs of the fast model on 480 12x12 images, CPU, torch
+# 2.14: 373 MiB (ranks 1..3) to 478 MiB (rank 0, which also runs dvclive and TensorBoard). Shared library pages
+# are not counted: they are in memory once for all processes.
+PROCESS_BYTES = 480 << 20
+TORCHRUN_BYTES = 300 << 20  # the torchrun launcher itself, measured the same way (299 MiB)
+
+
+class LaunchError(RuntimeChoiceError):
+    """Processes this machine or this environment cannot run."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +73,52 @@ SINGLE = World()
 
 
 def world_from_env() -> World | None:
-    """The place torchrun gave this process, or None when it was not started by torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """The place torchrun gave this process, or None when it was not started by torchrun. RANK or WORLD_SIZE
+    left in the environment by something else (a shell, a job script) is refused, as are values torchrun
+    never sets: they would make this process wait for peers that never come (30 minutes) or fail deep in
+    torch.distributed."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         return None
-    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
-                 int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    found = ", ".join(f"{name}={os.environ[name]!r}" for name in PLACE_VARIABLES if name in os.environ)
+    unset = "unset " + " ".join(name for name in PLACE_VARIABLES if name in os.environ)
+    if TORCHRUN_MARK not in os.environ:
+        raise LaunchError(f"{found} in the environment, but this process was not started by torchrun "
+                          f"({TORCHRUN_MARK} is not set): run `{unset}` and run again (train.processes starts "
+                          "torchrun itself; several machines: start torchrun on each, README \"Scale out\")")
+    try:
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    except (KeyError, ValueError):
+        rank = size = local_rank = local_size = -1
+    if not (size >= 1 and 0 <= rank < size and 1 <= local_size <= size and 0 <= local_rank < local_size):
+        raise LaunchError(f"{found} is not a place in a torchrun job (expected 0 <= RANK < WORLD_SIZE and "
+                          "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE); these are torchrun's to set: "
+                          f"run `{unset}` and start the stage with train.processes, or with torchrun")
+    return World(rank, size, local_rank, local_size)
+
+
+def check_processes(processes: int, *, cores: int, available_bytes: int, data_bytes: int, gpus: int | None,
+                    emit: Callable[[str], None]) -> None:
+    """Before starting ``processes`` (train.processes) on this machine: refuse what cannot run (more
+    processes than GPUs; more memory than is available: each process holds PROCESS_BYTES, plus its own copy
+    of ``data_bytes`` of images kept in memory), warn where the cores are shared out too thinly.
+    ``gpus``: the visible GPUs when training on CUDA, None on the CPU."""
+    if gpus is not None and processes > gpus:
+        raise LaunchError(f"train.processes = {processes} but {gpus} GPU(s) are visible: each process trains on "
+                          f"a GPU of its own; set train.processes to at most {gpus}")
+    required = processes * (PROCESS_BYTES + data_bytes) + TORCHRUN_BYTES
+    if required > available_bytes:
+        fits = max(1, (available_bytes - TORCHRUN_BYTES) // (PROCESS_BYTES + data_bytes))
+        images = f" + {data_bytes / 2**20:,.0f} MiB of images each keeps in memory" if data_bytes else ""
+        raise LaunchError(
+            f"train.processes = {processes} needs about {required / 2**30:.1f} GiB ({processes} processes x "
+            f"{PROCESS_BYTES >> 20} MiB for PyTorch{images}, and {TORCHRUN_BYTES >> 20} MiB for torchrun) but "
+            f"{available_bytes / 2**30:.1f} GiB are available; set train.processes to at most {fits}"
+            + (" or train.in_memory: never" if data_bytes else ""))
+    if processes > cores:
+        emit(f"warning: train.processes = {processes} on {cores} core(s): the processes take turns on the cores, "
+             f"which is slower than {cores}; set train.processes to at most {cores}")
 
 
 def threads_per_process(requested: int, world: World) -> int:

@@ -5,6 +5,7 @@ bench/profile_step.py times the same set-up and phase functions, so the profile 
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ from ..runtime import autocast
 from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
 from .distributed import SINGLE, World, all_reduce_sum, wrap
 from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer, run_length
-from .resume import random_states, restore_random_states
+from .resume import random_states, resume_state_problem, restore_random_states
 
 VALIDATION_BATCH_SIZE = 1000
 
@@ -105,6 +106,55 @@ def apply_update(optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, 
         lookahead.update(model, step, factor)
 
 
+@dataclass
+class StepMemory:
+    """Memory one training step needs beyond the weights themselves, from ``estimate_step_memory``."""
+
+    activation_bytes_per_image: int  # what autograd keeps from the forward pass for the backward, per image
+    state_bytes: int  # gradients, optimizer buffers, the lookahead average (and DDP's gradient buckets)
+
+    def total(self, batch_size: int) -> int:
+        return self.activation_bytes_per_image * batch_size + self.state_bytes
+
+
+PROBE_IMAGES = 2  # the smallest batch every model takes in training mode (BatchNorm over a 1x1 map needs two)
+
+
+def estimate_step_memory(model: nn.Module, image_shape: tuple[int, int, int], *, config: TrainParams,
+                         device: torch.device, precision: str, processes: int = 1) -> StepMemory:
+    """What a step of ``model`` on (C, H, W) images needs: one forward pass of PROBE_IMAGES zero images on a
+    copy of the model (``model``, its BatchNorm statistics and every random generator are left as they were),
+    counting the bytes of the tensors autograd saves for the backward pass (saved_tensors_hooks), per image;
+    plus a gradient, the optimizer's buffers and the lookahead average for each trainable weight.
+
+    The saved tensors are the bulk of a step's memory and grow with the batch; the backward pass adds
+    transient gradients of about one layer's activations on top, so the real peak is somewhat higher (a
+    lower bound: it refuses only what cannot fit)."""
+    probe = copy.deepcopy(model).to(device, memory_format=torch.channels_last).train()
+    parameters = {t.untyped_storage().data_ptr() for t in list(probe.parameters()) + list(probe.buffers())}
+    saved: dict[int, int] = {}  # storage address -> bytes: a tensor saved by several operations counts once
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:  # weights exist whatever the batch
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images = torch.zeros((PROBE_IMAGES, *image_shape), device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.zeros(PROBE_IMAGES, dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws: put back
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward_loss(probe, images, labels, nn.CrossEntropyLoss(), device, precision)
+    del probe
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    buffers_per_weight = {"adamw": 2, "sgd": 1 if config.momentum > 0 else 0}[config.optimizer]
+    copies = 1 + buffers_per_weight + (1 if processes > 1 else 0)  # the gradient, optimizer, DDP's buckets
+    lookahead = sum(v.numel() * v.element_size() for v in model.state_dict().values()
+                    if v.is_floating_point()) if config.ema > 0 else 0
+    return StepMemory(activation_bytes_per_image=-(-sum(saved.values()) // PROBE_IMAGES),
+                      state_bytes=copies * trainable + lookahead)
+
+
 class StopRequested(Exception):
     """Raised at a step boundary when ``should_stop`` said so (Ctrl-C); carries where the epoch stood."""
 
@@ -174,6 +224,7 @@ def fit(
     on_epoch: Callable[[dict], None] = lambda record: None,
     resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False, fine_tune: bool = False, world: World = SINGLE,
+    on_resume: Callable[[str | None], None] = lambda problem: None,
 ) -> list[dict]:
     """Train ``model`` (on ``device``) for ``config.epochs`` (or more: train.min_steps); returns one record
     per epoch.
@@ -185,7 +236,9 @@ def fit(
     ``save_state`` receives everything needed to continue exactly: after every epoch but the last, and at the
     step boundary where ``should_stop`` (asked after every step) said yes, before StopRequested leaves.
     ``resume_from`` is such a state: the run continues from it (the finished epochs' records are replayed
-    through ``on_epoch`` first) and ends with the weights an uninterrupted run would have.
+    through ``on_epoch`` first) and ends with the weights an uninterrupted run would have. It is checked
+    against this model, optimizer and run before any of it is applied; ``on_resume`` hears the verdict: None
+    (resuming), or why it does not fit, and then the run starts from the beginning as if there were no state.
 
     ``fine_tune``: ``model`` holds loaded starting weights (train.pretrained or train.init_from), so no
     data-dependent initialisation; the backbone trains at train.backbone_lr_scale x the rate, and not at all
@@ -205,6 +258,15 @@ def fit(
                                 processes=world.size)
     epochs = setup.epochs
     records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None
+    if resume_from is not None:
+        # Nothing is applied until all of it is known to fit: a half-applied state would train neither the
+        # resumed run nor a fresh one. The set-up above drew from the generator, but a fresh run draws the same.
+        problem = resume_state_problem(resume_from, model=model, optimizer=setup.optimizer,
+                                       lookahead_state=setup.lookahead.state if setup.lookahead is not None else None,
+                                       steps_per_epoch=setup.steps_per_epoch, epochs=epochs)
+        on_resume(problem)
+        if problem is not None:
+            resume_from = None
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         setup.optimizer.load_state_dict(resume_from["optimizer"])

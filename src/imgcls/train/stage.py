@@ -17,16 +17,17 @@ from ..model.checkpoint import save_checkpoint
 from ..model.networks import build_model, normalized_channels
 from ..params import Params, TrainParams, as_dict
 from ..paths import ProjectPaths
-from ..prepared import load_prepared
-from ..runtime import available_memory, describe_device, resolve_device, resolve_precision, seed_everything, set_threads
+from ..prepared import images_file, load_prepared
+from ..runtime import (available_memory, describe_device, resolve_device, resolve_precision, seed_everything,
+                       set_threads, usable_cores)
 from .batches import ResidentImages, StreamedImages, keep_resident
 from ..stats import wilson_interval
-from .loop import StopRequested, fit
+from .loop import StepMemory, StopRequested, estimate_step_memory, fit
 from .optim import run_length
 from .reporting import EpochReporter
-from .resume import load_resume_state, run_digest, save_resume_state
-from .distributed import (SINGLE, World, broadcast_object, init_process_group, launch, main_first, report_failure,
-                          threads_per_process, world_from_env)
+from .resume import ResumeStateWriter, discard_resume_state, load_resume_state, run_digest
+from .distributed import (SINGLE, World, broadcast_object, check_processes, init_process_group, launch, main_first,
+                          report_failure, threads_per_process, world_from_env)
 from .transfer import StartingWeights, apply_starting_weights, load_init_checkpoint, load_pretrained
 
 # A test split that knows an accuracy of 80% only to within more than this (half its 95% interval) gets a warning.
@@ -85,6 +86,43 @@ def stop_on_ctrl_c(emit: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def check_launch(params: Params, paths: ProjectPaths, emit: Callable[[str], None]) -> None:
+    """train.processes against this machine (GPUs, memory, cores) before torchrun starts the processes."""
+    device = resolve_device(params.base.device)
+    available = available_memory(torch.device("cpu"))
+    # Every process reads the images itself: kept in host memory (train.in_memory), each holds its own copy.
+    files = [images_file(paths.prepared_dir, split) for split in ("train", "val")]
+    nbytes = sum(f.stat().st_size for f in files if f.is_file())
+    on_host = device.type == "cpu" and keep_resident(params.train.in_memory, nbytes, available)
+    check_processes(params.train.processes, cores=usable_cores(), available_bytes=available,
+                    data_bytes=nbytes if on_host else 0,
+                    gpus=torch.cuda.device_count() if device.type == "cuda" else None, emit=emit)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def check_step_memory(memory: StepMemory, *, batch_size: int, processes_sharing: int, available_bytes: int,
+                      params: Params, image_shape: list[int], device: torch.device) -> None:
+    """Refuse a batch whose training step cannot fit in ``available_bytes`` (of ``device``, shared by
+    ``processes_sharing`` processes), naming the params that size it, instead of running into the allocator."""
+    required = memory.total(batch_size) * processes_sharing
+    if required <= available_bytes:
+        return
+    fits = (available_bytes // processes_sharing - memory.state_bytes) // max(1, memory.activation_bytes_per_image)
+    config, shape = params.train, "x".join(map(str, image_shape))
+    size_param = (f" or data.image_size ({params.data.image_size})" if params.data.dataset == "imagefolder"
+                  else f" ({params.data.dataset}'s images are {shape})")
+    raise RuntimeChoiceError(
+        f"a training step at train.batch_size = {config.batch_size} (a batch of {batch_size} {shape} images per "
+        f"process) needs about {_size(required)} ({memory.activation_bytes_per_image / 2**20:.2f} MiB per image kept "
+        f"for the backward pass x {batch_size}, + {_size(memory.state_bytes)} of gradients and optimizer state"
+        + (f", x {processes_sharing} processes" if processes_sharing > 1 else "")
+        + f") but {device.type} has {_size(available_bytes)} available; lower train.batch_size"
+        + (f" (at most {fits} fits)" if fits >= 1 else "") + size_param)
+
+
 class SilentReporter:
     """What ranks other than 0 report: nothing (rank 0 writes the console lines, dvclive and TensorBoard)."""
 
@@ -103,6 +141,7 @@ def train(params: Params, paths: ProjectPaths) -> None:
     runs this again in each process; under torchrun each process trains as its rank."""
     world = world_from_env()
     if world is None and params.train.processes > 1:
+        check_launch(params, paths, log("train"))
         launch(params.train.processes, params.base.threads, log("train"))
         return
     world = world or SINGLE
@@ -162,6 +201,10 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
                 else "same classes, head kept")
              + f"; loaded weights train at train.backbone_lr_scale = {config.backbone_lr_scale} x the rate"
              + (f", frozen for the first {config.freeze_backbone_epochs} epoch(s)" if config.freeze_backbone_epochs else ""))
+    # Measured on the plain model (SyncBatchNorm's forward would talk to the other ranks); checked below, when
+    # the batch size and the memory left after the data are known.
+    step_memory = estimate_step_memory(model, (channels, height, width), config=config, device=device,
+                                       precision=precision, processes=world.size)
     if config.sync_batchnorm and world.size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
@@ -185,6 +228,11 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
     length = run_length(len(train_images), config, world.size)
     for line in length.notes + length.warnings:
         emit(line)
+    # The processes on one machine share its memory on the CPU; on CUDA each has a GPU of its own.
+    check_step_memory(step_memory, batch_size=length.batch_size // world.size,
+                      processes_sharing=world.local_size if device.type == "cpu" else 1,
+                      available_bytes=available_memory(device), params=params, image_shape=meta["image_shape"],
+                      device=device)
     test_counts = meta.get("counts", {}).get("test")
     if test_counts is not None:
         hint = ("a test/ folder, data.test_fraction or data.val_folder" if meta["dataset"] == "imagefolder"
@@ -198,9 +246,20 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
         digest = run_digest(params, paths.prepared_dir, extra=extra)  # a state from another world size is not used
         resume_from = load_resume_state(paths.resume_state, digest, emit)
     resume_from = broadcast_object(resume_from, world)
-    if resume_from is not None:
-        emit(f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {length.epochs}) from "
-             f"{paths.resume_state}: the run continues exactly where the last one stopped")
+    resumed_seconds = 0.0  # training time before the stop, where the state is used
+
+    def on_resume(problem: str | None) -> None:  # fit's verdict on the state, before it applies any of it
+        nonlocal resumed_seconds
+        if problem is None:
+            resumed_seconds = resume_from["elapsed_seconds"]
+            emit(f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {length.epochs}) from "
+                 f"{paths.resume_state}: the run continues exactly where the last one stopped")
+            return
+        emit(f"discarding resume state {paths.resume_state}: {problem}; training from the start")
+        if world.is_main:
+            discard_resume_state(paths.resume_state)
+
+    writer = ResumeStateWriter(paths.resume_state, digest, emit) if world.is_main else None
     if world.is_main:
         shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
         reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
@@ -213,12 +272,14 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
         try:
             records = fit(model, (train_images, train_labels), val, config=config, device=device,
                           precision=precision, generator=generator, on_epoch=reporter, resume_from=resume_from,
-                          save_state=(lambda state: save_resume_state(paths.resume_state, digest, state))
-                          if world.is_main else None,
-                          should_stop=stop_requested, fine_tune=start is not None, world=world)
+                          save_state=writer, should_stop=stop_requested, fine_tune=start is not None, world=world,
+                          on_resume=on_resume)
         except StopRequested as stop:
-            emit(f"stopped after batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']}) "
-                 f"with the state saved in {paths.resume_state}; run `dvc repro` again to continue from there")
+            where = f"batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']})"
+            emit(f"stopped after {where} with the state saved in {paths.resume_state}; run `dvc repro` again to "
+                 "continue from there" if writer is not None and writer.saved else
+                 f"stopped after {where}; its state could not be saved (see the warning above): the next run starts "
+                 "from the last state that was saved, if any")
             raise SystemExit(130) from None
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the last saved state
             emit("interrupted: " + ("run `dvc repro` again to continue from the last saved state"
@@ -227,7 +288,7 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
     if not world.is_main:
         return
     # Training time of the whole run: a resumed run adds the time spent before the stop.
-    train_seconds = time.perf_counter() - started + (resume_from["elapsed_seconds"] if resume_from else 0.0)
+    train_seconds = time.perf_counter() - started + resumed_seconds
     reporter.close({"train_seconds": train_seconds, "precision": precision, "device": device.type,
                     "epochs": length.epochs, "batch_size": length.batch_size, "steps": length.total_steps,
                     "processes": world.size,

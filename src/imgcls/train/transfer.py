@@ -91,6 +91,14 @@ def load_pretrained(architecture: str, source: str, emit: Callable[[str], None])
             raise TransferError(f"train.pretrained = {source!r} is not a readable weights file "
                                 f"({type(error).__name__}: {str(error)[:300]})") from None
     state = _tensor_dict(state, str(path))
+    broken = [name for name, value in state.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:  # trained on, they make the first loss NaN, and the run would blame train.lr
+        advice = ("delete it and run again to download it afresh" if source == "imagenet"
+                  else "it is damaged: name torchvision's file, or use imagenet")
+        raise TransferError(f"train.pretrained = {source!r}: {path} holds NaN or infinite weights "
+                            f"({', '.join(broken[:3])}{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); "
+                            f"{advice}")
     sha256 = file_sha256(path)
     official = sha256.startswith(expected_prefix)
     if not official:

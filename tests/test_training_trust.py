@@ -1,0 +1,443 @@
+"""What the train stage trusts and what it checks first: a resume state that does not fit (discarded, never
+a traceback on every rerun) or cannot be saved (a warning), params this machine cannot run (processes,
+memory, stray torch.distributed variables), URLs where paths belong, NaN starting weights, and
+normalization statistics that describe no images."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import real_params
+from imgcls import runtime
+from imgcls.errors import DataError, ParamsError, RuntimeChoiceError, UserError
+from imgcls.model.checkpoint import save_checkpoint
+from imgcls.model.networks import build_model
+from imgcls.paths import ProjectPaths
+from imgcls.prepared import load_prepared
+from imgcls.train import stage
+from imgcls.train.distributed import PROCESS_BYTES, LaunchError, World, check_processes, world_from_env
+from imgcls.train.loop import estimate_step_memory, fit
+from imgcls.train.resume import ResumeStateWriter, load_resume_state, run_digest
+from imgcls.train.stage import train
+from imgcls.train.transfer import TransferError, load_init_checkpoint, load_pretrained
+from test_models_training import arguments, separable_data
+from test_prepared import damage_meta, write_good
+from test_transfer import project
+
+CPU = torch.device("cpu")
+# The project's recipe shrunk to seconds: 30 images of 12x12, two epochs of three steps.
+TINY = {"model": "convnet", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 10, "log_images": 0,
+        "precision": "fp32"}
+
+
+# ------------------------------------------------------------------------------------------ resume state
+
+def fit_tiny(resume_from=None, verdicts=None, save_state=None):
+    """Two epochs of the fast model (lookahead on, whitening, a bias schedule) on 256 tiny images."""
+    images, labels = separable_data()
+    config = real_params(train={"model": "fast", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 32,
+                                "precision": "fp32", "whiten_bias_epochs": 1.0}).train
+    generator = runtime.seed_everything(0)
+    model = build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=1.0)
+    records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=CPU, precision="fp32",
+                  generator=generator, resume_from=resume_from, save_state=save_state,
+                  on_resume=(verdicts.append if verdicts is not None else lambda problem: None))
+    return model, records
+
+
+@pytest.fixture(scope="module")
+def straight_run():
+    """An uninterrupted run's weights and records, and the state it saved after epoch 1 (as loaded from disk)."""
+    states = []
+    model, records = fit_tiny(save_state=lambda state: states.append(copy.deepcopy(state)))
+    assert [s["epoch"] for s in states] == [1]
+    return model.state_dict(), records, states[0]
+
+
+def _first_weight(tensors: dict) -> str:
+    return next(name for name, value in tensors.items() if name.endswith("weight") and value.dim() > 1)
+
+
+def _wrong_shape(state):
+    name = _first_weight(state["model"])
+    state["model"][name] = torch.zeros(*state["model"][name].shape[:-1], state["model"][name].shape[-1] + 1)
+
+
+def _momentum_of_another_shape(state):
+    # The largest weight's: the whitening bias (the first entry) is frozen in epoch 2, so nothing would use it.
+    entry = max(state["optimizer"]["state"].values(), key=lambda e: e["momentum_buffer"].numel())
+    entry["momentum_buffer"] = torch.zeros(3, 3)
+
+
+def _garbage_torch_rng(state):
+    state["random"]["torch"] = torch.zeros(16, dtype=torch.uint8)
+
+
+def _garbage_python_rng(state):
+    state["random"]["python"] = (3, (1, 2, 3), None)
+
+
+def _garbage_numpy_rng(state):
+    state["random"]["numpy"][1] = torch.zeros(5, dtype=torch.int64)
+
+
+def _nan_lookahead(state):
+    name = _first_weight(state["lookahead"])
+    state["lookahead"][name] = torch.full_like(state["lookahead"][name], float("nan"))
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (_wrong_shape, "this model's is torch.float32"),
+    (lambda s: s["model"].pop(next(iter(s["model"]))), "does not fit this model (missing"),
+    (lambda s: s.pop("optimizer"), "it lacks optimizer"),
+    (_momentum_of_another_shape, "momentum_buffer of parameter"),
+    (lambda s: s["optimizer"]["param_groups"].pop(), "parameter groups"),
+    (_garbage_torch_rng, "random generator states cannot be restored"),
+    (_garbage_python_rng, "random generator states cannot be restored"),
+    (_garbage_numpy_rng, "random generator states cannot be restored"),
+    (lambda s: s["random"].update(batches="not a tensor"), "random generator states cannot be restored"),
+    (lambda s: s.update(step=s["step"] + 1), "does not match epoch 1"),
+    (lambda s: s.update(epoch=7), "not one of this run's 0..1 finished epochs"),
+    (lambda s: s.update(records=[]), "records are not the 1 finished epochs' metrics"),
+    (_nan_lookahead, "holds NaN or infinite values"),
+    (lambda s: s.update(epoch_progress={"batches_done": 99}), "epoch_progress"),
+])
+def test_a_digest_matching_state_that_does_not_fit_is_discarded_and_training_starts_over(straight_run, damage,
+                                                                                         fragment):
+    weights, records, saved = straight_run
+    state = copy.deepcopy(saved)
+    damage(state)
+    verdicts = []
+    model, resumed_records = fit_tiny(resume_from=state, verdicts=verdicts)
+    assert len(verdicts) == 1 and fragment in verdicts[0], verdicts
+    # Nothing of the state was applied: the run is the uninterrupted one, bit for bit (generators included).
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert [r["train_loss"] for r in resumed_records] == [r["train_loss"] for r in records]
+
+
+def test_a_state_that_fits_is_used(straight_run):
+    weights, records, saved = straight_run
+    verdicts = []
+    model, resumed_records = fit_tiny(resume_from=copy.deepcopy(saved), verdicts=verdicts)
+    assert verdicts == [None]
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert resumed_records[0] == records[0]  # replayed from the state, timings and all: not trained again
+
+
+def test_the_train_stage_discards_a_damaged_state_with_one_line_and_finishes(tmp_path, monkeypatch, capsys):
+    params = real_params(train=TINY)
+    reference, damaged = ProjectPaths(tmp_path / "reference"), ProjectPaths(tmp_path / "damaged")
+    for paths in (reference, damaged):
+        write_good(paths.prepared_dir)
+    train(params, reference)
+
+    # A real state on disk: the run stops after epoch 1's state is saved (as a kill would stop it).
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "save_checkpoint", killed)
+        with pytest.raises(Killed):
+            train(params, damaged)
+    state = torch.load(damaged.resume_state, weights_only=True)
+    assert state["epoch"] == 1 and state["digest"] == run_digest(params, damaged.prepared_dir)
+    _wrong_shape(state)  # still this run's digest: only the contents are wrong
+    torch.save(state, damaged.resume_state)
+    capsys.readouterr()
+
+    train(params, damaged)
+    out = capsys.readouterr().out
+    assert "discarding resume state" in out and "training from the start" in out and "resuming at step" not in out
+    assert not damaged.resume_state.parent.exists()
+    a = torch.load(reference.checkpoint, weights_only=True)["state_dict"]
+    b = torch.load(damaged.checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[name], b[name]) for name in a)  # the same as a run that never had a state
+
+
+@pytest.mark.parametrize("blocker", ["file-in-the-way", "read-only-folder"])
+def test_a_resume_state_that_cannot_be_saved_is_a_warning_and_the_run_finishes(tmp_path, capsys, blocker):
+    paths = ProjectPaths(tmp_path)
+    write_good(paths.prepared_dir)
+    folder = paths.resume_state.parent
+    if blocker == "file-in-the-way":
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; the file-in-the-way case covers this")
+        folder.mkdir(parents=True)
+        folder.chmod(0o555)
+    try:
+        train(real_params(train={**TINY, "epochs": 3}), paths)  # two saves, after epochs 1 and 2
+    finally:
+        if folder.is_dir():
+            folder.chmod(0o755)
+    out = capsys.readouterr().out
+    assert out.count("warning: cannot save the resume state") == 1, out  # once, not once an epoch
+    assert "training goes on" in out
+    assert paths.checkpoint.is_file() and (paths.metrics_dir / "train" / "metrics.json").is_file()
+
+
+def test_a_full_disk_while_saving_the_state_is_a_warning_not_the_end(tmp_path, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    lines = []
+    writer = ResumeStateWriter(tmp_path / "resume" / "state.pt", "digest", lines.append)
+    writer({"epoch": 1})
+    writer({"epoch": 2})
+    assert not writer.saved and len(lines) == 1 and "PytorchStreamWriter failed writing file" in lines[0]
+    assert not (tmp_path / "resume" / "state.pt").exists() and list((tmp_path / "resume").iterdir()) == []
+
+
+def test_a_foreign_state_in_a_folder_that_refuses_deletion_is_only_skipped(tmp_path, monkeypatch):
+    path = tmp_path / "resume" / "state.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"garbage")
+
+    def read_only(self, missing_ok=False):  # what unlink raises in a read-only folder (root ignores chmod)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "unlink", read_only)
+    lines = []
+    assert load_resume_state(path, "digest", lines.append) is None and "unreadable" in lines[-1]
+    assert path.exists()  # left behind: the next run skips it again
+
+
+# ------------------------------------------------------------------------------- processes and memory
+
+@pytest.mark.parametrize("variables", [
+    {"RANK": "0", "WORLD_SIZE": "2"},  # left over from another job: init_process_group waits 30 minutes
+    {"WORLD_SIZE": "1"},
+    # No MASTER_ADDR: without the check this fails at once instead of hanging the test suite for 30 minutes.
+    {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+])
+def test_stray_torch_distributed_variables_are_refused_with_one_line(tmp_path, monkeypatch, variables):
+    for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    paths = ProjectPaths(tmp_path)
+    write_good(paths.prepared_dir)
+    with pytest.raises(LaunchError) as caught:
+        train(real_params(train=TINY), paths)
+    message = str(caught.value)
+    assert "not started by torchrun" in message and "\n" not in message
+    assert "unset " + " ".join(n for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if n in variables) in message
+    assert not paths.checkpoint.exists()
+
+
+@pytest.mark.parametrize("variables, fragment", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "is not a place in a torchrun job"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "is not a place in a torchrun job"),
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "is not a place in a torchrun job"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, "is not a place"),
+    ({"RANK": "0"}, "is not a place in a torchrun job"),
+])
+def test_malformed_torchrun_places_are_refused(monkeypatch, variables, fragment):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchError, match=fragment):
+        world_from_env()
+
+
+def test_torchrun_places_are_read_and_plain_runs_have_none(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert world_from_env() is None
+    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "TORCHELASTIC_RUN_ID": "job"}.items():
+        monkeypatch.setenv(name, value)
+    assert world_from_env() == World(rank=3, size=4, local_rank=1, local_size=2)
+
+
+def test_more_processes_than_cores_is_a_warning_and_more_than_memory_a_refusal():
+    lines = []
+    check_processes(4, cores=2, available_bytes=64 << 30, data_bytes=0, gpus=None, emit=lines.append)
+    assert len(lines) == 1 and "train.processes = 4 on 2 core(s)" in lines[0] and "at most 2" in lines[0]
+    lines.clear()
+    check_processes(2, cores=2, available_bytes=64 << 30, data_bytes=0, gpus=None, emit=lines.append)
+    assert lines == []
+    # 8 processes each keeping 1 GiB of images: 8 x (1 GiB + PROCESS_BYTES) cannot fit in 8 GiB.
+    with pytest.raises(LaunchError) as caught:
+        check_processes(8, cores=16, available_bytes=8 << 30, data_bytes=1 << 30, gpus=None, emit=lines.append)
+    message = str(caught.value)
+    expected = (8 * ((1 << 30) + PROCESS_BYTES) + (300 << 20)) / 2**30
+    assert f"train.processes = 8 needs about {expected:.1f} GiB" in message and "8.0 GiB are available" in message
+    assert "at most 5" in message and "train.in_memory: never" in message  # (8 GiB - 300 MiB) // 1.47 GiB
+    with pytest.raises(LaunchError, match="train.processes = 2 but 1 GPU"):
+        check_processes(2, cores=16, available_bytes=64 << 30, data_bytes=0, gpus=1, emit=lines.append)
+
+
+def test_the_stage_refuses_processes_the_memory_cannot_hold_before_starting_torchrun(tmp_path, monkeypatch):
+    paths = ProjectPaths(tmp_path)
+    write_good(paths.prepared_dir)
+    monkeypatch.setattr(stage, "available_memory", lambda device: 2 << 30)
+    monkeypatch.setattr(stage, "launch", lambda *args: pytest.fail("torchrun was started"))
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LaunchError, match=r"train.processes = 8 needs about 4\.0 GiB"):
+        train(real_params(train={**TINY, "processes": 8}), paths)
+
+
+def test_the_step_estimate_leaves_the_model_and_every_generator_as_they_were():
+    config = real_params(train={"model": "mobilenet_v3_small"}).train  # BatchNorm statistics and dropout draws
+    model = build_model("mobilenet_v3_small", in_channels=3, num_classes=4, image_size=32, mean=[0.5] * 3,
+                        std=[0.25] * 3)
+    before = copy.deepcopy(model.state_dict())
+    runtime.seed_everything(5)
+    estimate_step_memory(model, (3, 32, 32), config=config, device=CPU, precision="fp32")
+    drawn = (torch.rand(3), np.random.rand(), random.random())
+    runtime.seed_everything(5)
+    assert torch.equal(drawn[0], torch.rand(3)) and drawn[1:] == (np.random.rand(), random.random())
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_the_step_estimate_grows_with_the_pixels_and_counts_the_optimizer():
+    def estimate(size, **train):
+        config = real_params(train={"model": "convnet", "width": 16, **train}).train
+        model = build_model("convnet", in_channels=3, num_classes=4, image_size=size, mean=[0.5] * 3,
+                            std=[0.25] * 3, width=16)
+        return estimate_step_memory(model, (3, size, size), config=config, device=CPU, precision="fp32"), model
+
+    small, model = estimate(32, optimizer="sgd", momentum=0.9, ema=0.0)
+    large, _ = estimate(64, optimizer="sgd", momentum=0.9, ema=0.0)
+    # Every activation has 4x the pixels: the saved tensors per image grow 4x (the head's few bytes aside).
+    assert 3.8 < large.activation_bytes_per_image / small.activation_bytes_per_image < 4.1
+    # The first conv alone saves its float input: 3 x 32 x 32 x 4 bytes; a convnet saves many such tensors.
+    assert small.activation_bytes_per_image > 10 * 3 * 32 * 32 * 4
+    weights = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert small.state_bytes == 2 * weights  # a gradient and a momentum buffer per weight
+    adamw, _ = estimate(32, optimizer="adamw", ema=0.0)
+    assert adamw.state_bytes == 3 * weights
+    assert small.total(100) == 100 * small.activation_bytes_per_image + small.state_bytes
+
+
+def test_a_batch_too_large_for_the_memory_is_refused_naming_batch_size_and_image_size(tmp_path, monkeypatch):
+    paths = project(tmp_path, "imagefolder", ["a", "b"], n_train=48, size=32, channels=3)
+    params = real_params(train={**TINY, "batch_size": 48, "min_batches_per_epoch": 1},
+                         data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 32})
+    monkeypatch.setattr(stage, "available_memory", lambda device: 4 << 20)  # 4 MiB: no 48-image step fits
+    with pytest.raises(RuntimeChoiceError) as caught:
+        train(params, paths)
+    message = str(caught.value)
+    assert "train.batch_size = 48" in message and "a batch of 48 3x32x32 images" in message
+    assert "data.image_size (32)" in message and "cpu has 4 MiB available" in message
+    assert not paths.checkpoint.exists()
+    # The same run with the memory it needs trains: the check refuses only what cannot fit.
+    monkeypatch.setattr(stage, "available_memory", lambda device: 16 << 30)
+    train(params, paths)
+    assert paths.checkpoint.is_file()
+
+
+def test_available_memory_respects_a_container_limit(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("4294967296\n")
+    (v2 / "memory.current").write_text("3221225472\n")
+    (v2 / "memory.stat").write_text("anon 1\ninactive_file 536870912\nactive_file 2\n")
+    assert runtime.cgroup_available_memory(v2) == (1 << 30) + (512 << 20)  # the cache is reclaimed first
+    (v2 / "memory.max").write_text("max\n")
+    assert runtime.cgroup_available_memory(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("2147483648\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1073741824\n")
+    assert runtime.cgroup_available_memory(v1) == 1 << 30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert runtime.cgroup_available_memory(v1) is None
+    assert runtime.cgroup_available_memory(tmp_path / "none") is None
+
+
+# ---------------------------------------------------------------------------- starting weights, params
+
+@pytest.mark.parametrize("key", ["pretrained", "init_from"])
+@pytest.mark.parametrize("url", ["https://download.pytorch.org/models/resnet18-f37072fd.pth", "file:///tmp/x.pt",
+                                 "s3://bucket/checkpoint.pt"])
+def test_urls_where_a_weights_path_belongs_are_refused(key, url):
+    model = {"model": "resnet18"} if key == "pretrained" else {}
+    with pytest.raises(ParamsError) as caught:
+        real_params(train={**model, key: url})
+    message = str(caught.value)
+    assert f"train.{key} = '{url}' is a URL" in message and "download the file" in message
+
+
+def test_paths_that_merely_contain_a_colon_are_still_paths():
+    assert real_params(train={"init_from": "runs/2024-01-01T10:00/checkpoint.pt"}).train.init_from.endswith(".pt")
+
+
+def test_nan_pretrained_weights_are_refused_naming_the_file_not_the_rate(tmp_path):
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    weights = tmp_path / "resnet18-damaged.pth"
+    torch.save(state, weights)
+    paths = project(tmp_path, "imagefolder", ["a", "b"], size=16)
+    params = real_params(train={**TINY, "model": "resnet18", "pretrained": str(weights)},
+                         data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 16})
+    with pytest.raises(TransferError) as caught:
+        train(params, paths)
+    message = str(caught.value)
+    assert str(weights) in message and "NaN or infinite weights (layer1.0.conv1.weight)" in message
+    assert "train.lr" not in message and not paths.checkpoint.exists()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = 0.0
+    torch.save(state, weights)
+    assert load_pretrained("resnet18", str(weights), lambda line: None).state  # the repaired file loads
+
+
+def test_nan_init_from_weights_are_refused_naming_the_file(tmp_path):
+    model = build_model("convnet", **arguments(1, 12, classes=3, width=8))
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, model, architecture="convnet", arguments=arguments(1, 12, classes=3, width=8),
+                    class_names=["a", "b", "c"], mean=[0.5], std=[0.25], params={})
+    with pytest.raises(TransferError, match=r"train.init_from: .*start.pt: weights \['head.weight'\] hold NaN"):
+        load_init_checkpoint(str(path), architecture="convnet", in_channels=1, width=8, class_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"std": [1e-30]}, "std [1e-30]"),  # once a LinAlgError traceback from the fast model's whitening
+    ({"std": [0.9]}, "std [0.9]"),
+    ({"mean": [1e30]}, "mean [1e+30]"),
+    ({"mean": [-0.2]}, "mean [-0.2]"),
+])
+def test_normalization_statistics_no_images_can_have_are_refused(tmp_path, changes, fragment):
+    write_good(tmp_path / "prepared")
+    damage_meta(tmp_path / "prepared", **changes)
+    with pytest.raises(DataError) as caught:
+        load_prepared(tmp_path / "prepared", ("train",))
+    message = str(caught.value)
+    assert "mean must lie in 0..1 and std in 1e-09..0.5" in message and fragment in message
+    assert "dvc repro -f preprocess" in message and "\n" not in message
+
+
+def test_the_train_stage_refuses_a_vanishing_std_with_one_line_not_a_linalg_traceback(tmp_path):
+    paths = ProjectPaths(tmp_path)
+    write_good(paths.prepared_dir)
+    damage_meta(paths.prepared_dir, std=[1e-30])
+    with pytest.raises(UserError, match="meta.json: mean must lie in 0..1"):
+        train(real_params(train={**TINY, "model": "fast"}), paths)
+
+
+def test_the_smallest_std_real_images_can_have_passes(tmp_path):
+    # One pixel in a million a grey level brighter than the rest: std = sqrt(n - 1) / n / 255, about 3.9e-6.
+    write_good(tmp_path / "prepared")
+    n = 10**6
+    damage_meta(tmp_path / "prepared", std=[float(np.sqrt(n - 1) / n / 255)])
+    assert load_prepared(tmp_path / "prepared", ("train",)).meta["std"][0] > 0
