@@ -84,8 +84,9 @@ def main() -> int:
 
     variants = {
         "from scratch": {},
-        "fine-tuned (train.init_from)": {"init_from": str(checkpoint)},
-        "head only (backbone frozen throughout)": {"init_from": str(checkpoint), "freeze_backbone_epochs": 1000},
+        "fine-tuned (train.init_from)": {"init_from": str(checkpoint), "trust_weights_file": True},
+        "head only (backbone frozen throughout)": {"init_from": str(checkpoint), "freeze_backbone_epochs": 1000,
+                                                   "trust_weights_file": True},
     }
     project = scratch_project(WORK / "transfer-small", {"data": {**data, "source": str(small_dir)}})
     rows = []
@@ -93,7 +94,8 @@ def main() -> int:
         set_params(project, {"base": {"seed": seed}})
         run_stages(project, ["download", "preprocess"])
         for name, train in variants.items():
-            set_params(project, {"train": {"init_from": "none", "freeze_backbone_epochs": 0, **train}})
+            set_params(project, {"train": {"init_from": "none", "freeze_backbone_epochs": 0, "trust_weights_file": False,
+                                           **train}})
             run = run_stages(project, ["train", "evaluate"])
             row = {"variant": name, "seed": seed, **results(project), "wall_seconds": run["seconds"],
                    "peak_rss_mib": run["peak_rss_mib"]}

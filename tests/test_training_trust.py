@@ -377,7 +377,8 @@ def test_urls_where_a_weights_path_belongs_are_refused(key, url):
 
 
 def test_paths_that_merely_contain_a_colon_are_still_paths():
-    assert real_params(train={"init_from": "runs/2024-01-01T10:00/checkpoint.pt"}).train.init_from.endswith(".pt")
+    assert real_params(train={"init_from": "runs/2024-01-01T10:00/checkpoint.pt",
+                              "trust_weights_file": True}).train.init_from.endswith(".pt")
 
 
 def test_nan_pretrained_weights_are_refused_naming_the_file_not_the_rate(tmp_path):
@@ -388,7 +389,7 @@ def test_nan_pretrained_weights_are_refused_naming_the_file_not_the_rate(tmp_pat
     weights = tmp_path / "resnet18-damaged.pth"
     torch.save(state, weights)
     paths = project(tmp_path, "imagefolder", ["a", "b"], size=16)
-    params = real_params(train={**TINY, "model": "resnet18", "pretrained": str(weights)},
+    params = real_params(train={**TINY, "model": "resnet18", "pretrained": str(weights), "trust_weights_file": True},
                          data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 16})
     with pytest.raises(TransferError) as caught:
         train(params, paths)
@@ -397,7 +398,7 @@ def test_nan_pretrained_weights_are_refused_naming_the_file_not_the_rate(tmp_pat
     assert "train.lr" not in message and not paths.checkpoint.exists()
     state["layer1.0.conv1.weight"][0, 0, 0, 0] = 0.0
     torch.save(state, weights)
-    assert load_pretrained("resnet18", str(weights), lambda line: None).state  # the repaired file loads
+    assert load_pretrained("resnet18", str(weights), lambda line: None, trust=True).state  # the repaired file loads
 
 
 def test_nan_init_from_weights_are_refused_naming_the_file(tmp_path):

@@ -75,7 +75,13 @@ def write_torchvision_weights(architecture: str, seed: int = 1) -> dict[str, tor
 def test_pretrained_weights_come_from_the_torch_cache_with_a_new_head(tmp_path, torch_cache, architecture):
     published = write_torchvision_weights(architecture)
     lines = []
-    start = load_pretrained(architecture, "imagenet", lines.append)
+    opened = []
+    with pytest.MonkeyPatch.context() as patch:  # not torchvision's file (random weights): not even opened untrusted
+        patch.setattr(torch, "load", lambda *a, **k: opened.append(a))
+        with pytest.raises(TransferError, match="not torchvision's published file.*train.trust_weights_file: true"):
+            load_pretrained(architecture, "imagenet", lines.append)
+    assert opened == []
+    start = load_pretrained(architecture, "imagenet", lines.append, trust=True)
     assert torch_cache == []  # found in the cache: nothing downloaded
     assert start.mean == [0.485, 0.456, 0.406] and start.std == [0.229, 0.224, 0.225]
     assert start.provenance["file"].endswith(torch_cache_file(imagenet_weights(architecture)).name)
@@ -104,8 +110,10 @@ def test_pretrained_without_cache_or_network_says_where_the_file_goes(tmp_path, 
     assert not cache_file.exists()  # nothing half-written by the failed download
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(TransferError, match="the cached file .*resnet18-f37072fd.pth is not readable weights.*delete it"):
+    with pytest.raises(TransferError, match="resnet18-f37072fd.pth is not torchvision's published file.*delete it"):
         load_pretrained("resnet18", "imagenet", print)
+    with pytest.raises(TransferError, match="the cached file .*resnet18-f37072fd.pth is not readable weights.*delete it"):
+        load_pretrained("resnet18", "imagenet", print, trust=True)
 
 
 def test_pretrained_file_paths_are_loaded_safely_and_checked(tmp_path):
@@ -118,14 +126,16 @@ def test_pretrained_file_paths_are_loaded_safely_and_checked(tmp_path):
 
     hostile = tmp_path / "hostile.pth"
     hostile.write_bytes(pickle.dumps({"conv1.weight": Boom()}))
-    with pytest.raises(TransferError, match="not a readable weights file"):
+    with pytest.raises(TransferError, match="not torchvision's published file"):  # untrusted: never unpickled
         load_pretrained("resnet18", str(hostile), print)
+    with pytest.raises(TransferError, match="not a readable weights file"):  # trusted: weights_only still refuses
+        load_pretrained("resnet18", str(hostile), print, trust=True)
     # Another network's weights: every missing name is reported, nothing half-loaded silently.
     import torchvision
 
     other = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), other)
-    start = load_pretrained("resnet18", str(other), print)
+    start = load_pretrained("resnet18", str(other), print, trust=True)
     model = build_model("resnet18", in_channels=3, num_classes=2, image_size=32, mean=start.mean, std=start.std)
     with pytest.raises(TransferError, match="does not hold this model's weights: missing"):
         apply_starting_weights(model, start, "train.pretrained = mobilenet.pth")
@@ -135,7 +145,7 @@ def test_train_stage_with_pretrained_resnet_on_grayscale_records_the_start(tmp_p
     published = write_torchvision_weights("resnet18")
     paths = project(tmp_path, "gray", ["a", "b"], channels=1)
     params = real_params(train={"model": "resnet18", "pretrained": "imagenet", "epochs": 1, "min_steps": 0,
-                                "freeze_backbone_epochs": 1, "log_images": 0})
+                                "freeze_backbone_epochs": 1, "log_images": 0, "trust_weights_file": True})
     train(params, paths)
     out = capsys.readouterr().out
     assert "head replaced for 2 classes" in out and "frozen for the first 1 epoch" in out
@@ -174,7 +184,10 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path, capsys):
 
     # Fine-tune on a 2-class set with the backbone frozen throughout: only the new head moves.
     target = project(tmp_path, "target", ["x", "y"], n_train=40, size=16, seed=3)
-    params = real_params(train={**small, "init_from": str(source.checkpoint), "freeze_backbone_epochs": 2})
+    with pytest.raises(ParamsError, match="train.init_from = .* set train.trust_weights_file: true"):
+        real_params(train={**small, "init_from": str(source.checkpoint)})  # refused before any stage runs
+    params = real_params(train={**small, "init_from": str(source.checkpoint), "freeze_backbone_epochs": 2,
+                                "trust_weights_file": True})
     capsys.readouterr()
     train(params, target)
     out = capsys.readouterr().out
@@ -188,7 +201,7 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path, capsys):
             assert torch.equal(value, source_state[name]), name
 
     # Unfrozen at train.backbone_lr_scale: the backbone moves, from the loaded weights (not a new whitening).
-    params = real_params(train={**small, "init_from": str(source.checkpoint)})
+    params = real_params(train={**small, "init_from": str(source.checkpoint), "trust_weights_file": True})
     train(params, target)
     tuned, _ = load_checkpoint(target.checkpoint)
     assert not torch.equal(tuned.state_dict()["groups.0.conv1.weight"], source_state["groups.0.conv1.weight"])
@@ -250,7 +263,7 @@ def test_small_data_gets_enough_steps_and_short_runs_warn():
     # Freezing for at least train.epochs means the head alone, however many epochs min_steps adds.
     images = torch.zeros(220, 3, 16, 16, dtype=torch.uint8)
     model = build_model("fast", in_channels=3, num_classes=2, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, width=8)
-    frozen = real_params(train={"init_from": "a.pt", "freeze_backbone_epochs": 10}).train
+    frozen = real_params(train={"init_from": "a.pt", "freeze_backbone_epochs": 10, "trust_weights_file": True}).train
     setup = make_training_setup(model, images, config=frozen, generator=torch.Generator(), fine_tune=True)
     assert setup.epochs == 25 and setup.frozen_epochs == 25
     # Several processes: equal shares of at least two images each, or a clear refusal.

@@ -81,6 +81,9 @@ class TrainParams(Section):
     # none | imagenet (torchvision's weights: torch's cache, else downloaded) | path to torchvision's .pth file
     pretrained: str = Field(min_length=1, description="none, imagenet or the path of a torchvision weights file")
     init_from: str = Field(min_length=1, description="none or the path of a checkpoint.pt this pipeline wrote")
+    # Checkpoints and .pth files are pickles: torch reads them with its restricted weights_only loader, but the
+    # format was made to run code, so a file that is not torchvision's published one loads only when trusted.
+    trust_weights_file: bool
     backbone_lr_scale: float = Field(gt=0, le=1)  # rate multiplier for loaded (pretrained) weights
     freeze_backbone_epochs: int = Field(ge=0, le=1000)  # loaded weights stay fixed this many epochs
     width: int = Field(ge=8, le=256)
@@ -158,6 +161,10 @@ def _check_combinations(params: Params) -> None:
                           "train.pretrained: none, or start from a checkpoint of your own with train.init_from")
     if train.pretrained != "none" and train.init_from != "none":
         raise ParamsError("params: train.pretrained and train.init_from both name starting weights; set one to none")
+    if train.init_from != "none" and not train.trust_weights_file:
+        raise ParamsError(f"params: train.init_from = {_show(train.init_from)} names a checkpoint, a pickle-format file "
+                          "(read through torch's restricted weights_only loader, but pickle is a format made to run "
+                          "code); set train.trust_weights_file: true if you or someone you trust wrote it")
     if train.freeze_backbone_epochs and train.pretrained == "none" and train.init_from == "none":
         raise ParamsError(f"params: train.freeze_backbone_epochs = {train.freeze_backbone_epochs} freezes weights loaded "
                           "by train.pretrained or train.init_from, and both are none; set it to 0 or name the weights")

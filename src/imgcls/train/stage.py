@@ -52,7 +52,7 @@ def starting_weights(config: TrainParams, *, in_channels: int, class_names: list
                      emit: Callable[[str], None]) -> StartingWeights | None:
     """train.pretrained or train.init_from, loaded and checked; None for a run from scratch."""
     if config.pretrained != "none":
-        start = load_pretrained(config.model, config.pretrained, emit)
+        start = load_pretrained(config.model, config.pretrained, emit, trust=config.trust_weights_file)
         trained_size = start.provenance["trained_image_size"]
         if image_size < trained_size // 2:
             emit(f"warning: {config.model}'s ImageNet weights were trained on {trained_size}-pixel images and these "

@@ -59,14 +59,28 @@ def _tensor_dict(state: object, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(architecture: str, source: str, emit: Callable[[str], None]) -> StartingWeights:
+def _check_trusted(path: Path, expected_prefix: str, trust: bool, advice: str) -> None:
+    """A weights file loads when it is torchvision's published one (its sha256 starts with the prefix in the
+    file's official name) or when the user trusts it (train.trust_weights_file): checked before it is opened."""
+    if trust or file_sha256(path).startswith(expected_prefix):
+        return
+    raise TransferError(f"{path} is not torchvision's published file (its sha256 does not start with {expected_prefix}), "
+                        f"and a .pth file is a pickle, a format made to run code; {advice}, or set "
+                        "train.trust_weights_file: true if you trust whoever made it")
+
+
+def load_pretrained(architecture: str, source: str, emit: Callable[[str], None], *,
+                    trust: bool = False) -> StartingWeights:
     """torchvision's ImageNet weights for ``architecture``: ``source`` is ``imagenet`` (torch's cache, else a
-    download through torchvision's weights API with its hash check) or the path of the weights file."""
+    download through torchvision's weights API with its hash check) or the path of the weights file. A file
+    that is not torchvision's published one (by sha256) loads only with ``trust``."""
     weights = imagenet_weights(architecture)
     cache_file = torch_cache_file(weights)
     expected_prefix = cache_file.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<sha256 prefix>.pth
     if source == "imagenet":
         was_cached = cache_file.is_file()
+        if was_cached:  # torch checks the hash of what it downloads, not of what it finds in its cache
+            _check_trusted(cache_file, expected_prefix, trust, "delete it to download torchvision's file afresh")
         emit(f"{weights}: " + (f"from torch's cache {cache_file}" if was_cached else f"downloading {weights.url}"))
         try:
             state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, weights_only=True)
@@ -85,6 +99,7 @@ def load_pretrained(architecture: str, source: str, emit: Callable[[str], None])
         if not path.is_file():
             raise TransferError(f"train.pretrained = {source!r}: no such file; name torchvision's {architecture} "
                                 f"weights file ({cache_file.name}), or use imagenet or none")
+        _check_trusted(path, expected_prefix, trust, f"name torchvision's {architecture} weights file ({cache_file.name})")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
