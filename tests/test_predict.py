@@ -93,6 +93,10 @@ def test_the_onnx_file_describes_itself(project):
     import onnx
 
     paths, _ = project
+    for graph in ("model.onnx", "model.int8.onnx"):  # each key once: the full check refuses duplicates
+        loaded = onnx.load(str(paths.export_dir / graph))
+        onnx.checker.check_model(loaded, full_check=True)
+        assert [p.key for p in loaded.metadata_props].count("imgcls") == 1, graph
     metadata = {p.key: p.value for p in onnx.load(onnx_model(paths)).metadata_props}
     facts = json.loads(metadata["imgcls"])
     assert facts["class_names"] == CLASSES and facts["image_size"] == SIZE and facts["channels"] == 3
@@ -453,7 +457,8 @@ def test_sources_that_yield_no_image_exit_1(project, tmp_path, capsys):
     assert code == 1 and "an archive without images" in err
 
 
-def test_sigterm_removes_the_scratch_folder_and_keeps_finished_rows(project, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal or SSH session closed
+def test_a_stop_signal_removes_the_scratch_folder_and_keeps_finished_rows(project, tmp_path, stop):
     import os
     import signal
     import time
@@ -478,10 +483,157 @@ def test_sigterm_removes_the_scratch_folder_and_keeps_finished_rows(project, tmp
             break
         time.sleep(0.05)
     assert list(scratch_parent.glob("imgcls-predict-*")), "predict never started"
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.Signals[stop])
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert process.returncode == 128 + signal.Signals[stop] and f"terminated ({stop})" in err, err
+    assert "Traceback" not in err
     assert list(scratch_parent.glob("imgcls-predict-*")) == []  # the extracted archive is gone
     rows = (tmp_path / "r.jsonl").read_text().splitlines()
     assert 0 < len(rows) < 3000 and all(json.loads(row)["source"].startswith(str(tmp_path / "many.zip")) for row in rows)
     assert list(tmp_path.glob(".r.jsonl.*")) == []
+
+
+def hostile_onnx(path: Path, make_nodes, *, batch: int | str = "N", opset: int = 17) -> Path:
+    """A small graph (N, 3, 16, 16) -> (N, 3) with correct imgcls metadata around nodes a stranger wrote:
+    ``make_nodes(h, nh)`` returns the nodes from ``m`` (N, 3: the image's channel means) to ``y``."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    nodes = [h.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0)] + make_nodes(h, nh)
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    model.ir_version = 8
+    model.metadata_props.append(onnx.StringStringEntryProto(
+        key="imgcls", value=json.dumps({"class_names": CLASSES, "image_size": SIZE, "channels": 3})))
+    onnx.save(model, str(path))
+    return path
+
+
+def endless_loop(h, nh):
+    from onnx import TensorProto
+
+    body = h.make_graph([h.make_node("Identity", ["c"], ["c2"]), h.make_node("Identity", ["acc"], ["acc2"])], "body",
+                        [h.make_tensor_value_info("i", TensorProto.INT64, []),
+                         h.make_tensor_value_info("c", TensorProto.BOOL, []),
+                         h.make_tensor_value_info("acc", TensorProto.FLOAT, ["N", 3])],
+                        [h.make_tensor_value_info("c2", TensorProto.BOOL, []),
+                         h.make_tensor_value_info("acc2", TensorProto.FLOAT, ["N", 3])])
+    return [h.make_node("Constant", [], ["M"], value=nh.from_array(np.array(10**15, np.int64))),
+            h.make_node("Constant", [], ["cond"], value=nh.from_array(np.array(True))),
+            h.make_node("Loop", ["M", "cond", "m"], ["y"], body=body)]
+
+
+def test_an_onnx_graph_that_never_ends_is_stopped_by_its_time_limit_and_by_sigterm(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+
+    from imgcls.predict import models
+
+    model = hostile_onnx(tmp_path / "loop.onnx", endless_loop)  # 458 bytes, "needs no trust", runs for ever
+    image = save_png(tmp_path / "a.png")
+    monkeypatch.setattr(models, "PROBE_SECONDS", 2.0)
+    started = time.monotonic()
+    code, _, err = run_main(capsys, str(image), "--model", str(model))
+    assert code == 1 and "ran longer than 2 s and was stopped" in err and time.monotonic() - started < 30, err
+    # A stop while the runtime's C++ loop holds the call: the main thread still handles it.
+    monkeypatch.setattr(models, "PROBE_SECONDS", 600.0)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    code, _, err = run_main(capsys, str(image), "--model", str(model))
+    assert code == 143 and "terminated (SIGTERM)" in err and time.monotonic() - started < 30, err
+
+
+def test_an_onnx_graph_asking_for_more_memory_than_the_cap_is_refused_without_allocating(tmp_path, capsys):
+    import resource
+
+    def expand(h, nh):  # (N, 3) -> (N, 3, 2^31): 24 GiB of float32 for one image
+        return [h.make_node("Constant", [], ["axis"], value=nh.from_array(np.array([2], np.int64))),
+                h.make_node("Constant", [], ["big"], value=nh.from_array(np.array([1, 3, 1 << 31], np.int64))),
+                h.make_node("Unsqueeze", ["m", "axis"], ["m3"]), h.make_node("Expand", ["m3", "big"], ["e"]),
+                h.make_node("ReduceMean", ["e"], ["y"], axes=[2], keepdims=0)]
+
+    model = hostile_onnx(tmp_path / "expand.onnx", expand)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, _, err = run_main(capsys, str(save_png(tmp_path / "a.png")), "--model", str(model))
+    assert code == 1 and "more memory than the" in err and "GiB predict lets ONNX Runtime use" in err, err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB grew
+
+
+@pytest.mark.parametrize("make_nodes, batch, expected", [
+    (lambda h, nh: [h.make_node("Constant", [], ["z"], value=nh.from_array(np.array([np.nan, 1, 2], np.float32))),
+                    h.make_node("Add", ["m", "z"], ["y"])], "N", "NaN or infinite logits"),
+    (lambda h, nh: [h.make_node("Identity", ["m"], ["y"])], 1, "failed on a batch of 2"),  # fixed batch of 1
+    (lambda h, nh: [h.make_node("Constant", [], ["s"], value=nh.from_array(np.array([1, 3], np.int64))),
+                    h.make_node("Reshape", ["m", "s"], ["y"], name="\x1b[2J\x1b[32mmodel verified\x1b[0m\nFAKE")],
+     "N", "failed on a batch of 2"),
+])
+def test_graphs_that_fail_or_answer_nan_are_one_line_and_print_nothing_raw(tmp_path, capfd, make_nodes, batch,
+                                                                            expected):
+    from imgcls.predict.cli import main
+
+    model = hostile_onnx(tmp_path / "bad.onnx", make_nodes, batch=batch)
+    code = main([str(save_png(tmp_path / "a.png")), "--model", str(model), "--output", str(tmp_path / "r.json")])
+    out, err = capfd.readouterr()  # file descriptors: ONNX Runtime's own logger writes there, not to sys.stderr
+    assert code == 1 and expected in err and "Traceback" not in err, err
+    assert "\x1b" not in out + err and "FAKE" not in out + err.replace("\\nFAKE", "")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_video_that_is_a_playlist_or_concat_script_opens_nothing_else(project, tmp_path, capsys):
+    import os
+    import signal
+
+    paths, _ = project
+    os.mkfifo(tmp_path / "pipe.ts")  # FFmpeg's concat demuxer would open it and wait for ever
+    (tmp_path / "concat.mp4").write_text("ffconcat version 1.0\nfile pipe.ts\n")
+    (tmp_path / "playlist.mp4").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\npipe.ts\n#EXT-X-ENDLIST\n")
+    signal.alarm(60)
+    try:
+        for video in ("concat.mp4", "playlist.mp4"):
+            code, _, err = run_main(capsys, str(tmp_path / video), "--model", onnx_model(paths))
+            assert code == 1 and "not a readable video" in err, err
+    finally:
+        signal.alarm(0)
+
+
+def test_trees_nested_thousands_deep_are_refused_or_cut_not_a_recursion_traceback(project, tmp_path, capsys):
+    import os
+
+    paths, _ = project
+    buffer = io.BytesIO()
+    Image.fromarray(coloured(0, np.random.default_rng(0))).save(buffer, format="PNG")
+    deep_name = "/".join(["a"] * 1100) + "/x.png"
+    with tarfile.open(tmp_path / "deep.tar", "w") as archive:
+        info = tarfile.TarInfo(deep_name)
+        info.size = len(buffer.getvalue())
+        archive.addfile(info, io.BytesIO(buffer.getvalue()))
+    code, _, err = run_main(capsys, str(tmp_path / "deep.tar"), "--model", onnx_model(paths))
+    assert code == 1 and "1101 levels deep, over 64" in err and "Traceback" not in err
+    folder = tmp_path / "deep"
+    save_png(folder / "top.png")
+    os.chdir(folder)  # a 1,100-level path is longer than PATH_MAX: build it one level at a time
+    try:
+        for _ in range(1100):
+            os.mkdir("a")
+            os.chdir("a")
+        save_png(Path("x.png"))
+    finally:
+        os.chdir(tmp_path)
+    code, out, err = run_main(capsys, str(folder), "--model", onnx_model(paths))
+    assert code == 1 and "1 images" in out and "nested more than 64 deep" in err and "Traceback" not in err
+    code, out, err = run_main(capsys, f"{folder}/**/*.png", "--model", onnx_model(paths))
+    assert code == 0 and "1 images" in out and "Traceback" not in err
+
+
+def test_more_threads_than_cores_are_cut_to_the_cores(project, tmp_path, capsys, monkeypatch):
+    import os
+
+    paths, _ = project
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    code, _, err = run_main(capsys, str(save_png(tmp_path / "a.png")), "--model", onnx_model(paths), "--threads", "1024")
+    assert code == 0 and "--threads 1024 but this machine has 2 cores: using 2" in err

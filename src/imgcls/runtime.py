@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import RuntimeChoiceError
+from .host import cgroup_available_memory, host_available_memory  # noqa: F401 (tests read the cgroup here)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -40,49 +41,10 @@ def usable_cores() -> int:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for data on ``device``: the GPU's free memory, or the host's MemAvailable (less where this
-    process's cgroup, a container's memory limit, leaves less: the kernel kills at that limit, not the host's)."""
+    """Bytes free for data on ``device``: the GPU's free memory, or the host's (imgcls.host)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    host = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    host = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if host is None:
-        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    limited = cgroup_available_memory()
-    return host if limited is None else min(host, limited)
-
-
-def cgroup_available_memory(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``
-    as mounted in a container), counting inactive page cache as free (the kernel reclaims it before it kills);
-    None where there is no limit or no cgroup to read."""
-    for folder, limit_name, usage_name, inactive_name in (
-            (root, "memory.max", "memory.current", "inactive_file"),
-            (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
-        try:
-            limit_text = (folder / limit_name).read_text().strip()
-            usage = int((folder / usage_name).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 1 << 60:  # v1's "unlimited"
-            return None
-        inactive = 0
-        try:
-            for line in (folder / "memory.stat").read_text().splitlines():
-                name, _, value = line.partition(" ")
-                if name == inactive_name and value.strip().isdigit():
-                    inactive = int(value)
-        except OSError:
-            pass
-        return max(0, int(limit_text) - usage + inactive)
-    return None
+    return host_available_memory()
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -27,6 +27,10 @@ def add_onnx_metadata(path: Path, facts: dict) -> None:
     import onnx
 
     model = onnx.load(str(path))
+    # One entry per key: the int8 graph inherits the fp32 graph's entry from the quantizer, and ONNX's full
+    # check refuses a key written twice (which one a runtime reads would be up to the runtime).
+    for stale in [entry for entry in model.metadata_props if entry.key == METADATA_KEY]:
+        model.metadata_props.remove(stale)
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(facts)
     onnx.save(model, str(path))

@@ -100,12 +100,21 @@ def _refuse(archive: Path, message: str) -> DataError:
     return DataError(f"archive {archive.name}: {message}; nothing was extracted")
 
 
+# Folders nest a few levels in image data sets (<split>/<class>/<images>); thousands of levels break
+# os.walk and shutil.rmtree (both recursive in Python 3.11), so cleaning up after a failure would fail too.
+MAX_MEMBER_DEPTH = 64
+
+
 def _check_member_path(name: str) -> PurePosixPath:
     member = PurePosixPath(name.replace("\\", "/"))
     if member.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise _Refused(f"refusing member {name!r} with an absolute path")
     if ".." in member.parts:
         raise _Refused(f"refusing member {name!r}: '..' would escape the target")
+    if len(member.parts) > MAX_MEMBER_DEPTH:  # shown cut short: such a name can be thousands of characters
+        raise _Refused(f"refusing member {name[:80]!r}...: nested {len(member.parts)} levels deep, over "
+                       f"{MAX_MEMBER_DEPTH} (image archives are a few levels deep; walking and removing such trees "
+                       "overflows Python's recursion)")
     return member
 
 

@@ -9,14 +9,19 @@ need the user's explicit ``--trust-model``.
 
 What a file says about itself is checked before anything is sized from it: types and ranges of the metadata
 (image size capped as for checkpoints, 1 or 3 channels, distinct class names), then the graph's declared input
-and output shapes, then one probe image through the model, so a file whose metadata disagrees with its graph
+and output shapes, then a probe batch through the model, so a file whose metadata disagrees with its graph
 is one line naming the file and the field, never an allocation the metadata asked for or a runtime traceback.
+An ONNX graph is data but can still ask for work: it runs in an arena capped at a share of the memory
+available, each call under a time limit, and on a thread the main thread watches, so Ctrl-C and SIGTERM stop
+it (ONNX Runtime's terminate flag) instead of waiting for a graph that loops for ever.
 
 Every loaded model takes uint8 images (N, C, H, W) at its own input size and returns class probabilities."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,11 +30,18 @@ import numpy as np
 
 from ..deploy.metadata import METADATA_KEY, TORCHSCRIPT_EXTRA_FILE
 from ..errors import UserError
+from ..host import host_available_memory
 from ..params import MAX_IMAGE_SIZE
 
 MAX_CLASSES = 100_000  # as a checkpoint's num_classes
 MAX_CLASS_NAME_CHARS = 256
 MAX_METADATA_BYTES = 1 << 20  # a real document is a few KB
+ONNX_MEMORY_SHARE = 0.6  # of the memory available when predict starts: the rest is for decoding and the system
+PROBE_IMAGES = 2  # a batch of two: a graph fixed at batch 1 fails at load, not on the first real batch
+PROBE_SECONDS = 60.0  # two images through any real classifier take well under a second on a CPU
+# A call may take this many times the probe's time per image (timings vary), and never less than the floor.
+CALL_SECONDS_PER_PROBE = 100
+CALL_SECONDS_FLOOR = 60.0
 TRUST_HINT = ("pass --trust-model only if you trust whoever made the file, or use the ONNX export "
               "(model.onnx), which predict loads as data")
 
@@ -45,11 +57,13 @@ class LoadedModel:
     logits: Callable[[np.ndarray], np.ndarray]  # float32 images in [0, 1] (N, C, H, W) -> logits (N, K)
 
     def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
-        logits = self.logits(images_uint8.astype(np.float32) / 255)
+        logits = np.asarray(self.logits(images_uint8.astype(np.float32) / 255))
         if logits.shape != (len(images_uint8), len(self.class_names)):
             raise UserError(f"{self.path}: the model answered {len(images_uint8)} image(s) with logits of shape "
                             f"{tuple(logits.shape)}, not ({len(images_uint8)}, {len(self.class_names)}); the file is "
                             "damaged or its metadata does not describe its graph")
+        if not np.isfinite(logits).all():  # NaN probabilities would also make the JSON output invalid
+            raise UserError(f"{self.path}: the model answered NaN or infinite logits; the file is damaged")
         logits = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
@@ -114,16 +128,62 @@ def _check_declared_shapes(path: Path, facts: dict, inputs: list, outputs: list)
                             "the file's metadata does not describe its graph; re-export it (dvc repro -f export)")
 
 
-def _probe(model: LoadedModel) -> LoadedModel:
-    """One black image through the model: the answer must have one logit per class."""
+def _probe(model: LoadedModel) -> float:
+    """A batch of black images through the model: the answer must have one finite logit per class and image.
+    Returns the seconds it took per image."""
+    started = time.perf_counter()
     try:
-        model.probabilities(np.zeros((1, model.channels, model.image_size, model.image_size), np.uint8))
+        model.probabilities(np.zeros((PROBE_IMAGES, model.channels, model.image_size, model.image_size), np.uint8))
     except UserError:
         raise
     except Exception as error:  # the runtime's own errors for a graph that cannot take its declared input
-        raise UserError(f"{model.path}: the model fails on a {model.channels}x{model.image_size}x{model.image_size} "
-                        f"image, the input its metadata declares ({type(error).__name__}: {str(error)[:200]})") from None
-    return model
+        raise UserError(f"{model.path}: the model fails on {PROBE_IMAGES} {model.channels}x{model.image_size}x"
+                        f"{model.image_size} images, the input its metadata declares ({type(error).__name__}: "
+                        f"{str(error)[:200]})") from None
+    return (time.perf_counter() - started) / PROBE_IMAGES
+
+
+def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.ndarray:
+    """``session.run`` on a worker thread that the calling (main) thread watches: a call past ``seconds``, or a
+    Ctrl-C / SIGTERM meanwhile (handled on the main thread, which ONNX Runtime's C++ loop would otherwise hold),
+    sets the runtime's terminate flag, which it checks between nodes and between a Loop's iterations."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["logits"] = session.run(None, feed, options)[0]
+        except Exception as error:  # reported on the calling thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, name="onnx-run", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + seconds
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+            if worker.is_alive() and time.monotonic() > deadline:
+                raise UserError(f"{path}: one inference call ran longer than {seconds:.0f} s and was stopped; the graph "
+                                "loops without end or does far more work than a classifier (a damaged or hostile file)")
+    finally:
+        if worker.is_alive():
+            options.terminate = True
+            worker.join(10)
+    if "error" in outcome:
+        error = outcome["error"]
+        text = str(error)
+        if "Available memory of" in text:  # the capped arena refused an allocation
+            from ..deploy.onnx_session import registered_memory_cap
+
+            cap = registered_memory_cap() or 0
+            raise UserError(f"{path}: the graph asked for more memory than the {cap / 2**30:.1f} GiB predict lets ONNX "
+                            f"Runtime use ({ONNX_MEMORY_SHARE:.0%} of what was available); lower --batch-size, or the "
+                            "file is hostile") from None
+        raise UserError(f"{path}: ONNX Runtime failed on a batch of {len(next(iter(feed.values())))} "
+                        f"({type(error).__name__}: {text[:200]})") from None
+    return outcome["logits"]
 
 
 def _missing(path: Path) -> UserError:
@@ -133,12 +193,10 @@ def _missing(path: Path) -> UserError:
 
 
 def load_onnx(path: Path, threads: int) -> LoadedModel:
-    import onnxruntime as ort
-
     from ..deploy.onnx_session import onnx_session
 
     try:
-        session = onnx_session(path, threads)
+        session = onnx_session(path, threads, memory_cap_bytes=int(host_available_memory() * ONNX_MEMORY_SHARE))
     except Exception as error:  # onnxruntime raises its own exception types for any damaged file
         raise UserError(f"{path}: not a loadable ONNX model ({type(error).__name__}: {str(error)[:200]})") from None
     metadata = session.get_modelmeta().custom_metadata_map
@@ -148,15 +206,16 @@ def load_onnx(path: Path, threads: int) -> LoadedModel:
     facts = _parse_facts(path, metadata[METADATA_KEY])
     _check_declared_shapes(path, facts, session.get_inputs(), session.get_outputs())
     input_name = session.get_inputs()[0].name
+    probed: list[float] = []  # seconds per image, once the probe has measured it
 
     def logits(images: np.ndarray) -> np.ndarray:
-        try:
-            return session.run(None, {input_name: images})[0]
-        except ort.capi.onnxruntime_pybind11_state.Fail as error:
-            raise UserError(f"{path}: ONNX Runtime failed on a batch of {len(images)} ({str(error)[:200]})") from None
+        limit = (max(CALL_SECONDS_FLOOR, CALL_SECONDS_PER_PROBE * probed[0] * len(images)) if probed
+                 else PROBE_SECONDS)
+        return run_interruptibly(session, {input_name: images}, seconds=limit, path=path)
 
-    return _probe(LoadedModel(path, "onnx", facts["class_names"], facts["image_size"], facts["channels"], facts,
-                              logits))
+    model = LoadedModel(path, "onnx", facts["class_names"], facts["image_size"], facts["channels"], facts, logits)
+    probed.append(_probe(model))
+    return model
 
 
 def load_torchscript(path: Path, threads: int) -> LoadedModel:
@@ -179,8 +238,10 @@ def load_torchscript(path: Path, threads: int) -> LoadedModel:
             raise UserError(f"{path}: the model returned {type(output).__name__}, not a tensor of logits")
         return output.float().numpy()
 
-    return _probe(LoadedModel(path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"],
-                              facts, logits))
+    model = LoadedModel(path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"], facts,
+                        logits)
+    _probe(model)
+    return model
 
 
 def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:

@@ -32,6 +32,11 @@ from ..preprocess.images import DECODE_ERRORS, decode_image, prepare_image
 from ..preprocess.imagefolder import is_hidden
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+# FFmpeg picks a demuxer by content, not by name: a ".mp4" that is a concat script or an HLS playlist would make
+# it open other files (a FIFO beside it blocks for ever). Only the containers of VIDEO_SUFFIXES, reading the
+# one local file, are allowed.
+VIDEO_OPEN_OPTIONS = {"format_whitelist": "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,m4v", "protocol_whitelist": "file"}
+MAX_FOLDER_DEPTH = 64  # image folders are a few levels deep; Python 3.11's os.walk recurses (1,000 levels crash it)
 MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit: a picture larger than that is refused
 ARCHIVE_MAX_BYTES = 20 << 30
 FILES_PER_TASK = 256  # images decoded per worker task
@@ -67,22 +72,41 @@ def is_regular_file(path: str | Path) -> bool:
         return False
 
 
+def walk_folders(top: Path, skipped: list[Skipped]) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, sorted file names) for ``top`` and every folder below it, depth first and sorted, hidden names
+    left out. Links to folders are not followed, and each is added to ``skipped``, as are folders that cannot be
+    listed and folders deeper than MAX_FOLDER_DEPTH. Iterative: no recursion limit to hit."""
+    stack = [(top, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            skipped.append(Skipped(str(folder), f"cannot list this folder ({error.strerror or error})"))
+            continue
+        files, subfolders = [], []
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(Path(entry.path))
+            elif entry.is_symlink() and entry.is_dir():
+                skipped.append(Skipped(entry.path, "a link to a folder: not followed (give the folder it points to "
+                                                   "as a SOURCE)"))
+            else:
+                files.append(entry.name)
+        yield folder, files
+        if subfolders and depth + 1 > MAX_FOLDER_DEPTH:
+            skipped.append(Skipped(str(subfolders[0]), f"folders nested more than {MAX_FOLDER_DEPTH} deep: not read"))
+            continue
+        stack += [(sub, depth + 1) for sub in reversed(subfolders)]
+
+
 def _walk_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
-    """Image files under ``folder`` (sorted, hidden names left out), and what was skipped: links to folders
-    (not followed) and folders that cannot be listed."""
-    files: list[Path] = []
+    """Image files under ``folder`` (sorted, hidden names left out), and what was skipped."""
     skipped: list[Skipped] = []
-
-    def unreadable(error: OSError) -> None:
-        skipped.append(Skipped(str(error.filename), f"cannot list this folder ({error.strerror or error})"))
-
-    for root, dirs, names in os.walk(folder, onerror=unreadable):  # os.walk does not follow links to folders
-        linked = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-        skipped += [Skipped(os.path.join(root, d), "a link to a folder: not followed (give the folder it points to "
-                                                   "as a SOURCE)") for d in sorted(linked) if not is_hidden(d)]
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d) and d not in linked)
-        files += [Path(root) / n for n in sorted(names)
-                  if not is_hidden(n) and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    files = [root / name for root, names in walk_folders(folder, skipped) for name in names
+             if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     return files, skipped
 
 
@@ -119,9 +143,10 @@ def glob_images(pattern: str) -> list[Path]:
         matched: list[Path] = []
         for base in bases:
             if part == "**":  # this folder and every folder below it, links to folders not followed
-                for root, dirs, _ in os.walk(base):
-                    dirs[:] = sorted(d for d in dirs if not is_hidden(d) and not os.path.islink(os.path.join(root, d)))
-                    matched.append(Path(root))
+                if base.is_dir() and not base.is_symlink() or base == Path("."):
+                    matched += [root for root, _ in walk_folders(base, [])]
+                elif base.is_dir():  # a link named in the pattern itself: its own folder, nothing below
+                    matched.append(base)
             elif _has_magic(part):
                 try:
                     names = sorted(os.listdir(base))
@@ -193,9 +218,11 @@ def _decode_files(jobs: list[tuple[str, str, int | None]], image_size: int, chan
 
 
 def _worker_start() -> None:
-    # Ctrl-C and SIGTERM are the parent's to handle: it cancels the work, cleans up and says so once.
+    # Ctrl-C, SIGTERM and SIGHUP are the parent's to handle: it cancels the work, cleans up and says so once
+    # (a worker inheriting the parent's handlers would raise in the middle of a task instead).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers: int) -> Iterator[Item]:
@@ -235,9 +262,10 @@ def video_frames(path: Path, *, image_size: int, channels: int, every: int, thre
     import av
 
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), options=VIDEO_OPEN_OPTIONS)
     except (av.error.FFmpegError, OSError) as error:
-        raise UserError(f"{path}: not a readable video ({error})") from None
+        raise UserError(f"{path}: not a readable video ({error}); predict reads MP4/MOV, Matroska/WebM and AVI "
+                        "files") from None
     with container:
         if not container.streams.video:
             raise UserError(f"{path}: has no video stream")
