@@ -628,6 +628,26 @@ def test_trees_nested_thousands_deep_are_refused_or_cut_not_a_recursion_tracebac
     assert code == 1 and "1 images" in out and "nested more than 64 deep" in err and "Traceback" not in err
     code, out, err = run_main(capsys, f"{folder}/**/*.png", "--model", onnx_model(paths))
     assert code == 0 and "1 images" in out and "Traceback" not in err
+    remove_deep_chain(folder)  # pytest's own clean-up of old temporary folders is recursive too
+
+
+def remove_deep_chain(folder: Path) -> None:
+    """Remove ``folder``/a/a/.../a (any depth) bottom up, one level at a time."""
+    import os
+    import shutil
+
+    depth = 0
+    os.chdir(folder)
+    while os.path.isdir("a"):
+        os.chdir("a")
+        depth += 1
+    for _ in range(depth):
+        for name in os.listdir("."):
+            os.remove(name)
+        os.chdir("..")
+        os.rmdir("a")
+    os.chdir(folder.parent)
+    shutil.rmtree(folder)
 
 
 def test_more_threads_than_cores_are_cut_to_the_cores(project, tmp_path, capsys, monkeypatch):
