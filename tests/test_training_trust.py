@@ -15,8 +15,8 @@ import torch
 
 from conftest import real_params
 from imgcls import runtime
-from imgcls.errors import DataError, ParamsError, RuntimeChoiceError, UserError
-from imgcls.model.checkpoint import save_checkpoint
+from imgcls.errors import CheckpointError, DataError, ParamsError, RuntimeChoiceError, UserError
+from imgcls.model.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.model.networks import build_model
 from imgcls.paths import ProjectPaths
 from imgcls.prepared import load_prepared
@@ -38,11 +38,11 @@ TINY = {"model": "convnet", "width": 8, "epochs": 2, "min_steps": 0, "batch_size
 
 # ------------------------------------------------------------------------------------------ resume state
 
-def fit_tiny(resume_from=None, verdicts=None, save_state=None):
+def fit_tiny(resume_from=None, verdicts=None, save_state=None, optimizer="sgd"):
     """Two epochs of the fast model (lookahead on, whitening, a bias schedule) on 256 tiny images."""
     images, labels = separable_data()
     config = real_params(train={"model": "fast", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 32,
-                                "precision": "fp32", "whiten_bias_epochs": 1.0}).train
+                                "precision": "fp32", "whiten_bias_epochs": 1.0, "optimizer": optimizer}).train
     generator = runtime.seed_everything(0)
     model = build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=1.0)
     records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=CPU, precision="fp32",
@@ -51,13 +51,22 @@ def fit_tiny(resume_from=None, verdicts=None, save_state=None):
     return model, records
 
 
+def _straight_run(optimizer):
+    states = []
+    model, records = fit_tiny(save_state=lambda state: states.append(copy.deepcopy(state)), optimizer=optimizer)
+    assert [s["epoch"] for s in states] == [1]
+    return model.state_dict(), records, states[0]
+
+
 @pytest.fixture(scope="module")
 def straight_run():
     """An uninterrupted run's weights and records, and the state it saved after epoch 1 (as loaded from disk)."""
-    states = []
-    model, records = fit_tiny(save_state=lambda state: states.append(copy.deepcopy(state)))
-    assert [s["epoch"] for s in states] == [1]
-    return model.state_dict(), records, states[0]
+    return _straight_run("sgd")
+
+
+@pytest.fixture(scope="module")
+def straight_adamw_run():
+    return _straight_run("adamw")
 
 
 def _first_weight(tensors: dict) -> str:
@@ -73,6 +82,45 @@ def _momentum_of_another_shape(state):
     # The largest weight's: the whitening bias (the first entry) is frozen in epoch 2, so nothing would use it.
     entry = max(state["optimizer"]["state"].values(), key=lambda e: e["momentum_buffer"].numel())
     entry["momentum_buffer"] = torch.zeros(3, 3)
+
+
+def _largest_entry(state):
+    # The largest weight's: the whitening bias (the first entry) is frozen in epoch 2, so nothing would use it.
+    return max(state["optimizer"]["state"].values(), key=lambda e: e["exp_avg" if "exp_avg" in e else
+                                                                      "momentum_buffer"].numel())
+
+
+def _scalar_momentum(state):
+    # 0-dim broadcasts in a shape check that skips scalars; SGD then fails mid-step on every rerun.
+    _largest_entry(state)["momentum_buffer"] = torch.tensor(0.5)
+
+
+def _float64_momentum(state):
+    entry = _largest_entry(state)
+    entry["momentum_buffer"] = entry["momentum_buffer"].double()
+
+
+def _sparse_momentum(state):
+    entry = _largest_entry(state)
+    entry["momentum_buffer"] = entry["momentum_buffer"].to_sparse()
+
+
+def _group_setting(key, value):
+    def damage(state):
+        state["optimizer"]["param_groups"][0][key] = value
+    return damage
+
+
+def _model_tensor_as(convert):
+    def damage(state):
+        name = _first_weight(state["model"])
+        state["model"][name] = convert(state["model"][name])
+    return damage
+
+
+def _sparse_lookahead(state):
+    name = next(name for name, value in state["lookahead"].items() if value.dim() == 2)  # CSR is 2-D only
+    state["lookahead"][name] = state["lookahead"][name].to_sparse_csr()
 
 
 def _garbage_torch_rng(state):
@@ -107,6 +155,20 @@ def _nan_lookahead(state):
     (lambda s: s.update(records=[]), "records are not the 1 finished epochs' metrics"),
     (_nan_lookahead, "holds NaN or infinite values"),
     (lambda s: s.update(epoch_progress={"batches_done": 99}), "epoch_progress"),
+    (_scalar_momentum, "is torch.float32 [], the parameter is torch.float32 ["),
+    (_float64_momentum, "is torch.float64"),
+    (_sparse_momentum, "momentum_buffer of parameter"),
+    (_sparse_momentum, "is a sparse_coo tensor, not a plain dense one"),
+    (_group_setting("momentum", float("nan")), "group 0 setting momentum is nan, this run's is 0."),
+    (_group_setting("weight_decay", 0.5), "setting weight_decay is 0.5"),
+    (_group_setting("base_lr", float("inf")), "setting base_lr is inf"),
+    (_group_setting("nesterov", False), "setting nesterov is False"),
+    (_group_setting("lr", 1e30), "lr is 1e+30, not a rate in 0.."),
+    (_group_setting("lr", -0.1), "lr is -0.1"),
+    (_model_tensor_as(lambda t: t.to_sparse()), "is a sparse_coo tensor"),
+    (_model_tensor_as(lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)), "is a quantized tensor"),
+    (_model_tensor_as(lambda t: torch.empty_like(t, device="meta")), "is a meta tensor"),
+    (_sparse_lookahead, "is a sparse_csr tensor"),
 ])
 def test_a_digest_matching_state_that_does_not_fit_is_discarded_and_training_starts_over(straight_run, damage,
                                                                                          fragment):
@@ -130,7 +192,56 @@ def test_a_state_that_fits_is_used(straight_run):
     assert resumed_records[0] == records[0]  # replayed from the state, timings and all: not trained again
 
 
-def test_the_train_stage_discards_a_damaged_state_with_one_line_and_finishes(tmp_path, monkeypatch, capsys):
+def _adamw_moment_scalar(state):
+    _largest_entry(state)["exp_avg"] = torch.tensor(0.0)
+
+
+def _adamw_step(value):
+    def damage(state):
+        _largest_entry(state)["step"] = torch.tensor(value)
+    return damage
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (_adamw_moment_scalar, "exp_avg of parameter"),
+    (_adamw_step(float("nan")), "is nan, not a step count in 0.."),
+    (_adamw_step(-1.0), "not a step count in 0.."),
+    (_adamw_step(1e9), "not a step count in 0.."),
+    (_adamw_step(1.5), "not a step count"),
+    (lambda s: _largest_entry(s).pop("exp_avg_sq"), "this optimizer keeps ['exp_avg', 'exp_avg_sq', 'step']"),
+    (lambda s: _largest_entry(s).update(step=torch.ones(3)), "not a step count"),
+    (_group_setting("betas", (0.9, float("nan"))), "setting betas is (0.9, nan)"),
+    (_group_setting("eps", float("inf")), "setting eps is inf"),
+])
+def test_an_adamw_state_that_does_not_fit_is_discarded(straight_adamw_run, damage, fragment):
+    weights, records, saved = straight_adamw_run
+    state = copy.deepcopy(saved)
+    damage(state)
+    verdicts = []
+    model, resumed_records = fit_tiny(resume_from=state, verdicts=verdicts, optimizer="adamw")
+    assert len(verdicts) == 1 and fragment in verdicts[0], verdicts
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+
+
+def test_an_adamw_state_that_fits_is_used(straight_adamw_run):
+    # Its step counters are the 0-dim tensors torch keeps: the checks above must let them through.
+    weights, records, saved = straight_adamw_run
+    assert all(e["step"].dim() == 0 for e in saved["optimizer"]["state"].values())
+    verdicts = []
+    model, resumed_records = fit_tiny(resume_from=copy.deepcopy(saved), verdicts=verdicts, optimizer="adamw")
+    assert verdicts == [None]
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert resumed_records[0] == records[0]
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (_wrong_shape, "this model's is torch.float32"),
+    (_scalar_momentum, "momentum_buffer of parameter"),
+    (_group_setting("momentum", float("nan")), "setting momentum is nan"),
+    (_model_tensor_as(lambda t: t.to_sparse()), "is a sparse_coo tensor"),
+])
+def test_the_train_stage_discards_a_damaged_state_with_one_line_and_finishes(tmp_path, monkeypatch, capsys, damage,
+                                                                             fragment):
     params = real_params(train=TINY)
     reference, damaged = ProjectPaths(tmp_path / "reference"), ProjectPaths(tmp_path / "damaged")
     for paths in (reference, damaged):
@@ -150,13 +261,15 @@ def test_the_train_stage_discards_a_damaged_state_with_one_line_and_finishes(tmp
             train(params, damaged)
     state = torch.load(damaged.resume_state, weights_only=True)
     assert state["epoch"] == 1 and state["digest"] == run_digest(params, damaged.prepared_dir)
-    _wrong_shape(state)  # still this run's digest: only the contents are wrong
+    damage(state)  # still this run's digest: only the contents are wrong
     torch.save(state, damaged.resume_state)
     capsys.readouterr()
 
     train(params, damaged)
     out = capsys.readouterr().out
-    assert "discarding resume state" in out and "training from the start" in out and "resuming at step" not in out
+    discarded = [line for line in out.splitlines() if "discarding resume state" in line]
+    assert len(discarded) == 1 and str(damaged.resume_state) in discarded[0] and fragment in discarded[0], out
+    assert "training from the start" in out and "resuming at step" not in out
     assert not damaged.resume_state.parent.exists()
     a = torch.load(reference.checkpoint, weights_only=True)["state_dict"]
     b = torch.load(damaged.checkpoint, weights_only=True)["state_dict"]
@@ -260,9 +373,50 @@ def test_torchrun_places_are_read_and_plain_runs_have_none(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert world_from_env() is None
     for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                        "TORCHELASTIC_RUN_ID": "job"}.items():
+                        "TORCHELASTIC_RUN_ID": "job", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(name, value)
     assert world_from_env() == World(rank=3, size=4, local_rank=1, local_size=2)
+
+
+def _torchrun_place(monkeypatch, **variables):
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"TORCHELASTIC_RUN_ID": "x", **variables}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("rendezvous", [
+    {"MASTER_ADDR": "127.0.0.1"},
+    {"MASTER_PORT": "29500"},
+    {"MASTER_ADDR": "", "MASTER_PORT": "29500"},
+    {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+    # Port 0 would make rank 0 listen on a free port and wait 30 minutes for a peer that cannot find it.
+    {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},
+    {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port"},
+])
+def test_a_torchrun_place_without_a_usable_rendezvous_is_refused(monkeypatch, rendezvous):
+    _torchrun_place(monkeypatch, RANK="0", WORLD_SIZE="2", **rendezvous)
+    with pytest.raises(LaunchError) as caught:
+        world_from_env()
+    message = str(caught.value)
+    assert "MASTER_ADDR:MASTER_PORT" in message and "unset RANK WORLD_SIZE" in message and "\n" not in message
+    assert f"MASTER_PORT={rendezvous.get('MASTER_PORT') or '(unset)'}" in message
+
+
+def test_the_train_stage_refuses_a_torchrun_place_without_master_addr_with_one_line(tmp_path, monkeypatch):
+    # torchrun's mark and places but no MASTER_*: once init_process_group's "MASTER_ADDR expected" traceback.
+    _torchrun_place(monkeypatch, RANK="0", WORLD_SIZE="2")
+    paths = ProjectPaths(tmp_path)
+    write_good(paths.prepared_dir)
+    with pytest.raises(LaunchError, match=r"MASTER_ADDR=\(unset\) MASTER_PORT=\(unset\): the 2 processes"):
+        train(real_params(train=TINY), paths)
+    assert not paths.checkpoint.exists()
+
+
+def test_a_single_process_torchrun_place_needs_no_rendezvous(monkeypatch):
+    # One process starts no process group, so nothing reads MASTER_ADDR: refusing it would only be in the way.
+    _torchrun_place(monkeypatch, RANK="0", WORLD_SIZE="1")
+    assert world_from_env() == World(rank=0, size=1, local_rank=0, local_size=1)
 
 
 def test_more_processes_than_cores_is_a_warning_and_more_than_memory_a_refusal():
@@ -410,6 +564,52 @@ def test_nan_init_from_weights_are_refused_naming_the_file(tmp_path):
                     class_names=["a", "b", "c"], mean=[0.5], std=[0.25], params={})
     with pytest.raises(TransferError, match=r"train.init_from: .*start.pt: weights \['head.weight'\] hold NaN"):
         load_init_checkpoint(str(path), architecture="convnet", in_channels=1, width=8, class_names=["a", "b", "c"])
+
+
+UNUSUAL_TENSORS = {  # what weights_only loading admits besides plain tensors; isfinite raises on most of them
+    "sparse_coo": lambda t: t.to_sparse(),
+    "sparse_csr": lambda t: t.flatten(1).to_sparse_csr(),
+    "quantized": lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+    "meta": lambda t: torch.empty_like(t, device="meta"),
+}
+
+
+def _checkpoint_with(tmp_path, kind):
+    model = build_model("convnet", **arguments(1, 12, classes=3, width=8))
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, model, architecture="convnet", arguments=arguments(1, 12, classes=3, width=8),
+                    class_names=["a", "b", "c"], mean=[0.5], std=[0.25], params={})
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"]["head.weight"] = UNUSUAL_TENSORS[kind](checkpoint["state_dict"]["head.weight"])
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", UNUSUAL_TENSORS)
+def test_a_checkpoint_holding_a_sparse_quantized_or_meta_tensor_is_refused_naming_it(tmp_path, kind):
+    path = _checkpoint_with(tmp_path, kind)
+    with pytest.raises(CheckpointError) as caught:  # predict --trust-model, evaluate and export load this way
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert str(path) in message and f"head.weight is a {kind}" in message and "\n" not in message
+    with pytest.raises(TransferError) as caught:
+        load_init_checkpoint(str(path), architecture="convnet", in_channels=1, width=8, class_names=["a", "b", "c"])
+    message = str(caught.value)
+    assert message.startswith("train.init_from: ") and str(path) in message and f"head.weight is a {kind}" in message
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "meta"])
+def test_trusted_pretrained_weights_holding_a_sparse_or_meta_tensor_are_refused_naming_it(tmp_path, kind):
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = UNUSUAL_TENSORS[kind](state["conv1.weight"])
+    weights = tmp_path / "resnet18-odd.pth"
+    torch.save(state, weights)
+    with pytest.raises(TransferError) as caught:
+        load_pretrained("resnet18", str(weights), lambda line: None, trust=True)
+    message = str(caught.value)
+    assert str(weights) in message and f"conv1.weight is a {kind}" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("changes, fragment", [

@@ -76,16 +76,32 @@ def digest_file(path: Path) -> Digest:
     return Digest(sha.hexdigest(), md5.hexdigest(), size)
 
 
-def _download_once(url: str, dest: Path, timeout_s: float, progress: Callable[[int, int | None], None] | None) -> None:
+def _too_large(url: str, size: str, max_bytes: int) -> PermanentFetchError:
+    return PermanentFetchError(
+        f"{url} is {size}, over the {max_bytes / 2**30:.3g} GiB (data.max_extract_gb) a download may write; "
+        "raise data.max_extract_gb if that is the right file, or point data.source at another copy")
+
+
+def _download_once(url: str, dest: Path, timeout_s: float, progress: Callable[[int, int | None], None] | None,
+                   max_bytes: int | None = None) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
             expected = response.headers.get("Content-Length")
             expected_bytes = int(expected) if expected and expected.isdigit() else None
+            if max_bytes is not None and expected_bytes is not None and expected_bytes > max_bytes:
+                raise _too_large(url, f"{expected_bytes:,} bytes (its Content-Length)", max_bytes)
             received = 0
-            while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
+            while True:
+                # Never more than one byte past the cap: a body with no Content-Length (or sent chunked) is
+                # stopped there, not when the disk is full.
+                chunk = response.read(CHUNK_BYTES if max_bytes is None else min(CHUNK_BYTES, max_bytes + 1 - received))
+                if not chunk:
+                    break
                 received += len(chunk)
+                if max_bytes is not None and received > max_bytes:
+                    raise _too_large(url, f"over {max_bytes:,} bytes and still sending", max_bytes)
+                out.write(chunk)
                 if progress:
                     progress(received, expected_bytes)
             if expected_bytes is not None and received != expected_bytes:
@@ -111,8 +127,12 @@ def fetch_file(
     timeout_s: float,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int | None], None] | None = None,
+    max_bytes: int | None = None,
 ) -> None:
-    """Copy or download one file to ``dest``; URLs get up to ``retries`` attempts with a short back-off."""
+    """Copy or download one file to ``dest``; URLs get up to ``retries`` attempts with a short back-off.
+    A download larger than ``max_bytes`` is refused (by its Content-Length before reading, else as soon as its
+    body passes the cap) and nothing of it is left at ``dest``; a local file is copied whole (its size is known
+    and extraction bounds what it unpacks to)."""
     if not is_url(location):
         path = Path(location)
         if not path.is_file():
@@ -122,11 +142,13 @@ def fetch_file(
     last_error: DataError | None = None
     for attempt in range(1, retries + 1):
         try:
-            _download_once(location, dest, timeout_s, progress)
+            _download_once(location, dest, timeout_s, progress, max_bytes)
             return
         except PermanentFetchError:
+            dest.unlink(missing_ok=True)  # a half-written file is nothing anyone can use
             raise
         except DataError as error:
+            dest.unlink(missing_ok=True)
             last_error = error
             if attempt < retries:
                 log(f"download: attempt {attempt}/{retries} failed: {error}; retrying")

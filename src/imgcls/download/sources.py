@@ -32,6 +32,15 @@ class FetchOptions:
     limits: ArchiveLimits  # what an archive may unpack to
     on_bad_image: str = "error"  # image folders: "skip" leaves out (and lists) links that cannot be copied
 
+    @property
+    def max_download_bytes(self) -> int:
+        """The most bytes one download may write: data.max_extract_gb, the most its archive may unpack to. In
+        our formats a file is about the size of what it unpacks to or smaller (gzip and zip compress; a tar adds
+        a 512-byte header a file and pads each to 512 bytes), so a body past this is not a data set we could
+        unpack but an endless or hostile one. Only a plain, uncompressed .tar of tiny files near the limit is
+        cut short by it; its message names data.max_extract_gb to raise."""
+        return self.limits.max_bytes
+
 
 def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, log: Log = print) -> dict:
     """Fill the empty folder ``raw_dir`` with verified files of ``dataset``; returns provenance for source.json."""
@@ -66,7 +75,8 @@ def _get_fashion_mnist(location: str, raw_dir: Path, options: FetchOptions, *, l
     files = {}
     for name, expected in datasets.FASHION_MNIST_FILES.items():
         dest = raw_dir / name
-        fetch_file(join_location(location, name), dest, retries=options.retries, timeout_s=options.timeout_s, log=log)
+        fetch_file(join_location(location, name), dest, retries=options.retries, timeout_s=options.timeout_s, log=log,
+                   max_bytes=options.max_download_bytes)
         content = gunzip(dest)
         actual = hashlib.sha256(content).hexdigest()
         if len(content) != expected.content_bytes or actual != expected.content_sha256:
@@ -85,7 +95,8 @@ def _get_cifar10(location: str, raw_dir: Path, options: FetchOptions, *, log: Lo
     else:
         url = str(Path(location) / CIFAR10_ARCHIVE) if Path(location).is_dir() else location
     archive = raw_dir / CIFAR10_ARCHIVE
-    fetch_file(url, archive, retries=options.retries, timeout_s=options.timeout_s, log=log)
+    fetch_file(url, archive, retries=options.retries, timeout_s=options.timeout_s, log=log,
+               max_bytes=options.max_download_bytes)
     digest = digest_file(archive)
     if digest.md5 != datasets.CIFAR10_ARCHIVE_MD5:
         raise DataError(
@@ -107,7 +118,8 @@ def _get_image_folder(location: str, raw_dir: Path, options: FetchOptions, *, lo
         raise PermanentFetchError("expected a folder or a .tar, .tar.gz, .tgz or .zip archive")
     name = Path(location.split("?", 1)[0].rstrip("/")).name  # keep the name: messages mention it
     archive = raw_dir / name
-    fetch_file(location, archive, retries=options.retries, timeout_s=options.timeout_s, log=log)
+    fetch_file(location, archive, retries=options.retries, timeout_s=options.timeout_s, log=log,
+               max_bytes=options.max_download_bytes)
     digest = digest_file(archive)
     images_dir.mkdir()
     count = extract_archive(archive, images_dir, options.limits)

@@ -72,6 +72,30 @@ class ModelArguments(BaseModel):
     whiten_bias_epochs: float = Field(default=0.0, ge=0)
 
 
+def unusual_tensor(tensor: torch.Tensor) -> str | None:
+    """What ``tensor`` is when it is not a plain dense tensor of values (the only kind a state_dict we save
+    holds), or None. ``weights_only`` loading admits sparse, quantized, meta and nested tensors, and most
+    operations on them (``isfinite``, ``ne``) raise NotImplementedError: ask this before any other."""
+    if tensor.layout != torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    if tensor.is_nested:
+        return "a nested tensor"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    if tensor.is_meta:
+        return "a meta tensor (it holds no values)"
+    return None
+
+
+def first_unusual_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """``'<name> is a sparse_coo tensor'`` for the first tensor of ``tensors`` that is not plain, or None."""
+    for name, tensor in tensors.items():
+        kind = unusual_tensor(tensor)
+        if kind:
+            return f"{name} is {kind}, not a plain dense one"
+    return None
+
+
 def _bad(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(f"{path}: {problem}; it is damaged or was not written by this pipeline. "
                            f"Rebuild it with: dvc repro -f train")
@@ -117,6 +141,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     state = checkpoint["state_dict"]
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise _bad(path, "state_dict is not a mapping of names to tensors")
+    unusual = first_unusual_tensor(state)
+    if unusual:
+        raise _bad(path, f"weight {unusual}")
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:  # a model that would answer NaN for every image
         raise _bad(path, f"weights {broken[:3]} hold NaN or infinite values")

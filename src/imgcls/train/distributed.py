@@ -95,6 +95,15 @@ def world_from_env() -> World | None:
         raise LaunchError(f"{found} is not a place in a torchrun job (expected 0 <= RANK < WORLD_SIZE and "
                           "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE); these are torchrun's to set: "
                           f"run `{unset}` and start the stage with train.processes, or with torchrun")
+    if size > 1:
+        # init_process_group (env://) meets its peers at MASTER_ADDR:MASTER_PORT, which torchrun always sets;
+        # without them it fails deep in torch.distributed ("MASTER_ADDR expected").
+        address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+        if not address or not (port.isdigit() and 1 <= int(port) <= 65535):
+            rendezvous = f"MASTER_ADDR={address or '(unset)'} MASTER_PORT={port or '(unset)'}"
+            raise LaunchError(f"{found} but {rendezvous}: the {size} processes of a torchrun job meet at "
+                              "MASTER_ADDR:MASTER_PORT (a host, and a port in 1..65535), which torchrun sets; run "
+                              f"`{unset}` and start the stage with train.processes, or with torchrun")
     return World(rank, size, local_rank, local_size)
 
 

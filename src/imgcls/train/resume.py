@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path
+from ..model.checkpoint import unusual_tensor
 from ..params import Params, as_dict
 
 FORMAT_VERSION = 1
@@ -33,6 +34,10 @@ STATE_KEYS = ("epoch", "step", "epoch_progress", "model", "optimizer", "lookahea
 PROGRESS_KEYS = ("batches_done", "step", "loss", "correct", "seen", "seconds")  # StopRequested.progress
 RECORD_KEYS = ("epoch", "train_loss", "train_accuracy", "images_per_second", "epoch_seconds", "elapsed_seconds")
 LIBRARY_ROOT = Path(__file__).resolve().parents[1]  # src/imgcls: a code change makes old state unusable
+# The per-parameter optimizer state torch keeps as a 0-dim tensor (Adam's and AdamW's step counter); every other
+# buffer (SGD's momentum, Adam's moments) has its parameter's shape: a 0-dim one would broadcast in the update
+# and fail there ("output with shape [] doesn't match the broadcast shape").
+SCALAR_OPTIMIZER_STATE = {"step"}
 
 
 def run_digest(params: Params, prepared_dir: Path, extra: str = "") -> str:
@@ -138,6 +143,9 @@ def _tensors_problem(what: str, found: object, expected: dict[str, torch.Tensor]
     if missing or unexpected:
         return f"its {what} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
     for name, tensor in found.items():
+        kind = unusual_tensor(tensor)  # first: isfinite on a sparse tensor raises NotImplementedError
+        if kind:
+            return f"its {what} {name} is {kind}, not a plain dense one"
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
             return (f"its {what} {name} is {tensor.dtype} {list(tensor.shape)}, this model's is "
                     f"{expected[name].dtype} {list(expected[name].shape)}")
@@ -146,8 +154,63 @@ def _tensors_problem(what: str, found: object, expected: dict[str, torch.Tensor]
     return None
 
 
-def _optimizer_problem(found: object, optimizer: torch.optim.Optimizer) -> str | None:
-    """Why ``found`` cannot be loaded into ``optimizer`` (groups, parameters, per-parameter state), or None."""
+def _expected_entry_keys(optimizer: torch.optim.Optimizer, group: dict) -> tuple[set[str], set[str]] | None:
+    """(required, allowed) keys of a non-empty per-parameter state entry of the optimizers make_optimizer
+    builds, or None for another optimizer (then only shapes are checked). AdamW reads its three entries
+    unconditionally once a parameter has state (a missing one is a KeyError mid-step); SGD reads
+    momentum_buffer with .get() and starts one when it is absent or None."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+        return keys, keys
+    if isinstance(optimizer, torch.optim.SGD):
+        return set(), {"momentum_buffer"}
+    return None
+
+
+def _setting_problem(index: int, key: str, value: object, ours: object, our_group: dict) -> str | None:
+    """Why the saved group setting ``value`` cannot stand in for this run's ``ours``, or None.
+
+    Every setting but lr follows from the params and the data (which the digest covers) and torch's defaults,
+    so it must equal what this run's fresh optimizer has: a NaN momentum or a changed weight decay would otherwise train (and diverge,
+    blaming train.lr) on every rerun. lr is the schedule's, rewritten from base_lr before every step
+    (loop.set_rate, a factor in 0..1): it only has to be a rate that schedule could have set."""
+    if key == "lr":
+        ceiling = our_group.get("base_lr", ours)
+        if _is_number(value) and math.isfinite(value) and 0 <= value <= ceiling:
+            return None
+        return f"its optimizer group {index} lr is {value!r}, not a rate in 0..{ceiling} (this run's base rate)"
+    if type(value) is type(ours) or (_is_number(value) and _is_number(ours)):
+        # A number compared with == is also False for NaN; tuples (AdamW's betas) compare item by item.
+        if value == ours:
+            return None
+    return f"its optimizer group {index} setting {key} is {value!r}, this run's is {ours!r}"
+
+
+def _buffer_problem(index: object, key: str, value: object, parameter: torch.Tensor, max_step: int) -> str | None:
+    """Why ``value`` is not a usable ``key`` state of the parameter saved as ``index``, or None."""
+    where = f"its optimizer {key} of parameter {index}"
+    if not isinstance(value, torch.Tensor):
+        return f"{where} is a {type(value).__name__}, not a tensor"
+    kind = unusual_tensor(value)
+    if kind:
+        return f"{where} is {kind}, not a plain dense one"
+    if key in SCALAR_OPTIMIZER_STATE:
+        # The count of steps this parameter took part in: Adam's bias correction divides by 1 - beta ** step.
+        if (value.dim() or not value.is_floating_point() or not bool(torch.isfinite(value))
+                or not 0 <= float(value) <= max_step or float(value) != int(float(value))):
+            return f"{where} is {value.tolist()!r}, not a step count in 0..{max_step}"
+        return None
+    if value.shape != parameter.shape or value.dtype != parameter.dtype:
+        return (f"{where} is {value.dtype} {list(value.shape)}, the parameter is {parameter.dtype} "
+                f"{list(parameter.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        return f"{where} holds NaN or infinite values"
+    return None
+
+
+def _optimizer_problem(found: object, optimizer: torch.optim.Optimizer, step: int) -> str | None:
+    """Why ``found`` cannot be loaded into ``optimizer`` (a fresh one: groups, parameters, per-parameter state)
+    after ``step`` steps, or None."""
     if not (isinstance(found, dict) and isinstance(found.get("state"), dict)
             and isinstance(found.get("param_groups"), list)):
         return "its optimizer state is not a torch optimizer state_dict"
@@ -155,30 +218,31 @@ def _optimizer_problem(found: object, optimizer: torch.optim.Optimizer) -> str |
     groups = found["param_groups"]
     if len(groups) != len(ours) or not all(isinstance(g, dict) for g in groups):
         return f"its optimizer has {len(groups)} parameter groups, this run's has {len(ours)}"
-    parameters = {}  # the saved index of each parameter -> this run's parameter (load_state_dict maps by order)
+    parameters = {}  # the saved index of each parameter -> (this run's parameter, its group's expected keys)
     for index, (group, our_group, live_group) in enumerate(zip(groups, ours, optimizer.param_groups)):
         if set(group) != set(our_group):
             return f"its optimizer group {index} has settings {sorted(group)}, this run's {sorted(our_group)}"
         if group["params"] != our_group["params"]:
             return f"its optimizer group {index} holds other parameters than this run's"
         for key, value in group.items():
-            if key != "params" and type(value) is not type(our_group[key]) and not (
-                    _is_number(value) and _is_number(our_group[key])):
-                return f"its optimizer setting {key} is {value!r}, not a {type(our_group[key]).__name__}"
-        parameters.update(zip(group["params"], live_group["params"]))
+            problem = None if key == "params" else _setting_problem(index, key, value, our_group[key], our_group)
+            if problem:
+                return problem
+        keys = _expected_entry_keys(optimizer, our_group)
+        parameters.update((saved, (live, keys)) for saved, live in zip(group["params"], live_group["params"]))
     for index, entry in found["state"].items():
         if index not in parameters or not isinstance(entry, dict):
             return f"its optimizer state names parameter {index!r}, which this run does not have"
-        parameter = parameters[index]
+        parameter, keys = parameters[index]
+        if entry and keys is not None and not (keys[0] <= set(entry) <= keys[1]):
+            return (f"its optimizer state of parameter {index} holds {sorted(entry)}, this optimizer keeps "
+                    f"{sorted(keys[1])}")
         for key, value in entry.items():
-            if value is None:  # SGD without momentum keeps momentum_buffer = None
+            if value is None and key == "momentum_buffer":  # SGD starts a buffer where it finds None
                 continue
-            # Per-parameter buffers have the parameter's shape (momentum, Adam's moments); counters are scalars.
-            if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != parameter.shape):
-                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                return f"its optimizer {key} of parameter {index} is {shape}, the parameter is {list(parameter.shape)}"
-            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-                return f"its optimizer {key} of parameter {index} is not finite floating-point values"
+            problem = _buffer_problem(index, key, value, parameter, step)
+            if problem:
+                return problem
     return None
 
 
@@ -189,12 +253,12 @@ def _random_problem(states: object) -> str | None:
             raise ValueError("not the four generators' states")
         # torch's default CPU generator has the same state layout as any CPU Generator: try it on a scratch one.
         for key in ("batches", "torch"):
-            if not isinstance(states[key], torch.Tensor):
-                raise TypeError(f"{key} is {type(states[key]).__name__}")
+            if not isinstance(states[key], torch.Tensor) or unusual_tensor(states[key]):
+                raise TypeError(f"{key} is not a plain tensor")
             torch.Generator().set_state(states[key])
         name, keys, position, has_gauss, cached = states["numpy"]
-        if not isinstance(keys, torch.Tensor):
-            raise TypeError(f"numpy keys are {type(keys).__name__}")
+        if not isinstance(keys, torch.Tensor) or unusual_tensor(keys):
+            raise TypeError("numpy keys are not a plain tensor")
         np.random.RandomState().set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
         version, internal, gauss = states["python"]
         random.Random().setstate((version, tuple(internal), gauss))
@@ -245,7 +309,7 @@ def resume_state_problem(state: dict, *, model: nn.Module, optimizer: torch.opti
                     and all(_is_number(v) for v in r.values()) for i, r in enumerate(records))):
         return f"its records are not the {epoch} finished epochs' metrics"
     problem = (_tensors_problem("model", state["model"], model.state_dict())
-               or _optimizer_problem(state["optimizer"], optimizer))
+               or _optimizer_problem(state["optimizer"], optimizer, step))
     if problem:
         return problem
     if (state["lookahead"] is None) != (lookahead_state is None):

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError, TrainingError
-from ..model.checkpoint import load_checkpoint, plain_state_dict
+from ..model.checkpoint import first_unusual_tensor, load_checkpoint, plain_state_dict
 from ..model.networks import Network
 
 
@@ -106,11 +106,14 @@ def load_pretrained(architecture: str, source: str, emit: Callable[[str], None],
             raise TransferError(f"train.pretrained = {source!r} is not a readable weights file "
                                 f"({type(error).__name__}: {str(error)[:300]})") from None
     state = _tensor_dict(state, str(path))
+    advice = ("delete it and run again to download it afresh" if source == "imagenet"
+              else "it is damaged: name torchvision's file, or use imagenet")
+    unusual = first_unusual_tensor(state)
+    if unusual:  # torchvision's files hold plain tensors only, and the finiteness check below would raise on it
+        raise TransferError(f"train.pretrained = {source!r}: in {path}, weight {unusual}; {advice}")
     broken = [name for name, value in state.items()
               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if broken:  # trained on, they make the first loss NaN, and the run would blame train.lr
-        advice = ("delete it and run again to download it afresh" if source == "imagenet"
-                  else "it is damaged: name torchvision's file, or use imagenet")
         raise TransferError(f"train.pretrained = {source!r}: {path} holds NaN or infinite weights "
                             f"({', '.join(broken[:3])}{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); "
                             f"{advice}")
