@@ -151,26 +151,30 @@ def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.
 
     options = ort.RunOptions()
     outcome: dict = {}
+    # Completion is an Event of ours, not Thread.is_alive(): an exception (Ctrl-C, SIGTERM) raised inside
+    # Thread.join can leave the thread marked as stopped while it still runs (CPython gh-90882), and a runtime
+    # thread still running at exit aborts the process.
+    finished = threading.Event()
 
     def work() -> None:
         try:
             outcome["logits"] = session.run(None, feed, options)[0]
         except Exception as error:  # reported on the calling thread
             outcome["error"] = error
+        finally:
+            finished.set()
 
-    worker = threading.Thread(target=work, name="onnx-run", daemon=True)
-    worker.start()
+    threading.Thread(target=work, name="onnx-run", daemon=True).start()
     deadline = time.monotonic() + seconds
     try:
-        while worker.is_alive():
-            worker.join(0.05)
-            if worker.is_alive() and time.monotonic() > deadline:
+        while not finished.wait(0.05):
+            if time.monotonic() > deadline:
                 raise UserError(f"{path}: one inference call ran longer than {seconds:.0f} s and was stopped; the graph "
                                 "loops without end or does far more work than a classifier (a damaged or hostile file)")
     finally:
-        if worker.is_alive():
+        if not finished.is_set():
             options.terminate = True
-            worker.join(10)
+            finished.wait(10)
     if "error" in outcome:
         error = outcome["error"]
         text = str(error)
