@@ -29,8 +29,11 @@ setup: $(BIN)/.installed fashion-mnist
 run: setup
 	$(BIN)/dvc repro
 
+# The linter and formatter first (seconds), then the tests with the 15 slowest named.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python bench/data.py

@@ -63,9 +63,15 @@ def nominal_peak() -> dict:
     else:
         bf16, unit = None, "none (bf16 runs in fp32)"
     hz = mhz * 1e6
-    return {"cores": cores, "mhz": mhz, "vendor": vendor,
-            "flops_per_cycle_per_core": {"fp32": fp32, "bf16": bf16}, "bf16_unit": unit,
-            "fp32": cores * hz * fp32, "bf16": cores * hz * bf16 if bf16 else None}
+    return {
+        "cores": cores,
+        "mhz": mhz,
+        "vendor": vendor,
+        "flops_per_cycle_per_core": {"fp32": fp32, "bf16": bf16},
+        "bf16_unit": unit,
+        "fp32": cores * hz * fp32,
+        "bf16": cores * hz * bf16 if bf16 else None,
+    }
 
 
 def matmul_peak(precision: str, seconds: float = 2.0) -> float:
@@ -96,15 +102,23 @@ def step_flops(model, batch, labels, loss_fn, device, precision) -> int:
     return counter.get_total_flops()
 
 
-def training_flops_per_image(architecture: str, *, width: int, image_shape: list[int], num_classes: int,
-                             precision: str) -> float:
+def training_flops_per_image(
+    architecture: str, *, width: int, image_shape: list[int], num_classes: int, precision: str
+) -> float:
     """FLOPs (forward + backward) one training image costs in ``architecture`` at ``width``."""
     from imgcls.model.networks import build_model, normalized_channels
 
     channels, size = image_shape[0], image_shape[1]
     norm = normalized_channels(architecture, channels)
-    model = build_model(architecture, in_channels=channels, num_classes=num_classes, image_size=size,
-                        mean=[0.5] * norm, std=[0.25] * norm, width=width)
+    model = build_model(
+        architecture,
+        in_channels=channels,
+        num_classes=num_classes,
+        image_size=size,
+        mean=[0.5] * norm,
+        std=[0.25] * norm,
+        width=width,
+    )
     model.train()
     batch = 4
     images = torch.rand(batch, channels, size, size)

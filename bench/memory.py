@@ -31,7 +31,15 @@ import threading
 import time
 from pathlib import Path
 
-from common import extract_shared_cifar, REPO_ROOT, SHARED_CIFAR_IMAGES, machine, scratch_project, set_params, write_results
+from common import (
+    REPO_ROOT,
+    SHARED_CIFAR_IMAGES,
+    extract_shared_cifar,
+    machine,
+    scratch_project,
+    set_params,
+    write_results,
+)
 
 WORK = Path("/tmp/imgcls-bench-memory")
 TARGET_MIB = 2.5 * 1024
@@ -68,8 +76,9 @@ def run_stage(project: Path, stage: str, stop_after: float | None = None) -> dic
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     log = open(project / f"{stage}.log", "w")
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, f"stages/{stage}.py"], cwd=project, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, f"stages/{stage}.py"], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     peak, done = [0], threading.Event()
 
     def sample():
@@ -88,8 +97,13 @@ def run_stage(project: Path, stage: str, stop_after: float | None = None) -> dic
     sampler.join()
     log.close()
     seconds = time.perf_counter() - started
-    return {"stage": stage, "seconds": seconds, "returncode": os.waitstatus_to_exitcode(status),
-            "peak_tree_rss_mib": peak[0] / 1024, "peak_own_rss_mib": usage.ru_maxrss / 1024}
+    return {
+        "stage": stage,
+        "seconds": seconds,
+        "returncode": os.waitstatus_to_exitcode(status),
+        "peak_tree_rss_mib": peak[0] / 1024,
+        "peak_own_rss_mib": usage.ru_maxrss / 1024,
+    }
 
 
 def read_cost(project: Path, batch: int = 512, batches: int = 80) -> dict:
@@ -103,7 +117,7 @@ def read_cost(project: Path, batch: int = 512, batches: int = 80) -> dict:
     reader = NpyReader(project / "data" / "prepared" / "train_images.npy")
     resident = torch.from_numpy(reader.load())
     order = torch.randperm(len(reader), generator=torch.Generator().manual_seed(0))
-    indices = [order[i * batch:(i + 1) * batch] for i in range(min(batches, len(reader) // batch))]
+    indices = [order[i * batch : (i + 1) * batch] for i in range(min(batches, len(reader) // batch))]
     started = time.perf_counter()
     for index in indices:
         reader.take(index.numpy())
@@ -111,8 +125,11 @@ def read_cost(project: Path, batch: int = 512, batches: int = 80) -> dict:
     started = time.perf_counter()
     for index in indices:
         resident[index]
-    return {"batch": batch, "streamed_read_ms": streamed_ms,
-            "resident_gather_ms": (time.perf_counter() - started) / len(indices) * 1000}
+    return {
+        "batch": batch,
+        "streamed_read_ms": streamed_ms,
+        "resident_gather_ms": (time.perf_counter() - started) / len(indices) * 1000,
+    }
 
 
 def prepared_bytes(project: Path) -> int:
@@ -133,13 +150,27 @@ def untrained_checkpoint(project: Path) -> None:
 
     meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
     params = load_params(project / "params.yaml")
-    arguments = {"in_channels": meta["image_shape"][0], "num_classes": len(meta["class_names"]),
-                 "image_size": meta["image_shape"][1], "mean": meta["mean"], "std": meta["std"],
-                 "width": params.train.width, "whiten_bias_epochs": params.train.whiten_bias_epochs}
+    arguments = {
+        "in_channels": meta["image_shape"][0],
+        "num_classes": len(meta["class_names"]),
+        "image_size": meta["image_shape"][1],
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "width": params.train.width,
+        "whiten_bias_epochs": params.train.whiten_bias_epochs,
+    }
     model = build_model(params.train.model, **arguments)
-    save_checkpoint(project / "data" / "model" / "checkpoint.pt", model, architecture=params.train.model,
-                    arguments=arguments, class_names=meta["class_names"], mean=meta["mean"], std=meta["std"],
-                    params=as_dict(params), extra={"train_seconds": 0.0, "precision": "fp32", "untrained": True})
+    save_checkpoint(
+        project / "data" / "model" / "checkpoint.pt",
+        model,
+        architecture=params.train.model,
+        arguments=arguments,
+        class_names=meta["class_names"],
+        mean=meta["mean"],
+        std=meta["std"],
+        params=as_dict(params),
+        extra={"train_seconds": 0.0, "precision": "fp32", "untrained": True},
+    )
 
 
 def resume_progress(project: Path) -> dict | None:
@@ -169,10 +200,13 @@ def repeated_source(cifar: Path, where: Path, repeats: int) -> Path:
     return where
 
 
-def bench_set(name: str, source: Path, image_size: int, extra: dict, train_runs: list[tuple[str, float | None]],
-              untrained: bool) -> dict:
-    project = scratch_project(WORK / name, {"data": {"dataset": "imagefolder", "source": str(source),
-                                                     "image_size": image_size, "channels": 3}, **extra})
+def bench_set(
+    name: str, source: Path, image_size: int, extra: dict, train_runs: list[tuple[str, float | None]], untrained: bool
+) -> dict:
+    project = scratch_project(
+        WORK / name,
+        {"data": {"dataset": "imagefolder", "source": str(source), "image_size": image_size, "channels": 3}, **extra},
+    )
     rows = []
     for stage in ("download", "preprocess"):
         rows.append(run_stage(project, stage))
@@ -212,29 +246,44 @@ def bench_set(name: str, source: Path, image_size: int, extra: dict, train_runs:
             if not untrained:
                 row["test_accuracy"] = json.loads((project / "metrics" / "eval.json").read_text())["test"]["accuracy"]
         rows.append(row)
-    return {"name": name, "image_size": image_size, "prepared_bytes": size, "counts": split_counts,
-            "batch_read": batch_read,
-            "untrained_for_evaluate": untrained, "stages": rows}
+    return {
+        "name": name,
+        "image_size": image_size,
+        "prepared_bytes": size,
+        "counts": split_counts,
+        "batch_read": batch_read,
+        "untrained_for_evaluate": untrained,
+        "stages": rows,
+    }
 
 
 def print_set(result: dict) -> None:
     if result.get("batch_read"):
         cost = result["batch_read"]
-        print(f"\n{result['name']}: one shuffled batch of {cost['batch']}: read from disk {cost['streamed_read_ms']:.2f} ms, "
-              f"gathered in memory {cost['resident_gather_ms']:.2f} ms")
-    print(f"\n{result['name']}: {sum(result['counts'].values()):,} images at {result['image_size']} px, "
-          f"{result['prepared_bytes'] / 2**30:.2f} GiB prepared")
+        print(
+            f"\n{result['name']}: one shuffled batch of {cost['batch']}: "
+            f"read from disk {cost['streamed_read_ms']:.2f} ms, "
+            f"gathered in memory {cost['resident_gather_ms']:.2f} ms"
+        )
+    print(
+        f"\n{result['name']}: {sum(result['counts'].values()):,} images at {result['image_size']} px, "
+        f"{result['prepared_bytes'] / 2**30:.2f} GiB prepared"
+    )
     print(f"  {'stage':<18}{'wall_s':>8}{'peak_rss_mib':>14}{'own_rss_mib':>13}{'x_data':>8}{'images/s':>10}  notes")
     for row in result["stages"]:
         ratio = row["peak_tree_rss_mib"] * 2**20 / result["prepared_bytes"]
-        notes = [f"{row['mode']}" if "mode" in row else "",
-                 "OVER 2.5 GB" if row["peak_tree_rss_mib"] > TARGET_MIB else "",
-                 f"val acc {row['val_accuracy']:.4f}" if row.get("val_accuracy") is not None else "",
-                 f"test acc {row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else "",
-                 f"stopped after {row['stopped_after_seconds']:.0f} s" if "stopped_after_seconds" in row else ""]
-        print(f"  {row['stage']:<18}{row['seconds']:>8.1f}{row['peak_tree_rss_mib']:>14.0f}"
-              f"{row['peak_own_rss_mib']:>13.0f}{ratio:>8.2f}{row.get('images_per_second', 0):>10,.0f}  "
-              + ", ".join(n for n in notes if n))
+        notes = [
+            f"{row['mode']}" if "mode" in row else "",
+            "OVER 2.5 GB" if row["peak_tree_rss_mib"] > TARGET_MIB else "",
+            f"val acc {row['val_accuracy']:.4f}" if row.get("val_accuracy") is not None else "",
+            f"test acc {row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else "",
+            f"stopped after {row['stopped_after_seconds']:.0f} s" if "stopped_after_seconds" in row else "",
+        ]
+        print(
+            f"  {row['stage']:<18}{row['seconds']:>8.1f}{row['peak_tree_rss_mib']:>14.0f}"
+            f"{row['peak_own_rss_mib']:>13.0f}{ratio:>8.2f}{row.get('images_per_second', 0):>10,.0f}  "
+            + ", ".join(n for n in notes if n)
+        )
 
 
 def main() -> int:
@@ -249,16 +298,27 @@ def main() -> int:
     cifar = extract_shared_cifar(WORK / "cifar10-images")
     fast_eval = {"evaluate": {"tta": False}}
     sets = {
-        "cifar32": lambda: bench_set("cifar32", SHARED_CIFAR_IMAGES, 32, {"train": {"epochs": 2}},
-                                     [("always", None), ("never", None), ("always", None), ("never", None)],
-                                     untrained=False),
-        "cifar96": lambda: bench_set("cifar96", SHARED_CIFAR_IMAGES, 96, fast_eval,
-                                     [("auto", args.train_seconds)], untrained=True),
+        "cifar32": lambda: bench_set(
+            "cifar32",
+            SHARED_CIFAR_IMAGES,
+            32,
+            {"train": {"epochs": 2}},
+            [("always", None), ("never", None), ("always", None), ("never", None)],
+            untrained=False,
+        ),
+        "cifar96": lambda: bench_set(
+            "cifar96", SHARED_CIFAR_IMAGES, 96, fast_eval, [("auto", args.train_seconds)], untrained=True
+        ),
         # Batch 128 and evaluation batches of 250: at 128 pixels a batch of 512 alone needs about 8 GB of
         # activations (see README, Memory); this row shows what does not grow with the data.
-        "big": lambda: bench_set("big", repeated_source(cifar, WORK / "big-source", 4), 128,
-                                 {"evaluate": {"tta": False, "batch_size": 250}, "train": {"batch_size": 128}},
-                                 [("auto", args.train_seconds)], untrained=True),
+        "big": lambda: bench_set(
+            "big",
+            repeated_source(cifar, WORK / "big-source", 4),
+            128,
+            {"evaluate": {"tta": False, "batch_size": 250}, "train": {"batch_size": 128}},
+            [("auto", args.train_seconds)],
+            untrained=True,
+        ),
     }
     results = []
     for name in args.only.split(","):
@@ -267,10 +327,13 @@ def main() -> int:
         shutil.rmtree(WORK / name / "data", ignore_errors=True)  # 10 GB sets: do not keep them around
         write_results("memory", {"machine": machine(), "sets": results, "complete": False})  # kept if a later set fails
     worst = max(row["peak_tree_rss_mib"] for result in results for row in result["stages"])
-    print(f"\nlargest peak of any stage: {worst:,.0f} MiB (target <= {TARGET_MIB:,.0f} MiB): "
-          + ("met" if worst <= TARGET_MIB else f"missed by {worst - TARGET_MIB:,.0f} MiB"))
-    path = write_results("memory", {"machine": machine(), "sets": results, "largest_peak_mib": worst,
-                                    "target_mib": TARGET_MIB})
+    print(
+        f"\nlargest peak of any stage: {worst:,.0f} MiB (target <= {TARGET_MIB:,.0f} MiB): "
+        + ("met" if worst <= TARGET_MIB else f"missed by {worst - TARGET_MIB:,.0f} MiB")
+    )
+    path = write_results(
+        "memory", {"machine": machine(), "sets": results, "largest_peak_mib": worst, "target_mib": TARGET_MIB}
+    )
     print(f"wrote {path}")
     return 0
 

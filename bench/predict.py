@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import REPO_ROOT, machine, write_results
 
 WORK = Path("/tmp/imgcls-bench-predict")
@@ -76,8 +75,13 @@ def run_predict(args: list[str]) -> dict:
         raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr[-2000:]}")
     match = re.search(r"predict: (\d+) images in ([\d.]+) s", process.stdout)
     count, loop_seconds = int(match.group(1)), float(match.group(2))
-    return {"images": count, "wall_seconds": wall, "wall_images_per_second": count / wall,
-            "loop_seconds": loop_seconds, "loop_images_per_second": count / loop_seconds}
+    return {
+        "images": count,
+        "wall_seconds": wall,
+        "wall_images_per_second": count / wall,
+        "loop_seconds": loop_seconds,
+        "loop_images_per_second": count / loop_seconds,
+    }
 
 
 def main() -> int:
@@ -90,8 +94,9 @@ def main() -> int:
         print(f"skipped: {MODEL} is absent; run `make run` (or dvc repro) first")
         return 0
     sys.path.insert(0, str(REPO_ROOT / "src"))
-    from imgcls.arrays import NpyReader
     from PIL import Image
+
+    from imgcls.arrays import NpyReader
 
     test = NpyReader(REPO_ROOT / "data" / "prepared" / "test_images.npy").read(0, max(args.pngs, 1000))
     images01 = test[:1000].astype(np.float32) / 255
@@ -101,27 +106,47 @@ def main() -> int:
     for name, model in (("fp32", MODEL), ("int8", MODEL.with_name("model.int8.onnx"))):
         if model.is_file():
             rate = model_only(model, images01, args.calls)
-            rows.append({"row": f"model only, batch 1, 1 thread, {name}", "images_per_second": rate,
-                         "target": 2000, "met": rate >= 2000})
+            rows.append(
+                {
+                    "row": f"model only, batch 1, 1 thread, {name}",
+                    "images_per_second": rate,
+                    "target": 2000,
+                    "met": rate >= 2000,
+                }
+            )
     video = WORK / "clip.mp4"
     codec = make_video(video, test, args.frames)
     result = run_predict([str(video), "--threads", "1", "--model", str(MODEL), "--output", str(WORK / "video.csv")])
-    rows.append({"row": f"video 640x480 ({codec}) end to end, 1 thread", **result, "target": 300,
-                 "met": result["wall_images_per_second"] >= 300})
+    rows.append(
+        {
+            "row": f"video 640x480 ({codec}) end to end, 1 thread",
+            **result,
+            "target": 300,
+            "met": result["wall_images_per_second"] >= 300,
+        }
+    )
     folder = WORK / "pngs"
     folder.mkdir()
-    for i, image in enumerate(test[:args.pngs]):
+    for i, image in enumerate(test[: args.pngs]):
         Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(folder / f"{i:05d}.png")
     result = run_predict([str(folder), "--threads", "2", "--model", str(MODEL), "--output", str(WORK / "pngs.csv")])
-    rows.append({"row": f"folder of {args.pngs:,} PNG files, 2 cores", **result, "target": 2000,
-                 "met": result["wall_images_per_second"] >= 2000})
+    rows.append(
+        {
+            "row": f"folder of {args.pngs:,} PNG files, 2 cores",
+            **result,
+            "target": 2000,
+            "met": result["wall_images_per_second"] >= 2000,
+        }
+    )
 
     print(f"{'row':<48}{'images/s':>10}{'loop/s':>10}{'target':>8}  met")
     for row in rows:
         rate = row.get("wall_images_per_second", row.get("images_per_second"))
         loop = row.get("loop_images_per_second")
-        print(f"{row['row']:<48}{rate:>10,.0f}{(f'{loop:,.0f}' if loop else ''):>10}{row['target']:>8,}  "
-              f"{'yes' if row['met'] else 'NO'}")
+        print(
+            f"{row['row']:<48}{rate:>10,.0f}{(f'{loop:,.0f}' if loop else ''):>10}{row['target']:>8,}  "
+            f"{'yes' if row['met'] else 'NO'}"
+        )
     path = write_results("predict", {"machine": machine(), "model": str(MODEL), "rows": rows})
     print(f"wrote {path}")
     return 0

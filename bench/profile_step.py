@@ -21,7 +21,6 @@ import time
 import numpy as np
 import torch
 import yaml
-
 from common import REPO_ROOT, machine, write_results
 from flops import PEAK_SIZE, cpu_features, matmul_peak, nominal_peak, step_flops
 from run import WORK, recipe_data, recipe_dataset
@@ -64,9 +63,16 @@ def main() -> int:
     labels = torch.randint(0, 10, (len(images),))
     device = torch.device("cpu")
     precision = resolve_precision(config.precision, device)
-    model = build_model(config.model, in_channels=channels, num_classes=10, image_size=side, mean=[0.5] * channels,
-                        std=[0.25] * channels,
-                        width=config.width, whiten_bias_epochs=config.whiten_bias_epochs)
+    model = build_model(
+        config.model,
+        in_channels=channels,
+        num_classes=10,
+        image_size=side,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        width=config.width,
+        whiten_bias_epochs=config.whiten_bias_epochs,
+    )
     model = model.to(memory_format=torch.channels_last)
     # The same set-up and step phases as imgcls.train.loop.fit / train_one_epoch, timed one by one.
     model.initialize_from_data(images)
@@ -89,7 +95,7 @@ def main() -> int:
         apply_update(setup.optimizer, setup.lookahead, model, step, factor)
         marks.append(time.perf_counter())
         if step >= warmup_steps:  # the first steps warm up allocators, kernels (and compilation)
-            for key, begin, finish in zip(totals, marks, marks[1:]):
+            for key, begin, finish in zip(totals, marks, marks[1:], strict=False):
                 totals[key] += finish - begin
     step_seconds = sum(totals.values()) / args.steps
     steps_per_epoch = setup.steps_per_epoch
@@ -101,36 +107,58 @@ def main() -> int:
     predict(eval_model, test_images, batch_size=evaluate_config.batch_size, device=device, precision=precision)
     evaluation_seconds = time.perf_counter() - started
 
-    print(f"recipe {args.recipe}: {config.model} width {config.width}, batch {config.batch_size}, {precision}, "
-          f"{'torch.compile, ' if args.compile else ''}"
-          f"{args.steps} steps timed; data: {data}")
+    print(
+        f"recipe {args.recipe}: {config.model} width {config.width}, batch {config.batch_size}, {precision}, "
+        f"{'torch.compile, ' if args.compile else ''}"
+        f"{args.steps} steps timed; data: {data}"
+    )
     print(f"{'phase':<12}{'ms/step':>9}{'share':>8}{'s/epoch':>9}")
     for key, seconds in totals.items():
         per_step = seconds / args.steps
         print(f"{key:<12}{per_step * 1000:>9.1f}{per_step / step_seconds:>8.1%}{per_step * steps_per_epoch:>9.1f}")
-    print(f"{'step':<12}{step_seconds * 1000:>9.1f}{1:>8.0%}{step_seconds * steps_per_epoch:>9.1f}"
-          f"   ({config.batch_size / step_seconds:,.0f} training images/s)")
+    print(
+        f"{'step':<12}{step_seconds * 1000:>9.1f}{1:>8.0%}{step_seconds * steps_per_epoch:>9.1f}"
+        f"   ({config.batch_size / step_seconds:,.0f} training images/s)"
+    )
     print(f"evaluation of {len(test_images)} test images (tta={evaluate_config.tta}): {evaluation_seconds:.1f} s")
-    print(f"step: {flops / 1e9:.1f} GFLOP ({flops / len(batch) / 1e6:.1f} MFLOP per image, forward + backward), "
-          f"achieved {achieved / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads; CPU features: "
-          f"{', '.join(cpu_features())}")
+    print(
+        f"step: {flops / 1e9:.1f} GFLOP ({flops / len(batch) / 1e6:.1f} MFLOP per image, forward + backward), "
+        f"achieved {achieved / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads; CPU features: "
+        f"{', '.join(cpu_features())}"
+    )
     for name, peak in peaks.items():
-        print(f"  {PEAK_SIZE}x{PEAK_SIZE} matrix product in {name}: {peak / 1e9:.1f} GFLOP/s; "
-              f"the step reaches {achieved / peak:.1%} of it")
+        print(
+            f"  {PEAK_SIZE}x{PEAK_SIZE} matrix product in {name}: {peak / 1e9:.1f} GFLOP/s; "
+            f"the step reaches {achieved / peak:.1%} of it"
+        )
     nominal = nominal_peak()
     for name in dict.fromkeys((precision, "fp32")):
         if nominal[name]:
-            print(f"  nominal {name} peak: {nominal['cores']} cores x {nominal['mhz']:.0f} MHz x "
-                  f"{nominal['flops_per_cycle_per_core'][name]} FLOP/cycle = {nominal[name] / 1e9:.1f} GFLOP/s; "
-                  f"the step reaches {achieved / nominal[name]:.1%} of it")
-    payload = {"machine": machine(), "recipe": args.recipe, "data": data, "precision": precision, "compile": args.compile,
-               "steps": args.steps, "batch_size": config.batch_size,
-               "ms_per_step": {k: v / args.steps * 1000 for k, v in totals.items()},
-               "training_images_per_second": config.batch_size / step_seconds,
-               "epoch_seconds": step_seconds * steps_per_epoch, "evaluation_seconds": evaluation_seconds,
-               "step_flops": flops, "achieved_flops_per_second": achieved, "threads": torch.get_num_threads(),
-               "cpu_features": cpu_features(), "matmul_peak_flops_per_second": peaks, "nominal_peak": nominal,
-               "share_of_matmul_peak": {name: achieved / peak for name, peak in peaks.items()}}
+            print(
+                f"  nominal {name} peak: {nominal['cores']} cores x {nominal['mhz']:.0f} MHz x "
+                f"{nominal['flops_per_cycle_per_core'][name]} FLOP/cycle = {nominal[name] / 1e9:.1f} GFLOP/s; "
+                f"the step reaches {achieved / nominal[name]:.1%} of it"
+            )
+    payload = {
+        "machine": machine(),
+        "recipe": args.recipe,
+        "data": data,
+        "precision": precision,
+        "compile": args.compile,
+        "steps": args.steps,
+        "batch_size": config.batch_size,
+        "ms_per_step": {k: v / args.steps * 1000 for k, v in totals.items()},
+        "training_images_per_second": config.batch_size / step_seconds,
+        "epoch_seconds": step_seconds * steps_per_epoch,
+        "evaluation_seconds": evaluation_seconds,
+        "step_flops": flops,
+        "achieved_flops_per_second": achieved,
+        "threads": torch.get_num_threads(),
+        "cpu_features": cpu_features(),
+        "matmul_peak_flops_per_second": peaks,
+        "nominal_peak": nominal,
+        "share_of_matmul_peak": {name: achieved / peak for name, peak in peaks.items()},
+    }
     name = f"profile-{args.recipe}" + ("-compile" if args.compile else "")
     print(f"wrote {write_results(name, payload)}")
     return 0

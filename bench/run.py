@@ -6,7 +6,8 @@ targets, each met or missed by how much, and writes it all as JSON to bench/resu
 need ../shared/data/cifar10-images.tar.gz and are skipped with a message when it is absent.
 
 Achieved FLOP/s = FLOPs per training image (forward + backward, counted by torch for the recipe's model) x the
-train stage's images/s (the mean of its epochs' rates; validation is outside them); the peak is a large matrix product in the same precision
+train stage's images/s (the mean of its epochs' rates; validation is outside them); the peak is a large matrix
+product in the same precision
 measured at the start of the run (bench/flops.py), with the nominal cores x clock x FLOPs/cycle beside it.
 
     .venv/bin/python bench/run.py [--only RECIPE ...] [--skip-tutorial]
@@ -20,8 +21,16 @@ import sys
 from pathlib import Path
 
 import yaml
-
-from common import extract_shared_cifar, REPO_ROOT, SHARED_CIFAR_IMAGES, machine, run_timed, scratch_project, set_params, write_results
+from common import (
+    REPO_ROOT,
+    SHARED_CIFAR_IMAGES,
+    extract_shared_cifar,
+    machine,
+    run_timed,
+    scratch_project,
+    set_params,
+    write_results,
+)
 from flops import cpu_features, matmul_peak, nominal_peak, training_flops_per_image
 
 WORK = Path("/tmp/imgcls-bench")
@@ -34,10 +43,14 @@ TARGETS = [
     ("4", "fashion-mnist", 0.940, 1.0),
 ]
 MEMORY_TARGET_MIB = 4096  # target 5: every stage's peak resident memory
-FASHION_MNIST_SOURCE = {"data": {"dataset": "fashion-mnist", "source": str(REPO_ROOT / "sources" / "fashion-mnist.txt")}}
+FASHION_MNIST_SOURCE = {
+    "data": {"dataset": "fashion-mnist", "source": str(REPO_ROOT / "sources" / "fashion-mnist.txt")}
+}
 # The standard split: all 50,000 training images train, the 10,000 test images only test.
-CIFAR_DATA = {"data": {"dataset": "imagefolder", "source": str(SHARED_CIFAR_IMAGES), "image_size": 32, "channels": 3},
-              "preprocess": {"val_fraction": 0.0}}
+CIFAR_DATA = {
+    "data": {"dataset": "imagefolder", "source": str(SHARED_CIFAR_IMAGES), "image_size": 32, "channels": 3},
+    "preprocess": {"val_fraction": 0.0},
+}
 
 
 def run_stages(project: Path, stages: list[str]) -> dict:
@@ -67,11 +80,18 @@ def tutorial_row(dataset: str = "cifar10-jpeg") -> dict:
         raise SystemExit(log.read_text()[-3000:])
     result = json.loads(result_path.read_text())
     shape = [1, 28, 28] if dataset == "fashion-mnist" else [3, 32, 32]
-    return {"recipe": name, "dataset": dataset, "test_accuracy": result["test_accuracy"],
-            "wall_seconds": run["seconds"], "train_images_per_second": result["train_images"] / result["train_seconds"],
-            "peak_rss_mib": run["peak_rss_mib"], "precision": "fp32",
-            "train_flops_per_image": training_flops_per_image("lenet", width=32, image_shape=shape, num_classes=10,
-                                                              precision="fp32")}
+    return {
+        "recipe": name,
+        "dataset": dataset,
+        "test_accuracy": result["test_accuracy"],
+        "wall_seconds": run["seconds"],
+        "train_images_per_second": result["train_images"] / result["train_seconds"],
+        "peak_rss_mib": run["peak_rss_mib"],
+        "precision": "fp32",
+        "train_flops_per_image": training_flops_per_image(
+            "lenet", width=32, image_shape=shape, num_classes=10, precision="fp32"
+        ),
+    }
 
 
 def recipe_dataset(name: str) -> str:
@@ -98,12 +118,25 @@ def recipe_row(name: str, overrides: dict, project: Path) -> dict:
     train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
     config = yaml.safe_load((project / "params.yaml").read_text())["train"]
     meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
-    flops = training_flops_per_image(config["model"], width=config["width"], image_shape=meta["image_shape"],
-                                     num_classes=len(meta["class_names"]), precision=train["precision"])
-    return {"recipe": name, "dataset": dataset, "test_accuracy": evaluation["test"]["accuracy"],
-            "wall_seconds": run["seconds"], "train_seconds": train["train_seconds"],
-            "train_images_per_second": train["images_per_second"], "peak_rss_mib": run["peak_rss_mib"],
-            "precision": train["precision"], "train_flops_per_image": flops, "params": overrides}
+    flops = training_flops_per_image(
+        config["model"],
+        width=config["width"],
+        image_shape=meta["image_shape"],
+        num_classes=len(meta["class_names"]),
+        precision=train["precision"],
+    )
+    return {
+        "recipe": name,
+        "dataset": dataset,
+        "test_accuracy": evaluation["test"]["accuracy"],
+        "wall_seconds": run["seconds"],
+        "train_seconds": train["train_seconds"],
+        "train_images_per_second": train["images_per_second"],
+        "peak_rss_mib": run["peak_rss_mib"],
+        "precision": train["precision"],
+        "train_flops_per_image": flops,
+        "params": overrides,
+    }
 
 
 def _reset(overrides: dict) -> dict:
@@ -120,15 +153,23 @@ def _reset(overrides: dict) -> dict:
 def prepare(dataset: str, overrides: dict, folder: str | None = None) -> tuple[Path, dict]:
     project = WORK / (folder or dataset)
     stamp = project / "prepared-with.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == overrides and (project / "data/prepared/meta.json").is_file():
+    if (
+        stamp.is_file()
+        and json.loads(stamp.read_text()) == overrides
+        and (project / "data/prepared/meta.json").is_file()
+    ):
         # Same data params as last time: reuse the prepared data (the row reports that run's time).
         previous = json.loads((project / "prepared-row.json").read_text())
         return project, previous
     scratch_project(project, overrides)
     run = run_stages(project, ["download", "preprocess"])
     stamp.write_text(json.dumps(overrides))
-    row = {"recipe": f"data: download + preprocess{'' if folder in (None, dataset) else ' (' + folder + ')'}", "dataset": dataset, "wall_seconds": run["seconds"],
-           "peak_rss_mib": run["peak_rss_mib"]}
+    row = {
+        "recipe": f"data: download + preprocess{'' if folder in (None, dataset) else ' (' + folder + ')'}",
+        "dataset": dataset,
+        "wall_seconds": run["seconds"],
+        "peak_rss_mib": run["peak_rss_mib"],
+    }
     (project / "prepared-row.json").write_text(json.dumps(row))
     return project, row
 
@@ -147,13 +188,20 @@ def main() -> int:
     if {"avx512_bf16", "amx_bf16"} & set(cpu_features()):
         peaks["bf16"] = matmul_peak("bf16")
     nominal = nominal_peak()
-    print("peak (2048x2048 matrix product): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
-          + "; nominal (cores x clock x FLOP/cycle): "
-          + ", ".join(f"{k} {nominal[k] / 1e9:.1f} GFLOP/s" for k in ("fp32", "bf16") if nominal[k])
-          + f"; CPU features: {', '.join(cpu_features())}", flush=True)
+    print(
+        "peak (2048x2048 matrix product): "
+        + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
+        + "; nominal (cores x clock x FLOP/cycle): "
+        + ", ".join(f"{k} {nominal[k] / 1e9:.1f} GFLOP/s" for k in ("fp32", "bf16") if nominal[k])
+        + f"; CPU features: {', '.join(cpu_features())}",
+        flush=True,
+    )
     have_cifar = SHARED_CIFAR_IMAGES.is_file()
     if not have_cifar:
-        print(f"CIFAR-10 rows skipped: {SHARED_CIFAR_IMAGES} is absent (it sits beside the checkout on the project's machines)")
+        print(
+            f"CIFAR-10 rows skipped: {SHARED_CIFAR_IMAGES} is absent "
+            "(it sits beside the checkout on the project's machines)"
+        )
         recipes = {k: v for k, v in recipes.items() if not k.startswith("cifar10")}
     rows, projects = [], {}
     if have_cifar and not args.skip_tutorial and any(k.startswith("cifar10") for k in recipes):
@@ -164,7 +212,10 @@ def main() -> int:
             rows.append(with_flops(tutorial_row("fashion-mnist"), peaks))
             print_row(rows[-1], {rows[-1]["dataset"]: rows[-1]})
         else:
-            print(f"Fashion-MNIST tutorial row skipped: {FASHION_MNIST_IDX} is absent (apt-get install dataset-fashion-mnist)")
+            print(
+                f"Fashion-MNIST tutorial row skipped: {FASHION_MNIST_IDX} is absent "
+                "(apt-get install dataset-fashion-mnist)"
+            )
     folders = {}
     for name, overrides in recipes.items():  # each data variant is prepared once, before any recipe trains
         folder, data = folders[name] = recipe_data(name, overrides)
@@ -177,8 +228,10 @@ def main() -> int:
     # Each data set's rows compare with the tutorial's loop on the same data set in this run.
     baselines = {row["dataset"]: row for row in rows if row["recipe"].startswith("tutorial")}
     print()
-    print(f"{'recipe':<46}{'dataset':<15}{'test_acc':>9}{'wall_s':>9}{'train_img/s':>12}{'peak_MiB':>10}"
-          f"{'GFLOP/s':>9}{'%peak':>7}{'acc_x_tut':>10}{'time_x_tut':>11}")
+    print(
+        f"{'recipe':<46}{'dataset':<15}{'test_acc':>9}{'wall_s':>9}{'train_img/s':>12}{'peak_MiB':>10}"
+        f"{'GFLOP/s':>9}{'%peak':>7}{'acc_x_tut':>10}{'time_x_tut':>11}"
+    )
     for row in rows:
         print_row(row, baselines)
     for row in rows:
@@ -190,9 +243,16 @@ def main() -> int:
     print()
     for verdict in verdicts:
         print(verdict["line"])
-    payload = {"machine": machine(), "command": "make bench", "cpu_features": cpu_features(),
-               "matmul_peak_flops_per_second": peaks, "nominal_peak": nominal, "baselines": sorted(baselines),
-               "rows": rows, "targets": verdicts}
+    payload = {
+        "machine": machine(),
+        "command": "make bench",
+        "cpu_features": cpu_features(),
+        "matmul_peak_flops_per_second": peaks,
+        "nominal_peak": nominal,
+        "baselines": sorted(baselines),
+        "rows": rows,
+        "targets": verdicts,
+    }
     if args.only:
         payload["command"] = "bench/run.py --only " + " ".join(args.only)
     name = "bench" if not args.only else "bench-" + "-".join(args.only)  # a partial run keeps the full table
@@ -212,11 +272,19 @@ def target_verdicts(rows: list[dict], baselines: dict[str, dict]) -> list[dict]:
     verdicts = []
     for label, dataset, accuracy, ratio in TARGETS:
         head = f"target {label}: {dataset} >= {accuracy:.1%} in <= {ratio:g}x the tutorial:"
-        candidates = [r for r in rows if r["dataset"] == dataset and "time_ratio_to_tutorial" in r
-                      and not r["recipe"].startswith("tutorial")]
+        candidates = [
+            r
+            for r in rows
+            if r["dataset"] == dataset and "time_ratio_to_tutorial" in r and not r["recipe"].startswith("tutorial")
+        ]
         if not candidates:
-            verdicts.append({"target": label, "status": "not run",
-                             "line": f"{head} not run (no tutorial or recipe row for {dataset})"})
+            verdicts.append(
+                {
+                    "target": label,
+                    "status": "not run",
+                    "line": f"{head} not run (no tutorial or recipe row for {dataset})",
+                }
+            )
             continue
         meeting = [r for r in candidates if r["test_accuracy"] >= accuracy and r["time_ratio_to_tutorial"] <= ratio]
         if meeting:
@@ -226,27 +294,50 @@ def target_verdicts(rows: list[dict], baselines: dict[str, dict]) -> list[dict]:
         else:
             # The miss is the shortfall of the row that comes closest: accuracy short (points) and time over (x),
             # one point of accuracy weighing as much as one tutorial's time.
-            def shortfall(r: dict) -> tuple[float, float]:
+            def shortfall(r: dict, accuracy: float = accuracy, ratio: float = ratio) -> tuple[float, float]:
                 return max(0.0, accuracy - r["test_accuracy"]), max(0.0, r["time_ratio_to_tutorial"] - ratio)
-            best = min(candidates, key=lambda r: (shortfall(r)[0] * 100 + shortfall(r)[1]))
+
+            best = min(candidates, key=lambda r: shortfall(r)[0] * 100 + shortfall(r)[1])
             short, over = shortfall(best)
             status = "missed"
-            detail = (f"missed; closest {best['recipe']}: {best['test_accuracy']:.2%} at "
-                      f"{best['time_ratio_to_tutorial']:.2f}x ("
-                      + ", ".join(part for part in (f"{short * 100:.2f} points short" if short else "",
-                                                    f"{over:.2f}x over" if over else "") if part) + ")")
-        verdicts.append({"target": label, "status": status, "recipe": best["recipe"],
-                         "test_accuracy": best["test_accuracy"], "time_ratio_to_tutorial": best["time_ratio_to_tutorial"],
-                         "line": f"{head} {detail}"})
+            detail = (
+                f"missed; closest {best['recipe']}: {best['test_accuracy']:.2%} at "
+                f"{best['time_ratio_to_tutorial']:.2f}x ("
+                + ", ".join(
+                    part
+                    for part in (
+                        f"{short * 100:.2f} points short" if short else "",
+                        f"{over:.2f}x over" if over else "",
+                    )
+                    if part
+                )
+                + ")"
+            )
+        verdicts.append(
+            {
+                "target": label,
+                "status": status,
+                "recipe": best["recipe"],
+                "test_accuracy": best["test_accuracy"],
+                "time_ratio_to_tutorial": best["time_ratio_to_tutorial"],
+                "line": f"{head} {detail}",
+            }
+        )
     measured = [r for r in rows if "peak_rss_mib" in r]
     if measured:
         largest = max(measured, key=lambda r: r["peak_rss_mib"])
         met = largest["peak_rss_mib"] <= MEMORY_TARGET_MIB
-        verdicts.append({"target": "5", "status": "met" if met else "missed", "recipe": largest["recipe"],
-                         "peak_rss_mib": largest["peak_rss_mib"],
-                         "line": f"target 5: peak resident memory <= {MEMORY_TARGET_MIB} MiB: "
-                                 f"{'MET' if met else 'missed'}; largest {largest['peak_rss_mib']:.0f} MiB "
-                                 f"({largest['recipe']}, {largest['dataset']})"})
+        verdicts.append(
+            {
+                "target": "5",
+                "status": "met" if met else "missed",
+                "recipe": largest["recipe"],
+                "peak_rss_mib": largest["peak_rss_mib"],
+                "line": f"target 5: peak resident memory <= {MEMORY_TARGET_MIB} MiB: "
+                f"{'MET' if met else 'missed'}; largest {largest['peak_rss_mib']:.0f} MiB "
+                f"({largest['recipe']}, {largest['dataset']})",
+            }
+        )
     return verdicts
 
 
@@ -256,11 +347,18 @@ def print_row(row: dict, baselines: dict[str, dict]) -> None:
     ratios = ""
     baseline = baselines.get(row["dataset"])  # the tutorial on the same data set only
     if baseline and "test_accuracy" in row:
-        ratios = f"{row['test_accuracy'] / baseline['test_accuracy']:10.2f}{row['wall_seconds'] / baseline['wall_seconds']:11.2f}"
-    flops = (f"{row['train_flops_per_second'] / 1e9:9.1f}{row['share_of_peak']:7.0%}" if "train_flops_per_second" in row
-             else f"{'':>16}")
-    print(f"{row['recipe']:<46}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}"
-          f"{flops}{ratios}", flush=True)
+        accuracy_ratio = row["test_accuracy"] / baseline["test_accuracy"]
+        ratios = f"{accuracy_ratio:10.2f}{row['wall_seconds'] / baseline['wall_seconds']:11.2f}"
+    flops = (
+        f"{row['train_flops_per_second'] / 1e9:9.1f}{row['share_of_peak']:7.0%}"
+        if "train_flops_per_second" in row
+        else f"{'':>16}"
+    )
+    print(
+        f"{row['recipe']:<46}{row['dataset']:<15}{accuracy}{row['wall_seconds']:9.1f}{speed}{row['peak_rss_mib']:10.0f}"
+        f"{flops}{ratios}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,15 @@ def results(project: Path) -> dict:
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
     test = evaluation["test"]
-    return {"test_accuracy": test["accuracy"], "ci95": [test["ci95_low"], test["ci95_high"]], "test_images": test["images"],
-            "epochs": train["epochs"], "batch_size": train["batch_size"], "steps": train["steps"],
-            "train_seconds": train["train_seconds"]}
+    return {
+        "test_accuracy": test["accuracy"],
+        "ci95": [test["ci95_low"], test["ci95_high"]],
+        "test_images": test["images"],
+        "epochs": train["epochs"],
+        "batch_size": train["batch_size"],
+        "steps": train["steps"],
+        "train_seconds": train["train_seconds"],
+    }
 
 
 def main() -> int:
@@ -79,14 +85,20 @@ def main() -> int:
     pretrained = results(project)
     checkpoint = WORK / "transfer-pretrain8.pt"
     shutil.copy(project / "data" / "model" / "checkpoint.pt", checkpoint)
-    print(f"pretrain on 8 classes: test accuracy {pretrained['test_accuracy']:.4f} "
-          f"({pretrain_run['seconds']:.0f} s with data preparation)", flush=True)
+    print(
+        f"pretrain on 8 classes: test accuracy {pretrained['test_accuracy']:.4f} "
+        f"({pretrain_run['seconds']:.0f} s with data preparation)",
+        flush=True,
+    )
 
     variants = {
         "from scratch": {},
         "fine-tuned (train.init_from)": {"init_from": str(checkpoint), "trust_weights_file": True},
-        "head only (backbone frozen throughout)": {"init_from": str(checkpoint), "freeze_backbone_epochs": 1000,
-                                                   "trust_weights_file": True},
+        "head only (backbone frozen throughout)": {
+            "init_from": str(checkpoint),
+            "freeze_backbone_epochs": 1000,
+            "trust_weights_file": True,
+        },
     }
     project = scratch_project(WORK / "transfer-small", {"data": {**data, "source": str(small_dir)}})
     rows = []
@@ -94,15 +106,25 @@ def main() -> int:
         set_params(project, {"base": {"seed": seed}})
         run_stages(project, ["download", "preprocess"])
         for name, train in variants.items():
-            set_params(project, {"train": {"init_from": "none", "freeze_backbone_epochs": 0, "trust_weights_file": False,
-                                           **train}})
+            set_params(
+                project,
+                {"train": {"init_from": "none", "freeze_backbone_epochs": 0, "trust_weights_file": False, **train}},
+            )
             run = run_stages(project, ["train", "evaluate"])
-            row = {"variant": name, "seed": seed, **results(project), "wall_seconds": run["seconds"],
-                   "peak_rss_mib": run["peak_rss_mib"]}
+            row = {
+                "variant": name,
+                "seed": seed,
+                **results(project),
+                "wall_seconds": run["seconds"],
+                "peak_rss_mib": run["peak_rss_mib"],
+            }
             rows.append(row)
-            print(f"seed {seed} {name:<40} accuracy {row['test_accuracy']:.4f} "
-                  f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] {row['steps']} steps ({row['epochs']} epochs of "
-                  f"batch {row['batch_size']}) {row['wall_seconds']:.1f} s", flush=True)
+            print(
+                f"seed {seed} {name:<40} accuracy {row['test_accuracy']:.4f} "
+                f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] {row['steps']} steps ({row['epochs']} epochs of "
+                f"batch {row['batch_size']}) {row['wall_seconds']:.1f} s",
+                flush=True,
+            )
 
     print()
     print(f"{'cat vs dog, 244 training images':<42}{'mean acc':>9}{'min':>8}{'max':>8}{'steps':>7}{'wall_s':>8}")
@@ -111,15 +133,27 @@ def main() -> int:
         accuracies = [r["test_accuracy"] for r in rows if r["variant"] == name]
         walls = [r["wall_seconds"] for r in rows if r["variant"] == name]
         steps = [r["steps"] for r in rows if r["variant"] == name][0]
-        summary[name] = {"mean_accuracy": statistics.mean(accuracies), "min": min(accuracies), "max": max(accuracies),
-                         "mean_wall_seconds": statistics.mean(walls), "steps": steps}
-        print(f"{name:<42}{summary[name]['mean_accuracy']:9.4f}{min(accuracies):8.4f}{max(accuracies):8.4f}"
-              f"{steps:7d}{summary[name]['mean_wall_seconds']:8.1f}")
+        summary[name] = {
+            "mean_accuracy": statistics.mean(accuracies),
+            "min": min(accuracies),
+            "max": max(accuracies),
+            "mean_wall_seconds": statistics.mean(walls),
+            "steps": steps,
+        }
+        print(
+            f"{name:<42}{summary[name]['mean_accuracy']:9.4f}{min(accuracies):8.4f}{max(accuracies):8.4f}"
+            f"{steps:7d}{summary[name]['mean_wall_seconds']:8.1f}"
+        )
     gain = summary["fine-tuned (train.init_from)"]["mean_accuracy"] - summary["from scratch"]["mean_accuracy"]
     print(f"\nfine-tuning gains {gain * 100:+.1f} points over training from scratch (target: at least +10)")
-    payload = {"machine": machine(), "command": "bench/transfer.py " + " ".join(sys.argv[1:]),
-               "pretrain": {**pretrained, "wall_seconds": pretrain_run["seconds"], "classes": 8},
-               "rows": rows, "summary": summary, "gain_points": gain * 100}
+    payload = {
+        "machine": machine(),
+        "command": "bench/transfer.py " + " ".join(sys.argv[1:]),
+        "pretrain": {**pretrained, "wall_seconds": pretrain_run["seconds"], "classes": 8},
+        "rows": rows,
+        "summary": summary,
+        "gain_points": gain * 100,
+    }
     print(f"machine: {payload['machine']}\nwrote {write_results('transfer', payload)}")
     return 0
 

@@ -48,7 +48,12 @@ def fashion_mnist_root(idx_folder: str) -> str:
     root = tempfile.mkdtemp(prefix="tutorial-fmnist-")
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         with gzip.open(os.path.join(idx_folder, name + ".gz")) as source, open(os.path.join(raw, name), "wb") as target:
             target.write(source.read())
     return root
@@ -90,8 +95,13 @@ def main(root: str, result_path: str, fashion_mnist: bool = False) -> None:
             predicted = net(images).argmax(1)
             total += labels.size(0)
             correct += (predicted == labels).sum().item()
-    result = {"test_accuracy": correct / total, "test_images": total, "train_images": 2 * len(trainset),
-              "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started}
+    result = {
+        "test_accuracy": correct / total,
+        "test_images": total,
+        "train_images": 2 * len(trainset),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+    }
     print(json.dumps(result))
     with open(result_path, "w") as f:
         json.dump(result, f)

@@ -14,7 +14,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-LIBRARIES = {"vega": "build/vega.min.js", "vega-lite": "build/vega-lite.min.js", "vega-embed": "build/vega-embed.min.js"}
+LIBRARIES = {
+    "vega": "build/vega.min.js",
+    "vega-lite": "build/vega-lite.min.js",
+    "vega-embed": "build/vega-embed.min.js",
+}
 OUT = Path(__file__).with_name("offline-template.html")
 
 PAGE = """<!DOCTYPE html>
@@ -51,8 +55,10 @@ def main(archives: list[str]) -> None:
         library = next(name for name in sorted(LIBRARIES, key=len, reverse=True) if archive.name.startswith(name + "-"))
         code, license_text = member(archive, LIBRARIES[library]), member(archive, "LICENSE")
         assert "</script" not in code, f"{library} cannot be inlined as is"
-        blocks.append(f"    <!-- {archive.name[:-4]}, {LIBRARIES[library]}:\n{license_text.replace('--', '- -')}\n    -->\n"
-                      f"    <script>{code}</script>")
+        blocks.append(
+            f"    <!-- {archive.name[:-4]}, {LIBRARIES[library]}:\n{license_text.replace('--', '- -')}\n    -->\n"
+            f"    <script>{code}</script>"
+        )
     order = {name: i for i, name in enumerate(LIBRARIES)}  # vega, then vega-lite, then vega-embed
     blocks.sort(key=lambda block: order[block.split(",")[0].split()[-1].rsplit("-", 1)[0]])
     OUT.write_text(PAGE.replace("{libraries}", "\n".join(blocks)))

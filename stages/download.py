@@ -1,4 +1,5 @@
-"""download stage (dvc.yaml): validate params.yaml, then run imgcls.download.stage.download through the shared error boundary."""
+"""download stage (dvc.yaml): validate params.yaml, then run
+imgcls.download.stage.download through the shared error boundary."""
 
 from imgcls.cli import run_stage
 from imgcls.download.stage import download

@@ -1,4 +1,5 @@
-"""evaluate stage (dvc.yaml): validate params.yaml, then run imgcls.evaluate.stage.evaluate through the shared error boundary."""
+"""evaluate stage (dvc.yaml): validate params.yaml, then run
+imgcls.evaluate.stage.evaluate through the shared error boundary."""
 
 from imgcls.cli import run_stage
 from imgcls.evaluate.stage import evaluate

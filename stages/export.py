@@ -1,4 +1,5 @@
-"""export stage (dvc.yaml): validate params.yaml, then run imgcls.deploy.stage.export through the shared error boundary."""
+"""export stage (dvc.yaml): validate params.yaml, then run
+imgcls.deploy.stage.export through the shared error boundary."""
 
 from imgcls.cli import run_stage
 from imgcls.deploy.stage import export

@@ -1,4 +1,5 @@
-"""preprocess stage (dvc.yaml): validate params.yaml, then run imgcls.preprocess.stage.preprocess through the shared error boundary."""
+"""preprocess stage (dvc.yaml): validate params.yaml, then run
+imgcls.preprocess.stage.preprocess through the shared error boundary."""
 
 from imgcls.cli import run_stage
 from imgcls.preprocess.stage import preprocess

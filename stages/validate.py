@@ -1,4 +1,5 @@
-"""validate stage (dvc.yaml): validate params.yaml, then run imgcls.validate.validate through the shared error boundary."""
+"""validate stage (dvc.yaml): validate params.yaml, then run
+imgcls.validate.validate through the shared error boundary."""
 
 from imgcls.cli import run_stage
 from imgcls.validate import validate

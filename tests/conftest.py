@@ -60,7 +60,7 @@ def make_fashion_like(folder: Path, n_train: int = 200, n_test: int = 50, seed: 
         # Class c is a bright horizontal band at rows 2c..2c+4 plus noise: learnable, not trivial.
         images = rng.integers(0, 60, size=(n, 28, 28))
         for i, c in enumerate(labels):
-            images[i, 2 * c:2 * c + 5, :] += 180
+            images[i, 2 * c : 2 * c + 5, :] += 180
         for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
             name = f"{prefix}-{kind}-ubyte.gz"
             content = idx_bytes(np.asarray(array))
@@ -83,8 +83,11 @@ def make_cifar_archive(path: Path, records_per_file: int = 10000) -> str:
         names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
         for seed, name in enumerate(names):
             add_bytes(tar, f"cifar-10-batches-bin/{name}", cifar_records(records_per_file, seed))
-        add_bytes(tar, "cifar-10-batches-bin/batches.meta.txt",
-                  b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n")
+        add_bytes(
+            tar,
+            "cifar-10-batches-bin/batches.meta.txt",
+            b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n",
+        )
     path.write_bytes(buffer.getvalue())
     return hashlib.md5(buffer.getvalue()).hexdigest()
 
@@ -95,8 +98,9 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_image_folder(root: Path, classes=("ants", "bees"), per_class: int = 6, splits=("train", "test"),
-                      size: int = 20, noise: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes=("ants", "bees"), per_class: int = 6, splits=("train", "test"), size: int = 20, noise: int = 0
+) -> Path:
     """A tiny ants/bees-style folder: each class a distinct colour (plus uniform noise of +-``noise``, so
     patches vary as in photos), mixed sizes and modes."""
     colours = [(200, 40, 40), (40, 40, 200), (40, 200, 40), (200, 200, 40)]

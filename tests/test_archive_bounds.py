@@ -105,7 +105,7 @@ def empty_members_tar_gz(count: int) -> bytes:
     for i in range(count):
         block = bytearray(template)
         name = f"train/a/{i:06d}.png".encode()
-        block[:len(name)] = name
+        block[: len(name)] = name
         blocks.append(with_checksum(block))
     return gzip.compress(b"".join(blocks) + bytes(1024), 6)
 
@@ -187,8 +187,9 @@ def real_files() -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("name, mode", [("set.tar", "w"), ("set.tar.gz", "w:gz"), ("set.tgz", "w:bz2"),
-                                        ("set.tar", "w:xz")])
+@pytest.mark.parametrize(
+    "name, mode", [("set.tar", "w"), ("set.tar.gz", "w:gz"), ("set.tgz", "w:bz2"), ("set.tar", "w:xz")]
+)
 def test_real_tar_archives_extract_byte_for_byte(tmp_path, target, name, mode):
     files = real_files()
     archive = tmp_path / name
@@ -229,4 +230,3 @@ def test_real_zip_extracts_byte_for_byte(tmp_path, target):
             zf.writestr(member, data)
     assert extract_archive(archive, target, ArchiveLimits(max_bytes=1 << 30)) == len(files)
     assert tree(target) == files
-

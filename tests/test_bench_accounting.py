@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
@@ -21,13 +20,17 @@ def test_flops_per_training_image_of_lenet_match_the_hand_count():
     forward = 2 * (24 * 24 * 25 * 6 + 8 * 8 * 25 * 6 * 16 + 256 * 120 + 120 * 84 + 84 * 10)
     conv1 = 2 * 24 * 24 * 25 * 6
     expected = 3 * forward - conv1
-    counted = flops.training_flops_per_image("lenet", width=32, image_shape=[1, 28, 28], num_classes=10, precision="fp32")
+    counted = flops.training_flops_per_image(
+        "lenet", width=32, image_shape=[1, 28, 28], num_classes=10, precision="fp32"
+    )
     assert counted == pytest.approx(expected)
 
 
 def test_flops_grow_with_the_fast_networks_width():
     def count(width: int) -> float:
-        return flops.training_flops_per_image("fast", width=width, image_shape=[1, 28, 28], num_classes=10, precision="fp32")
+        return flops.training_flops_per_image(
+            "fast", width=width, image_shape=[1, 28, 28], num_classes=10, precision="fp32"
+        )
 
     # Every conv after the stem has width x width channel pairs: doubling the width nearly quadruples the FLOPs.
     assert 3.5 < count(32) / count(16) < 4.0
@@ -43,7 +46,13 @@ def test_nominal_peak_is_cores_times_clock_times_flops_per_cycle():
 
 
 def _row(recipe: str, dataset: str, accuracy: float, seconds: float, rss: float = 1000.0) -> dict:
-    return {"recipe": recipe, "dataset": dataset, "test_accuracy": accuracy, "wall_seconds": seconds, "peak_rss_mib": rss}
+    return {
+        "recipe": recipe,
+        "dataset": dataset,
+        "test_accuracy": accuracy,
+        "wall_seconds": seconds,
+        "peak_rss_mib": rss,
+    }
 
 
 def _verdicts(rows: list[dict]) -> dict[str, dict]:
@@ -54,24 +63,28 @@ def _verdicts(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_a_target_is_met_by_the_fastest_row_that_meets_it():
-    verdicts = _verdicts([
-        _row("tutorial", "fashion-mnist", 0.85, 100.0),
-        _row("slow-and-good", "fashion-mnist", 0.945, 99.0),
-        _row("fast-and-good", "fashion-mnist", 0.941, 80.0),
-        _row("fast-and-weak", "fashion-mnist", 0.930, 50.0),
-    ])
+    verdicts = _verdicts(
+        [
+            _row("tutorial", "fashion-mnist", 0.85, 100.0),
+            _row("slow-and-good", "fashion-mnist", 0.945, 99.0),
+            _row("fast-and-good", "fashion-mnist", 0.941, 80.0),
+            _row("fast-and-weak", "fashion-mnist", 0.930, 50.0),
+        ]
+    )
     assert verdicts["4"]["status"] == "met"
     assert verdicts["4"]["recipe"] == "fast-and-good"
     assert verdicts["1"]["status"] == "not run"  # no CIFAR-10 rows: not a miss, not a pass
 
 
 def test_a_missed_target_names_the_closest_row_and_the_shortfall():
-    verdicts = _verdicts([
-        _row("tutorial", "cifar10-jpeg", 0.55, 100.0),
-        _row("good-but-slow", "cifar10-jpeg", 0.88, 120.0),  # 0.20x over
-        _row("fast-but-weak", "cifar10-jpeg", 0.86, 90.0),  # 1 point short
-        _row("hopeless", "cifar10-jpeg", 0.50, 10.0),
-    ])
+    verdicts = _verdicts(
+        [
+            _row("tutorial", "cifar10-jpeg", 0.55, 100.0),
+            _row("good-but-slow", "cifar10-jpeg", 0.88, 120.0),  # 0.20x over
+            _row("fast-but-weak", "cifar10-jpeg", 0.86, 90.0),  # 1 point short
+            _row("hopeless", "cifar10-jpeg", 0.50, 10.0),
+        ]
+    )
     target = verdicts["1"]
     assert target["status"] == "missed"
     assert target["recipe"] == "good-but-slow"
@@ -80,7 +93,10 @@ def test_a_missed_target_names_the_closest_row_and_the_shortfall():
 
 
 def test_the_memory_target_looks_at_the_largest_row():
-    rows = [_row("tutorial", "fashion-mnist", 0.85, 100.0, rss=800.0), _row("big", "fashion-mnist", 0.9, 50.0, rss=4200.0)]
+    rows = [
+        _row("tutorial", "fashion-mnist", 0.85, 100.0, rss=800.0),
+        _row("big", "fashion-mnist", 0.9, 50.0, rss=4200.0),
+    ]
     verdict = _verdicts(rows)["5"]
     assert verdict["status"] == "missed" and verdict["recipe"] == "big"
 
@@ -103,4 +119,7 @@ def test_every_benchmark_recipe_is_valid_params():
         folder, data = run.recipe_data(name, overrides)
         assert folder.startswith(run.recipe_dataset(name))
         if "preprocess" in overrides:
-            assert folder != run.recipe_dataset(name) and data["preprocess"]["val_fraction"] == overrides["preprocess"]["val_fraction"]
+            assert (
+                folder != run.recipe_dataset(name)
+                and data["preprocess"]["val_fraction"] == overrides["preprocess"]["val_fraction"]
+            )

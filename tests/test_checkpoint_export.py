@@ -29,8 +29,16 @@ def trained_looking_model(name="convnet"):
 def test_checkpoint_round_trip_is_self_describing_and_safe(tmp_path):
     model = trained_looking_model()
     path = tmp_path / "model" / "checkpoint.pt"
-    save_checkpoint(path, torch.compile(model), architecture="convnet", arguments=ARGUMENTS,
-                    class_names=["a", "b", "c"], mean=[0.3], std=[0.2], params={"train": {"lr": 0.1}})
+    save_checkpoint(
+        path,
+        torch.compile(model),
+        architecture="convnet",
+        arguments=ARGUMENTS,
+        class_names=["a", "b", "c"],
+        mean=[0.3],
+        std=[0.2],
+        params={"train": {"lr": 0.1}},
+    )
     raw = torch.load(path, weights_only=True)  # plain data only
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in raw["state_dict"])
     assert raw["architecture"] == "convnet" and raw["class_names"] == ["a", "b", "c"]
@@ -58,8 +66,10 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("name, tta", [("convnet", False), ("fast", True), ("lenet", False), ("resnet18", False),
-                                       ("mobilenet_v3_small", False)])
+@pytest.mark.parametrize(
+    "name, tta",
+    [("convnet", False), ("fast", True), ("lenet", False), ("resnet18", False), ("mobilenet_v3_small", False)],
+)
 def test_exports_match_pytorch_and_take_images_in_unit_range(tmp_path, name, tta):
     model = trained_looking_model(name)
     if tta:
@@ -106,8 +116,16 @@ def saved(tmp_path, **changes):
     """A good checkpoint of a small fast model, then ``changes`` applied to its stored dict."""
     model = trained_looking_model("fast")
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, model, architecture="fast", arguments=ARGUMENTS, class_names=["a", "b", "c"],
-                    mean=[0.3], std=[0.2], params={})
+    save_checkpoint(
+        path,
+        model,
+        architecture="fast",
+        arguments=ARGUMENTS,
+        class_names=["a", "b", "c"],
+        mean=[0.3],
+        std=[0.2],
+        params={},
+    )
     payload = torch.load(path, weights_only=True)
     for key, value in changes.items():
         if value is None:
@@ -120,21 +138,30 @@ def saved(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"state_dict": None}, "missing state_dict"),
-    ({"architecture": "resnet"}, "unknown architecture 'resnet'"),
-    ({"arguments": lambda a: {**a, "width": 100000}}, "arguments.width = 100000"),
-    ({"arguments": lambda a: {**a, "depth": 3}}, "arguments.depth = 3"),
-    ({"arguments": lambda a: {**a, "image_size": 8}}, "fast needs images of at least 9 pixels"),
-    ({"class_names": ["a", "b"]}, "class_names ['a', 'b'] do not match the head's 3 distinct classes"),
-    ({"class_names": ["a", "a", "b"]}, "class_names ['a', 'a', 'b'] do not match the head's 3 distinct classes"),
-    ({"state_dict": lambda s: {**s, 7: torch.zeros(1)}}, "state_dict is not a mapping of names to tensors"),
-    ({"state_dict": lambda s: {k: v.clone().fill_(float("nan")) if k == "head.weight" else v for k, v in s.items()}},
-     "weights ['head.weight'] hold NaN or infinite values"),
-    ({"state_dict": lambda s: {k: v for k, v in s.items() if not k.startswith("head")}}, "Missing key(s)"),
-    ({"state_dict": lambda s: {**s, "head.weight": torch.zeros(5, 5)}}, "size mismatch for head.weight"),
-    ({"state_dict": lambda s: {**s, "extra.weight": torch.zeros(1)}}, "Unexpected key(s)"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"state_dict": None}, "missing state_dict"),
+        ({"architecture": "resnet"}, "unknown architecture 'resnet'"),
+        ({"arguments": lambda a: {**a, "width": 100000}}, "arguments.width = 100000"),
+        ({"arguments": lambda a: {**a, "depth": 3}}, "arguments.depth = 3"),
+        ({"arguments": lambda a: {**a, "image_size": 8}}, "fast needs images of at least 9 pixels"),
+        ({"class_names": ["a", "b"]}, "class_names ['a', 'b'] do not match the head's 3 distinct classes"),
+        ({"class_names": ["a", "a", "b"]}, "class_names ['a', 'a', 'b'] do not match the head's 3 distinct classes"),
+        ({"state_dict": lambda s: {**s, 7: torch.zeros(1)}}, "state_dict is not a mapping of names to tensors"),
+        (
+            {
+                "state_dict": lambda s: {
+                    k: v.clone().fill_(float("nan")) if k == "head.weight" else v for k, v in s.items()
+                }
+            },
+            "weights ['head.weight'] hold NaN or infinite values",
+        ),
+        ({"state_dict": lambda s: {k: v for k, v in s.items() if not k.startswith("head")}}, "Missing key(s)"),
+        ({"state_dict": lambda s: {**s, "head.weight": torch.zeros(5, 5)}}, "size mismatch for head.weight"),
+        ({"state_dict": lambda s: {**s, "extra.weight": torch.zeros(1)}}, "Unexpected key(s)"),
+    ],
+)
 def test_damaged_checkpoints_are_named_with_the_command_that_rebuilds_them(tmp_path, changes, fragment):
     path = saved(tmp_path, **changes)
     with pytest.raises(CheckpointError) as caught:
@@ -163,8 +190,12 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_stage_write_and_noth
     alive = target.parent / f".raw.imgcls.{os.getpid()}.efgh5678.tmp"  # a running writer's: left alone
     alive.mkdir()
     # Names a user (or another tool) may have: similar, but not ours. None may be touched.
-    lookalikes = [".raw.old", ".raw.999999999.abcd.tmp", ".raw.imgcls.999999999.abcd1234.tmp.keep",
-                  ".raw.imgcls.999999999.toolongrandom.tmp"]
+    lookalikes = [
+        ".raw.old",
+        ".raw.999999999.abcd.tmp",
+        ".raw.imgcls.999999999.abcd1234.tmp.keep",
+        ".raw.imgcls.999999999.toolongrandom.tmp",
+    ]
     for name in lookalikes:
         (target.parent / name).mkdir()
         (target.parent / name / "precious.txt").write_text("mine")
@@ -209,17 +240,25 @@ def test_int8_calibration_batch_by_batch_gives_the_ranges_of_calibrating_all_at_
 
     class AllAtOnce(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([images[i:i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)])
+            self.batches = iter([images[i : i + CALIBRATION_BATCH] for i in range(0, len(images), CALIBRATION_BATCH)])
 
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
     quant_pre_process(str(tmp_path / "m.onnx"), str(tmp_path / "pre.onnx"), skip_symbolic_shape=True)
-    quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "plain.onnx"), AllAtOnce(),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    batched, plain = ({t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}
-                      for p in (tmp_path / "batched.onnx", tmp_path / "plain.onnx"))
+    quantize_static(
+        str(tmp_path / "pre.onnx"),
+        str(tmp_path / "plain.onnx"),
+        AllAtOnce(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    batched, plain = (
+        {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}
+        for p in (tmp_path / "batched.onnx", tmp_path / "plain.onnx")
+    )
     assert set(batched) == set(plain) and len(batched) > 50
     assert all(np.array_equal(batched[name], plain[name]) for name in plain)

@@ -15,21 +15,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import (
+    REPO_ROOT,
+    add_bytes,
+    cifar_records,
+    make_cifar_archive,
+    make_fashion_like,
+    make_image_folder,
+    make_tar,
+    unused_local_url,
+)
 from PIL import Image
 
-from conftest import (REPO_ROOT, add_bytes, cifar_records, make_cifar_archive, make_fashion_like, make_image_folder,
-                      make_tar, unused_local_url)
 from imgcls import datasets
 from imgcls.download import sources
 from imgcls.download.archives import ArchiveLimits, extract_archive
 from imgcls.download.fetch import digest_file
-
-LIMITS = ArchiveLimits(max_bytes=1 << 30)
 from imgcls.errors import DataError
 from imgcls.preprocess.decode import decode
 from imgcls.preprocess.formats import parse_idx
 from imgcls.preprocess.imagefolder import decode_image_folder
 from imgcls.preprocess.splits import make_splits
+
+LIMITS = ArchiveLimits(max_bytes=1 << 30)
 
 
 @pytest.fixture
@@ -43,8 +51,9 @@ def fashion_files(tmp_path, monkeypatch):
 def acquire(dataset, source, raw, retries=3, on_bad_image="error", max_bytes=1 << 30):
     raw.mkdir(exist_ok=True)
     messages = []
-    options = sources.FetchOptions(retries=retries, timeout_s=5, on_bad_image=on_bad_image,
-                                    limits=ArchiveLimits(max_bytes=max_bytes))
+    options = sources.FetchOptions(
+        retries=retries, timeout_s=5, on_bad_image=on_bad_image, limits=ArchiveLimits(max_bytes=max_bytes)
+    )
     result = sources.acquire(dataset, str(source), raw, options, log=messages.append)
     return result, messages
 
@@ -73,7 +82,15 @@ def test_idx_round_trip_and_wrong_size():
 def test_fashion_mnist_from_local_folder_decodes_to_nchw_uint8(fashion_files, tmp_path):
     provenance, _ = acquire("fashion-mnist", fashion_files, tmp_path / "raw")
     assert set(provenance["files"]) == set(datasets.FASHION_MNIST_FILES)
-    decoded = decode("fashion-mnist", tmp_path / "raw", image_size=0, channels=1, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
+    decoded = decode(
+        "fashion-mnist",
+        tmp_path / "raw",
+        image_size=0,
+        channels=1,
+        on_bad_image="error",
+        max_image_pixels=10**7,
+        workdir=tmp_path / "decoded",
+    )
     images, labels = decoded.splits["train"]
     assert images.shape == (200, 1, 28, 28) and images.dtype == np.uint8
     assert labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
@@ -93,8 +110,12 @@ def test_system_copy_matches_known_checksums(tmp_path):
 
 
 def test_download_over_http_retries_500_and_dropped_connection(fashion_files, tmp_path, http_server):
-    url = serve_folder(http_server, fashion_files, "fm",
-                       {"train-images-idx3-ubyte.gz": ["500", "drop"], "t10k-labels-idx1-ubyte.gz": ["drop"]})
+    url = serve_folder(
+        http_server,
+        fashion_files,
+        "fm",
+        {"train-images-idx3-ubyte.gz": ["500", "drop"], "t10k-labels-idx1-ubyte.gz": ["drop"]},
+    )
     provenance, messages = acquire("fashion-mnist", url, tmp_path / "raw")
     assert provenance["location"] == url
     assert http_server.requests_for("fm/train-images-idx3-ubyte.gz") == 3  # 500, dropped, then good
@@ -152,7 +173,9 @@ def test_source_list_falls_through_to_the_next_location(fashion_files, tmp_path,
     provenance, messages = acquire("fashion-mnist", source_list, tmp_path / "raw")
     assert provenance["location"] == url
     assert sum("trying the next location" in m for m in messages) == 2
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted([*datasets.FASHION_MNIST_FILES, "source.json"])
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(
+        [*datasets.FASHION_MNIST_FILES, "source.json"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
@@ -170,10 +193,29 @@ def test_cifar10_from_mirror_url_parses_records_without_pickle(small_cifar, tmp_
     url = http_server.add("mirror/cifar-10-binary.tar.gz", small_cifar.read_bytes())
     acquire("cifar10", url, tmp_path / "raw")
     assert not (tmp_path / "raw" / "cifar-10-binary.tar.gz").exists()  # extracted, archive dropped
-    decoded = decode("cifar10", tmp_path / "raw", image_size=0, channels=3, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
+    decoded = decode(
+        "cifar10",
+        tmp_path / "raw",
+        image_size=0,
+        channels=3,
+        on_bad_image="error",
+        max_image_pixels=10**7,
+        workdir=tmp_path / "decoded",
+    )
     images, labels = decoded.splits["train"]
     assert images.shape == (100, 3, 32, 32) and decoded.splits["test"][0].shape == (20, 3, 32, 32)
-    assert decoded.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert decoded.class_names == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     record = np.frombuffer(cifar_records(20, 0), dtype=np.uint8).reshape(20, 3073)[7]
     assert labels[7] == record[0] and (images[7].reshape(-1) == record[1:]).all()  # R plane, G plane, B plane
 
@@ -190,7 +232,15 @@ def test_cifar10_records_of_wrong_size(small_cifar, tmp_path):
     batch = tmp_path / "raw" / "cifar-10-batches-bin" / "data_batch_3.bin"
     batch.write_bytes(batch.read_bytes()[:-100])
     with pytest.raises(DataError, match="data_batch_3.bin: CIFAR records of the wrong size"):
-        decode("cifar10", tmp_path / "raw", image_size=0, channels=3, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
+        decode(
+            "cifar10",
+            tmp_path / "raw",
+            image_size=0,
+            channels=3,
+            on_bad_image="error",
+            max_image_pixels=10**7,
+            workdir=tmp_path / "decoded",
+        )
 
 
 def test_truncated_archive_is_reported(small_cifar, tmp_path, monkeypatch):
@@ -226,10 +276,22 @@ def _info(name: str, kind=tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
         (_info("../evil.txt"), "refusing member '../evil.txt': '..' would escape"),
         (_info("train/../../evil.txt"), "refusing member 'train/../../evil.txt'"),
         (_info("/tmp/imgcls-evil.txt"), "refusing member '/tmp/imgcls-evil.txt' with an absolute path"),
-        (_info("train/a/link", tarfile.SYMTYPE, "../../../etc/passwd"), "refusing symbolic link member 'train/a/link' -> '../../../etc/passwd'"),
-        (_info("train/a/abs", tarfile.SYMTYPE, "/etc/passwd"), "refusing symbolic link member 'train/a/abs' -> '/etc/passwd'"),
-        (_info("train/a/inside", tarfile.SYMTYPE, "ok.txt"), "refusing symbolic link member 'train/a/inside' -> 'ok.txt'"),
-        (_info("train/a/hard", tarfile.LNKTYPE, "../outside"), "refusing hard link member 'train/a/hard' -> '../outside'"),
+        (
+            _info("train/a/link", tarfile.SYMTYPE, "../../../etc/passwd"),
+            "refusing symbolic link member 'train/a/link' -> '../../../etc/passwd'",
+        ),
+        (
+            _info("train/a/abs", tarfile.SYMTYPE, "/etc/passwd"),
+            "refusing symbolic link member 'train/a/abs' -> '/etc/passwd'",
+        ),
+        (
+            _info("train/a/inside", tarfile.SYMTYPE, "ok.txt"),
+            "refusing symbolic link member 'train/a/inside' -> 'ok.txt'",
+        ),
+        (
+            _info("train/a/hard", tarfile.LNKTYPE, "../outside"),
+            "refusing hard link member 'train/a/hard' -> '../outside'",
+        ),
         (_info("train/a/dev", tarfile.CHRTYPE), "refusing device or FIFO member 'train/a/dev'"),
         (_info("train/a/fifo", tarfile.FIFOTYPE), "refusing device or FIFO member 'train/a/fifo'"),
     ],
@@ -268,7 +330,15 @@ def test_image_folder_modes_sizes_and_channels(tmp_path):
     (root / "train" / "ants" / "notes.txt").write_text("not an image")
     (root / "train" / "README").write_text("also not an image")
     messages = []
-    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=16, channels=3, on_bad_image="error", max_pixels=10**7, log=messages.append)
+    decoded = decode_image_folder(
+        root,
+        workdir=tmp_path / "decoded",
+        image_size=16,
+        channels=3,
+        on_bad_image="error",
+        max_pixels=10**7,
+        log=messages.append,
+    )
     images, labels = decoded.splits["train"]
     assert decoded.class_names == ["ants", "bees"]
     assert images.shape == (13, 3, 16, 16) and images.dtype == np.uint8
@@ -282,13 +352,29 @@ def test_image_folder_modes_sizes_and_channels(tmp_path):
     assert (red_minus_blue[(labels == 0) & ~gray] > 100).all()  # ants red: JPEG, RGBA PNG
     assert (red_minus_blue[(labels == 1) & ~gray] < -100).all()  # bees blue: JPEG, RGBA PNG, palette GIF
     assert any("ignored 2 file(s) that are not images" in m for m in messages)
-    gray = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=1, on_bad_image="error", max_pixels=10**7, log=messages.append)
+    gray = decode_image_folder(
+        root,
+        workdir=tmp_path / "decoded",
+        image_size=8,
+        channels=1,
+        on_bad_image="error",
+        max_pixels=10**7,
+        log=messages.append,
+    )
     assert gray.splits["test"][0].shape == (12, 1, 8, 8)
 
 
 def test_image_folder_without_test_split_is_carved_stratified(tmp_path):
     root = make_image_folder(tmp_path / "f", classes=("a", "b", "c"), per_class=10, splits=("train",))
-    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
+    decoded = decode_image_folder(
+        root,
+        workdir=tmp_path / "decoded",
+        image_size=8,
+        channels=3,
+        on_bad_image="error",
+        max_pixels=10**7,
+        log=lambda m: None,
+    )
     splits = make_splits(decoded, val_fraction=0.2, test_fraction=0.3, limit=0, seed=1)
     assert np.bincount(splits["test"][1]).tolist() == [3, 3, 3]
     assert np.bincount(splits["val"][1]).tolist() == [1, 1, 1]  # 20% of the 7 left per class
@@ -301,18 +387,40 @@ def test_unreadable_images_error_or_skip(tmp_path):
     root = make_image_folder(tmp_path / "f")
     (root / "train" / "ants" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(DataError, match=r"1 unreadable image file\(s\) in train/, first .*broken.jpg"):
-        decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
+        decode_image_folder(
+            root,
+            workdir=tmp_path / "decoded",
+            image_size=8,
+            channels=3,
+            on_bad_image="error",
+            max_pixels=10**7,
+            log=lambda m: None,
+        )
     messages = []
-    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="skip", max_pixels=10**7, log=messages.append)
+    decoded = decode_image_folder(
+        root,
+        workdir=tmp_path / "decoded",
+        image_size=8,
+        channels=3,
+        on_bad_image="skip",
+        max_pixels=10**7,
+        log=messages.append,
+    )
     assert len(decoded.splits["train"][1]) == 12
     assert any("skipped 1 unreadable image file(s)" in m and "broken.jpg" in m for m in messages)
 
 
-@pytest.mark.parametrize("problem, fragment", [
-    ("empty_class", "class folder train/wasps holds no images"),
-    ("single_class", "has 1 class folder(s) ['ants']; a classifier needs at least two"),
-    ("different_classes", "class folders differ between splits: train has ['ants', 'bees'], test has ['ants', 'wasps']"),
-])
+@pytest.mark.parametrize(
+    "problem, fragment",
+    [
+        ("empty_class", "class folder train/wasps holds no images"),
+        ("single_class", "has 1 class folder(s) ['ants']; a classifier needs at least two"),
+        (
+            "different_classes",
+            "class folders differ between splits: train has ['ants', 'bees'], test has ['ants', 'wasps']",
+        ),
+    ],
+)
 def test_bad_class_layouts(tmp_path, problem, fragment):
     root = make_image_folder(tmp_path / "f", classes=("ants",) if problem == "single_class" else ("ants", "bees"))
     if problem == "empty_class":
@@ -320,7 +428,15 @@ def test_bad_class_layouts(tmp_path, problem, fragment):
     if problem == "different_classes":
         (root / "test" / "bees").rename(root / "test" / "wasps")
     with pytest.raises(DataError) as caught:
-        decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=10**7, log=lambda m: None)
+        decode_image_folder(
+            root,
+            workdir=tmp_path / "decoded",
+            image_size=8,
+            channels=3,
+            on_bad_image="error",
+            max_pixels=10**7,
+            log=lambda m: None,
+        )
     assert fragment in str(caught.value)
 
 
@@ -337,7 +453,15 @@ def test_image_folder_archive_over_http(tmp_path, http_server, kind):
     url = http_server.add(f"data/bugs.{kind}", archive.read_bytes())
     provenance, _ = acquire("imagefolder", url, tmp_path / "raw")
     assert provenance["files"][f"bugs.{kind}"]["sha256"] == digest_file(archive).sha256
-    decoded = decode("imagefolder", tmp_path / "raw", image_size=12, channels=3, on_bad_image="error", max_image_pixels=10**7, workdir=tmp_path / "decoded")
+    decoded = decode(
+        "imagefolder",
+        tmp_path / "raw",
+        image_size=12,
+        channels=3,
+        on_bad_image="error",
+        max_image_pixels=10**7,
+        workdir=tmp_path / "decoded",
+    )
     assert decoded.class_names == ["ants", "bees"] and decoded.splits["train"][0].shape == (12, 3, 12, 12)
 
 
@@ -348,16 +472,26 @@ def run_stage(project: Path, stage: str, **data_overrides) -> subprocess.Complet
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["data"].update(data_overrides)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py")], cwd=project,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py")],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def leftovers(project: Path) -> list[str]:
-    return sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*")) if (project / "data").exists() else []
+    return (
+        sorted(str(p.relative_to(project)) for p in (project / "data").rglob("*"))
+        if (project / "data").exists()
+        else []
+    )
 
 
-@pytest.mark.parametrize("case", ["404", "500", "drop", "unreachable", "checksum", "corrupt_archive", "evil_archive",
-                                  "link_chain"])
+@pytest.mark.parametrize(
+    "case", ["404", "500", "drop", "unreachable", "checksum", "corrupt_archive", "evil_archive", "link_chain"]
+)
 def test_download_stage_failures_exit_1_and_leave_nothing(tmp_path, http_server, case):
     project = tmp_path / "project"
     project.mkdir()
@@ -366,7 +500,10 @@ def test_download_stage_failures_exit_1_and_leave_nothing(tmp_path, http_server,
     if case == "unreachable":
         overrides, expect = {"source": unused_local_url(), "retries": 1}, "cannot reach http://127.0.0.1:"
     elif case == "checksum":
-        overrides, expect = {"source": serve_folder(http_server, fake, "fm")}, "checksum mismatch for train-images-idx3-ubyte.gz"
+        overrides, expect = (
+            {"source": serve_folder(http_server, fake, "fm")},
+            "checksum mismatch for train-images-idx3-ubyte.gz",
+        )
     elif case in ("404", "500", "drop"):
         url = serve_folder(http_server, fake, "fm", {"train-images-idx3-ubyte.gz": [case] * 5})
         overrides = {"source": url, "retries": 2}
@@ -397,12 +534,15 @@ def test_download_stage_failures_exit_1_and_leave_nothing(tmp_path, http_server,
     assert not (tmp_path / "evil.txt").exists()
 
 
-@pytest.mark.parametrize("problem, fragment", [
-    ("bad_image", "unreadable image file(s) in test/"),
-    ("empty_class", "class folder train/wasps holds no images"),
-    ("single_class", "a classifier needs at least two"),
-    ("different_classes", "class folders differ between splits"),
-])
+@pytest.mark.parametrize(
+    "problem, fragment",
+    [
+        ("bad_image", "unreadable image file(s) in test/"),
+        ("empty_class", "class folder train/wasps holds no images"),
+        ("single_class", "a classifier needs at least two"),
+        ("different_classes", "class folders differ between splits"),
+    ],
+)
 def test_preprocess_stage_failures_exit_1_and_leave_no_prepared_data(tmp_path, problem, fragment):
     project = tmp_path / "project"
     project.mkdir()
@@ -452,11 +592,15 @@ def test_preprocess_stage_refuses_records_of_the_wrong_size(tmp_path, dataset):
         folder = raw / datasets.CIFAR10_FOLDER
         folder.mkdir()
         for name in datasets.CIFAR10_TRAIN_FILES + datasets.CIFAR10_TEST_FILES:
-            (folder / name).write_bytes(cifar_records(10, 0)[:-1 if name == "data_batch_1.bin" else None])
+            (folder / name).write_bytes(cifar_records(10, 0)[: -1 if name == "data_batch_1.bin" else None])
         (folder / "batches.meta.txt").write_text("\n".join("abcdefghij"))
         expect = "data_batch_1.bin: CIFAR records of the wrong size: 30729 bytes is not a multiple of 3073"
-    result = run_stage(project, "preprocess", dataset=dataset,
-                       source="sources/cifar10.txt" if dataset == "cifar10" else "sources/fashion-mnist.txt")
+    result = run_stage(
+        project,
+        "preprocess",
+        dataset=dataset,
+        source="sources/cifar10.txt" if dataset == "cifar10" else "sources/fashion-mnist.txt",
+    )
     assert result.returncode == 1 and expect in result.stderr, result.stderr
     assert not (project / "data" / "prepared").exists()
     assert [p for p in os.listdir(project / "data") if p.startswith(".")] == []

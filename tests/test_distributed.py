@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
 from conftest import REPO_ROOT, committed_params_raw, merge
+
 from imgcls.model.checkpoint import load_checkpoint
 from imgcls.model.inference import evaluate_model
 from imgcls.paths import ProjectPaths
@@ -24,8 +24,16 @@ from imgcls.train.batches import iterate_batches
 
 # The fast model: its whitening layer is data-initialised and its bias freezes after whiten_bias_epochs,
 # which a data-parallel run must handle (DDP all-reduces the parameters that train).
-SMALL = {"model": "fast", "width": 8, "epochs": 3, "whiten_bias_epochs": 1.0, "min_steps": 0, "batch_size": 32,
-         "log_images": 4, "precision": "fp32"}
+SMALL = {
+    "model": "fast",
+    "width": 8,
+    "epochs": 3,
+    "whiten_bias_epochs": 1.0,
+    "min_steps": 0,
+    "batch_size": 32,
+    "log_images": 4,
+    "precision": "fp32",
+}
 
 
 def make_project(root: Path, train: dict) -> ProjectPaths:
@@ -38,16 +46,25 @@ def make_project(root: Path, train: dict) -> ProjectPaths:
         labels = np.arange(n, dtype=np.int64) % 3
         images = np.clip(60 + 60 * labels[:, None, None, None] + rng.normal(0, 40, (n, 1, 12, 12)), 0, 255)
         splits[split] = (images.astype(np.uint8), labels)
-    save_prepared(paths.prepared_dir, splits, {"dataset": "x", "class_names": ["a", "b", "c"],
-                                               "image_shape": [1, 12, 12], "mean": [0.47], "std": [0.3]})
+    save_prepared(
+        paths.prepared_dir,
+        splits,
+        {"dataset": "x", "class_names": ["a", "b", "c"], "image_shape": [1, 12, 12], "mean": [0.47], "std": [0.3]},
+    )
     params = merge(committed_params_raw(), {"base": {"threads": 1}, "train": {**SMALL, **train}})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return paths
 
 
 def run_stage(root: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "stages" / "train.py")],
+        cwd=root,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> str:
@@ -65,18 +82,29 @@ def test_two_processes_train_like_one_and_only_rank_0_writes(tmp_path):
     assert "starting 2 processes x 1 thread(s) with torchrun" in out_two and "rank 0 of 2 processes" in out_two
     # One writer: each epoch line once, one set of outputs, the same files as the one-process run.
     for epoch in (1, 2, 3):
-        assert sum(line.split()[1:2] == [str(epoch)] for line in out_two.splitlines() if line.startswith("train: ")) == 1
-    files = {root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "tensorboard" not in p.parts
-                          and p.name != "params.yaml")
-             for root in (one.root, two.root)}
+        assert (
+            sum(line.split()[1:2] == [str(epoch)] for line in out_two.splitlines() if line.startswith("train: ")) == 1
+        )
+    files = {
+        root: sorted(
+            str(p.relative_to(root))
+            for p in root.rglob("*")
+            if p.is_file() and "tensorboard" not in p.parts and p.name != "params.yaml"
+        )
+        for root in (one.root, two.root)
+    }
     assert files[one.root] == files[two.root], files
     assert len(list(two.tensorboard_dir.glob("events.*"))) == 1
     model_two, checkpoint = load_checkpoint(two.checkpoint)
     assert checkpoint["extra"]["processes"] == 2
     model_one, _ = load_checkpoint(one.checkpoint)
     images, labels = load_prepared(two.prepared_dir, ("test",)).splits["test"]
-    accuracies = [evaluate_model(m, images, torch.from_numpy(labels), batch_size=64, device=torch.device("cpu"),
-                                 precision="fp32")["accuracy"] for m in (model_one, model_two)]
+    accuracies = [
+        evaluate_model(
+            m, images, torch.from_numpy(labels), batch_size=64, device=torch.device("cpu"), precision="fp32"
+        )["accuracy"]
+        for m in (model_one, model_two)
+    ]
     assert accuracies[1] > 0.8 and abs(accuracies[0] - accuracies[1]) <= 0.1, (accuracies, out_one, out_two)
     # The same world size and seed: the same weights, bit for bit.
     again = run_stage(two.root)
@@ -91,9 +119,16 @@ def test_rank_shards_are_disjoint_and_together_the_one_process_batch():
     images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 4, 4).contiguous()
     labels = torch.arange(40)
     whole = [lab for _, lab in iterate_batches(images, labels, 8, generator=torch.Generator().manual_seed(3))]
-    parts = [[lab for _, lab in iterate_batches(images, labels, 8, generator=torch.Generator().manual_seed(3),
-                                                 shard=(rank, 2))] for rank in (0, 1)]
-    for batch, first, second in zip(whole, *parts):
+    parts = [
+        [
+            lab
+            for _, lab in iterate_batches(
+                images, labels, 8, generator=torch.Generator().manual_seed(3), shard=(rank, 2)
+            )
+        ]
+        for rank in (0, 1)
+    ]
+    for batch, first, second in zip(whole, *parts, strict=False):
         assert len(first) == len(second) == 4 and torch.equal(torch.cat([first, second]), batch)
 
 

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import make_image_folder
+
 from imgcls.download import sources
 from imgcls.download.archives import ArchiveLimits
 from imgcls.download.fetch import fetch_file
@@ -99,19 +99,28 @@ def wait_for_handlers(flood, requests: int) -> None:
     time.sleep(0.2)
 
 
-@pytest.mark.parametrize("mode, fragment", [
-    ("no-length", "still sending"),
-    ("garbage-length", "still sending"),
-    ("chunked", "still sending"),
-    ("honest", f"{SERVER_LIMIT:,} bytes (its Content-Length)"),
-])
+@pytest.mark.parametrize(
+    "mode, fragment",
+    [
+        ("no-length", "still sending"),
+        ("garbage-length", "still sending"),
+        ("chunked", "still sending"),
+        ("honest", f"{SERVER_LIMIT:,} bytes (its Content-Length)"),
+    ],
+)
 def test_a_body_over_the_limit_is_stopped_at_once_and_leaves_nothing(tmp_path, flood, mode, fragment):
     target = tmp_path / "raw"
     target.mkdir()
     started = time.monotonic()
     with pytest.raises(PermanentFetchError) as caught:
-        fetch_file(f"{flood.base_url}/{mode}.tar", target / f"{mode}.tar", retries=3, timeout_s=10,
-                   log=lambda line: None, max_bytes=CAP)
+        fetch_file(
+            f"{flood.base_url}/{mode}.tar",
+            target / f"{mode}.tar",
+            retries=3,
+            timeout_s=10,
+            log=lambda line: None,
+            max_bytes=CAP,
+        )
     elapsed = time.monotonic() - started
     message = str(caught.value)
     assert fragment in message and "data.max_extract_gb" in message and "\n" not in message
@@ -136,7 +145,9 @@ def test_the_download_stage_takes_its_cap_from_max_extract_gb(tmp_path, flood, h
     options = sources.FetchOptions(retries=2, timeout_s=10, limits=ArchiveLimits(max_bytes=CAP))
     raw = tmp_path / "raw"
     raw.mkdir()
-    with pytest.raises(DataError, match=r"over 1,048,576 bytes and still sending, over the 0.000977 GiB \(data.max_extract"):
+    with pytest.raises(
+        DataError, match=r"over 1,048,576 bytes and still sending, over the 0.000977 GiB \(data.max_extract"
+    ):
         sources.acquire("imagefolder", f"{flood.base_url}/no-length.tar", raw, options, log=lambda line: None)
     assert list(raw.iterdir()) == []
     wait_for_handlers(flood, 1)

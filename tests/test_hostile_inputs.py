@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image_folder
+
 from imgcls.download.archives import ArchiveLimits, extract_archive
 from imgcls.download.sources import copy_folder
 from imgcls.errors import DataError
@@ -162,13 +162,25 @@ def copy(source: Path, dest: Path, on_bad_link: str = "error") -> tuple[int, lis
     return copy_folder(source, dest, on_bad_link=on_bad_link, log=messages.append), messages
 
 
-@pytest.mark.parametrize("make_link, reason", [
-    (lambda folder, outside: os.symlink(outside / "secret.txt", folder / "shadow.png"), "outside the source folder"),
-    (lambda folder, outside: os.symlink(folder / "gone.png", folder / "dangling.png"), "a dangling link or a link loop"),
-    (lambda folder, outside: os.symlink(folder / "loop.png", folder / "loop.png"), "a dangling link or a link loop"),
-    (lambda folder, outside: os.symlink(outside, folder / "linked_dir"), "links to folders are not followed"),
-    (lambda folder, outside: os.mkfifo(folder / "pipe.png"), "not a regular file"),
-])
+@pytest.mark.parametrize(
+    "make_link, reason",
+    [
+        (
+            lambda folder, outside: os.symlink(outside / "secret.txt", folder / "shadow.png"),
+            "outside the source folder",
+        ),
+        (
+            lambda folder, outside: os.symlink(folder / "gone.png", folder / "dangling.png"),
+            "a dangling link or a link loop",
+        ),
+        (
+            lambda folder, outside: os.symlink(folder / "loop.png", folder / "loop.png"),
+            "a dangling link or a link loop",
+        ),
+        (lambda folder, outside: os.symlink(outside, folder / "linked_dir"), "links to folders are not followed"),
+        (lambda folder, outside: os.mkfifo(folder / "pipe.png"), "not a regular file"),
+    ],
+)
 def test_folder_source_never_follows_links_out(tmp_path, make_link, reason):
     root = make_image_folder(tmp_path / "src")
     outside = tmp_path / "host"

@@ -8,12 +8,12 @@ import resource
 
 import numpy as np
 import pytest
+from conftest import make_image_folder
 from PIL import Image
 
-from conftest import make_image_folder
 from imgcls.errors import DataError
-from imgcls.preprocess.images import ImageTooLarge, decode_image
 from imgcls.preprocess.imagefolder import decode_image_folder
+from imgcls.preprocess.images import ImageTooLarge, decode_image
 
 MAX_PIXELS = 50_000_000  # params.yaml's data.max_image_pixels
 
@@ -109,8 +109,15 @@ def test_hidden_files_and_folders_are_ignored_and_counted(tmp_path):
     (root / "train" / "__MACOSX" / "._ants").write_bytes(b"junk")
     (root / "train" / ".DS_Store").write_bytes(b"junk")
     messages = []
-    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=MAX_PIXELS,
-                                  log=messages.append)
+    decoded = decode_image_folder(
+        root,
+        workdir=tmp_path / "decoded",
+        image_size=8,
+        channels=3,
+        on_bad_image="error",
+        max_pixels=MAX_PIXELS,
+        log=messages.append,
+    )
     assert decoded.class_names == ["ants", "bees"]  # __MACOSX is not a class
     assert len(decoded.splits["train"][1]) == 12  # the 6 + 6 real images only
     assert any("ignored 3 hidden file(s)" in m for m in messages), messages
@@ -120,10 +127,25 @@ def test_an_oversized_image_in_a_folder_is_named_or_skipped(tmp_path):
     root = make_image_folder(tmp_path / "f")
     Image.new("1", (13000, 13000)).save(root / "train" / "bees" / "bomb.png")
     with pytest.raises(DataError, match=r"1 unreadable image file\(s\) in train/, first .*bomb.png \(ImageTooLarge"):
-        decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="error", max_pixels=MAX_PIXELS, log=print)
+        decode_image_folder(
+            root,
+            workdir=tmp_path / "decoded",
+            image_size=8,
+            channels=3,
+            on_bad_image="error",
+            max_pixels=MAX_PIXELS,
+            log=print,
+        )
     messages = []
-    decoded = decode_image_folder(root, workdir=tmp_path / "decoded", image_size=8, channels=3, on_bad_image="skip", max_pixels=MAX_PIXELS,
-                                  log=messages.append)
+    decoded = decode_image_folder(
+        root,
+        workdir=tmp_path / "decoded",
+        image_size=8,
+        channels=3,
+        on_bad_image="skip",
+        max_pixels=MAX_PIXELS,
+        log=messages.append,
+    )
     assert len(decoded.splits["train"][1]) == 12
     assert any("bomb.png" in m and "over data.max_image_pixels" in m for m in messages)
 
@@ -134,12 +156,24 @@ def tiled_tiff(path, width=64, height=64, tile=40960) -> None:
     import zlib
 
     data = zlib.compress(bytes(16))
-    entries = [(256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
-               (322, 4, tile), (323, 4, tile), (324, 4, 8), (325, 4, len(data))]
+    entries = [
+        (256, 3, width),
+        (257, 3, height),
+        (258, 3, 8),
+        (259, 3, 8),
+        (262, 3, 1),
+        (277, 3, 1),
+        (322, 4, tile),
+        (323, 4, tile),
+        (324, 4, 8),
+        (325, 4, len(data)),
+    ]
     ifd_offset = 8 + len(data)
     ifd = struct.pack("<H", len(entries))
     for tag, kind, value in entries:
-        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        ifd += struct.pack("<HHI", tag, kind, 1) + (
+            struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        )
     path.write_bytes(b"II*\x00" + struct.pack("<I", ifd_offset) + data + ifd + b"\x00\x00\x00\x00")
 
 

@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from conftest import real_params
 from torch import nn
 
-from conftest import real_params
 from imgcls import runtime
 from imgcls.errors import ParamsError, RuntimeChoiceError, TrainingError
 from imgcls.model.inference import evaluate_model
@@ -16,8 +16,14 @@ from imgcls.train.optim import Lookahead, lr_factor, make_optimizer
 
 
 def arguments(channels=3, size=32, classes=10, width=8):
-    return {"in_channels": channels, "num_classes": classes, "image_size": size, "mean": [0.5] * channels,
-            "std": [0.25] * channels, "width": width}
+    return {
+        "in_channels": channels,
+        "num_classes": classes,
+        "image_size": size,
+        "mean": [0.5] * channels,
+        "std": [0.25] * channels,
+        "width": width,
+    }
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -44,7 +50,9 @@ def test_each_model_declares_its_true_minimum_input_size(name):
             assert sides == [1, 1, 2]
             return
         with pytest.raises(RuntimeError):
-            build_model(name, **arguments(3, smallest - 1, classes=3)).eval()(torch.rand(2, 3, smallest - 1, smallest - 1))
+            build_model(name, **arguments(3, smallest - 1, classes=3)).eval()(
+                torch.rand(2, 3, smallest - 1, smallest - 1)
+            )
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -53,8 +61,11 @@ def test_params_refuse_an_image_size_the_model_cannot_take(name):
     data = {"dataset": "imagefolder", "source": "images.tar"}
     assert real_params(data={**data, "image_size": smallest}, train={"model": name}).train.model == name
     # Below 8 pixels data.image_size's own range refuses first; above it, the model's minimum does.
-    expected = (rf"train.model = '{name}' needs images of at least {smallest}x{smallest}" if smallest > 8
-                else r"data.image_size = 7 is not allowed; expected 8..512")
+    expected = (
+        rf"train.model = '{name}' needs images of at least {smallest}x{smallest}"
+        if smallest > 8
+        else r"data.image_size = 7 is not allowed; expected 8..512"
+    )
     with pytest.raises(ParamsError, match=expected):
         real_params(data={**data, "image_size": smallest - 1}, train={"model": name})
     if name == "lenet":  # Fashion-MNIST's fixed 28 pixels are enough; the message names the data set otherwise
@@ -102,7 +113,7 @@ def test_batch_translate_moves_whole_images_within_the_padding():
     moved = batch_translate(images, 2, generator)
     padded = nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
     for i in range(2):
-        assert any(torch.equal(moved[i], padded[i, :, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
+        assert any(torch.equal(moved[i], padded[i, :, dy : dy + 6, dx : dx + 6]) for dy in range(5) for dx in range(5))
 
 
 def test_reflect_pad_matches_torch_for_uint8_data():
@@ -114,8 +125,16 @@ def test_reflect_pad_matches_torch_for_uint8_data():
 def test_iterate_batches_covers_each_image_once_per_epoch_as_unit_floats():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
     labels = torch.arange(10)
-    batches = list(iterate_batches(images, labels, 4, generator=torch.Generator().manual_seed(0),
-                                   augmentation=Augmentation(flip=True, translate=1), drop_last=False))
+    batches = list(
+        iterate_batches(
+            images,
+            labels,
+            4,
+            generator=torch.Generator().manual_seed(0),
+            augmentation=Augmentation(flip=True, translate=1),
+            drop_last=False,
+        )
+    )
     assert [len(b[1]) for b in batches] == [4, 4, 2]
     seen = torch.cat([b[1] for b in batches])
     assert sorted(seen.tolist()) == list(range(10))
@@ -139,8 +158,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_batchnorm_biases_get_their_own_rate_and_frozen_weights_are_left_out():
     model = build_model("fast", **arguments(3, 16))
-    optimizer = make_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
-                               bias_lr_scale=64)
+    optimizer = make_optimizer(
+        model, name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, bias_lr_scale=64
+    )
     others, biases = optimizer.param_groups
     assert biases["lr"] == pytest.approx(6.4) and biases["weight_decay"] == pytest.approx(0.01 / 64)
     assert len(biases["params"]) == 6  # two BatchNorms in each of three groups
@@ -181,7 +201,7 @@ def separable_data(n=256, seed=0):
     labels = torch.arange(n) % 4
     images = torch.randint(0, 40, (n, 1, 12, 12), generator=generator, dtype=torch.uint8)
     for c in range(4):  # class c lights up band c (rows 3c..3c+2): unchanged by a horizontal flip
-        images[labels == c, :, 3 * c:3 * c + 3, :] += 200
+        images[labels == c, :, 3 * c : 3 * c + 3, :] += 200
     return images, labels
 
 
@@ -192,10 +212,18 @@ def train_tiny(seed: int, model_name="fast", **overrides):
     shrink = dict(model=model_name, width=8, epochs=6, min_steps=0, batch_size=32, precision="fp32", compile=False)
     config = real_params(train={**shrink, **overrides}).train
     generator = runtime.seed_everything(seed)
-    model = build_model(model_name, **arguments(1, 12, classes=4, width=8),
-                        whiten_bias_epochs=config.whiten_bias_epochs)
-    records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=torch.device("cpu"),
-                  precision="fp32", generator=generator)
+    model = build_model(
+        model_name, **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=config.whiten_bias_epochs
+    )
+    records = fit(
+        model,
+        (images, labels),
+        (images[:64], labels[:64]),
+        config=config,
+        device=torch.device("cpu"),
+        precision="fp32",
+        generator=generator,
+    )
     return model, records
 
 
@@ -206,7 +234,9 @@ def test_fit_learns_and_is_identical_for_the_same_seed():
     assert records_a[-1]["val_accuracy"] > 0.9
     keys = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     assert [[r[k] for k in keys] for r in records_a] == [[r[k] for k in keys] for r in records_b]
-    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True)
+    )
     assert records_a[-1]["train_loss"] != records_c[-1]["train_loss"]
 
 
@@ -246,8 +276,9 @@ def test_evaluate_reports_loss_accuracy_and_predictions_across_batches():
     labels = torch.arange(10) % 4
     predicted = torch.tensor([0, 1, 2, 3, 0, 1, 3, 3, 1, 0])  # 7 of 10 right
     images = predicted.to(torch.uint8).view(10, 1, 1, 1).expand(10, 1, 3, 3).contiguous()
-    result = evaluate_model(FirstPixelClassifier(), images, labels, batch_size=3, device=torch.device("cpu"),
-                            precision="fp32")
+    result = evaluate_model(
+        FirstPixelClassifier(), images, labels, batch_size=3, device=torch.device("cpu"), precision="fp32"
+    )
     assert result["predictions"].tolist() == predicted.tolist()
     assert result["accuracy"] == pytest.approx(0.7)
     expected_loss = nn.functional.cross_entropy(nn.functional.one_hot(predicted, 4).float() * 5, labels)
@@ -272,16 +303,34 @@ def test_cuda_request_without_gpu_is_an_error_not_a_fallback(monkeypatch):
 
 def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
     images, labels = separable_data()
-    config = real_params(train={"model": "fast", "width": 8, "epochs": 4, "min_steps": 0, "batch_size": 32, "precision": "fp32",
-                                "whiten_bias_epochs": 2.0}).train
+    config = real_params(
+        train={
+            "model": "fast",
+            "width": 8,
+            "epochs": 4,
+            "min_steps": 0,
+            "batch_size": 32,
+            "precision": "fp32",
+            "whiten_bias_epochs": 2.0,
+        }
+    ).train
 
     def run(resume_from=None):
         generator = runtime.seed_everything(0)
         model = build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=2.0)
         states, logged = [], []
-        records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=torch.device("cpu"),
-                      precision="fp32", generator=generator, on_epoch=logged.append, resume_from=resume_from,
-                      save_state=lambda state: states.append(copy.deepcopy(state)))
+        records = fit(
+            model,
+            (images, labels),
+            (images[:64], labels[:64]),
+            config=config,
+            device=torch.device("cpu"),
+            precision="fp32",
+            generator=generator,
+            on_epoch=logged.append,
+            resume_from=resume_from,
+            save_state=lambda state: states.append(copy.deepcopy(state)),
+        )
         return model, records, states, logged
 
     model, records, states, _ = run()
@@ -290,15 +339,24 @@ def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
     asked = iter(range(1000))
     with pytest.raises(StopRequested):
         generator = runtime.seed_everything(0)
-        fit(build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=2.0),
-            (images, labels), (images[:64], labels[:64]), config=config, device=torch.device("cpu"), precision="fp32",
-            generator=generator, save_state=lambda state: states.append(copy.deepcopy(state)),
-            should_stop=lambda: next(asked) == 10)
+        fit(
+            build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=2.0),
+            (images, labels),
+            (images[:64], labels[:64]),
+            config=config,
+            device=torch.device("cpu"),
+            precision="fp32",
+            generator=generator,
+            save_state=lambda state: states.append(copy.deepcopy(state)),
+            should_stop=lambda: next(asked) == 10,
+        )
     assert states[-1]["epoch"] == 1 and states[-1]["epoch_progress"]["batches_done"] == 3
     keys = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
     for state in states:
         resumed, resumed_records, _, logged = run(resume_from=state)
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True)
+        )
         assert [[r[k] for k in keys] for r in resumed_records] == [[r[k] for k in keys] for r in records]
         assert [r["epoch"] for r in logged] == [1, 2, 3, 4]  # earlier epochs replayed into the logs
 
@@ -339,19 +397,33 @@ def test_a_diverged_run_stops_with_a_message_instead_of_saving_a_nan_model():
             return self.linear(x.flatten(1)) * float("inf")  # inf - inf in the loss: NaN
 
     images, labels = separable_data()
-    config = real_params(train={"model": "convnet", "epochs": 2, "min_steps": 0, "batch_size": 32, "precision": "fp32",
-                                "ema": 0.0}).train
+    config = real_params(
+        train={"model": "convnet", "epochs": 2, "min_steps": 0, "batch_size": 32, "precision": "fp32", "ema": 0.0}
+    ).train
     with pytest.raises(TrainingError, match=r"the training loss became nan in epoch 1: the run diverged"):
-        fit(Diverging(), (images, labels), None, config=config, device=torch.device("cpu"), precision="fp32",
-            generator=runtime.seed_everything(0))
+        fit(
+            Diverging(),
+            (images, labels),
+            None,
+            config=config,
+            device=torch.device("cpu"),
+            precision="fp32",
+            generator=runtime.seed_everything(0),
+        )
 
 
 def test_whitening_takes_fewer_images_at_larger_sizes_so_its_memory_does_not_grow():
     # 5,000 images at 28 and 32 pixels (the recipes' results stay as they were); at 128 pixels as many
     # 2x2 patches as 5,000 32-pixel images give (5,000 x 127 x 127 patches would be 3.9 GB of float32).
-    sizes = {size: build_model("fast", in_channels=3, num_classes=10, image_size=size, mean=[0.5] * 3,
-                               std=[0.25] * 3).init_images for size in (28, 32, 96, 128)}
+    sizes = {
+        size: build_model(
+            "fast", in_channels=3, num_classes=10, image_size=size, mean=[0.5] * 3, std=[0.25] * 3
+        ).init_images
+        for size in (28, 32, 96, 128)
+    }
     assert sizes[28] == sizes[32] == 5000 and sizes[128] == 5000 * 31 * 31 // (127 * 127)
     assert sizes[128] * 127 * 127 <= 5000 * 31 * 31 and sizes[96] * 95 * 95 <= 5000 * 31 * 31
-    assert build_model("convnet", in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3,
-                       std=[0.25] * 3).init_images == 0
+    assert (
+        build_model("convnet", in_channels=3, num_classes=10, image_size=32, mean=[0.5] * 3, std=[0.25] * 3).init_images
+        == 0
+    )

@@ -2,9 +2,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT, committed_params_raw, merge
 from pydantic import BaseModel
 
-from conftest import REPO_ROOT, committed_params_raw, merge
 from imgcls.errors import ParamsError
 from imgcls.params import Params, load_params, parse_params
 
@@ -44,7 +44,10 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         ({"train": {"lr": -1}}, "train.lr = -1 is not allowed; expected 0 < x <= 10"),
         ({"train": {"width": 100000}}, "train.width = 100000 is not allowed; expected 8..256"),
         ({"train": {"model": "resnet9000"}}, "train.model = 'resnet9000' is not allowed; expected one of 'lenet'"),
-        ({"train": {"augment": {"flip": "yes"}}}, "train.augment.flip = 'yes' has the wrong type; expected true or false"),
+        (
+            {"train": {"augment": {"flip": "yes"}}},
+            "train.augment.flip = 'yes' has the wrong type; expected true or false",
+        ),
         ({"preprocess": {"val_fraction": 1.5}}, "preprocess.val_fraction = 1.5 is not allowed; expected 0 <= x < 1"),
         ({"data": {"dataset": "mnist"}}, "data.dataset = 'mnist' is not allowed"),
         ({"base": {"device": "tpu"}}, "base.device = 'tpu' is not allowed; expected auto, cpu, cuda or cuda:N"),
@@ -53,19 +56,32 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         ({1: {"x": 1}}, "key 1 in params.yaml is not a name"),
         ({"train": {2: 0.1}}, "key 2 in train is not a name"),
         ({"data": {"source": "sources/cifar10.txt"}}, "lists cifar10 locations but data.dataset = 'fashion-mnist'"),
-        ({"train": {"pretrained": "imagenet"}}, "train.pretrained = 'imagenet' loads torchvision's ImageNet weights, "
-         "which exist for resnet18, mobilenet_v3_small, not for train.model = 'fast'"),
-        ({"train": {"model": "resnet18", "pretrained": "imagenet", "init_from": "a.pt"}},
-         "train.pretrained and train.init_from both name starting weights"),
+        (
+            {"train": {"pretrained": "imagenet"}},
+            "train.pretrained = 'imagenet' loads torchvision's ImageNet weights, "
+            "which exist for resnet18, mobilenet_v3_small, not for train.model = 'fast'",
+        ),
+        (
+            {"train": {"model": "resnet18", "pretrained": "imagenet", "init_from": "a.pt"}},
+            "train.pretrained and train.init_from both name starting weights",
+        ),
         ({"train": {"freeze_backbone_epochs": 2}}, "train.freeze_backbone_epochs = 2 freezes weights loaded"),
         ({"train": {"backbone_lr_scale": 0}}, "train.backbone_lr_scale = 0 is not allowed; expected 0 < x <= 1"),
         ({"train": {"init_from": ""}}, "train.init_from = '' is not allowed; expected none or the path"),
         ({"train": {"processes": 0}}, "train.processes = 0 is not allowed; expected 1..256"),
-        ({"train": {"processes": 2}, "base": {"device": "cuda:1"}}, "base.device = 'cuda:1' names one GPU, but "
-         "train.processes = 2 gives each process the GPU of its local rank"),
-        ({"data": {"val_folder": "validation"}}, "data.val_folder = 'validation' is not allowed; expected one of 'test'"),
-        ({"data": {"dataset": "imagefolder", "source": "x.zip", "image_size": 8}},
-         "train.model = 'fast' needs images of at least 9x9 pixels, but data.image_size is 8"),
+        (
+            {"train": {"processes": 2}, "base": {"device": "cuda:1"}},
+            "base.device = 'cuda:1' names one GPU, but "
+            "train.processes = 2 gives each process the GPU of its local rank",
+        ),
+        (
+            {"data": {"val_folder": "validation"}},
+            "data.val_folder = 'validation' is not allowed; expected one of 'test'",
+        ),
+        (
+            {"data": {"dataset": "imagefolder", "source": "x.zip", "image_size": 8}},
+            "train.model = 'fast' needs images of at least 9x9 pixels, but data.image_size is 8",
+        ),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(change, fragment):
@@ -90,15 +106,19 @@ def test_yaml_1_2_numbers_are_numbers_as_dvc_reads_them(tmp_path):
 def test_a_duplicate_key_is_refused_naming_it(tmp_path):
     path = write_params(tmp_path, lambda t: t.replace("  lr: 0.375", "  lr: 0.375\n  lr: 0.5", 1))
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  lr: 0.5"))
-    with pytest.raises(ParamsError, match=rf'is not valid YAML: found duplicate key "lr" with value "0.5" '
-                                          rf'\(original value: "0.375"\) \(line {line}\)'):
+    with pytest.raises(
+        ParamsError,
+        match=rf'is not valid YAML: found duplicate key "lr" with value "0.5" '
+        rf'\(original value: "0.375"\) \(line {line}\)',
+    ):
         load_params(path)
 
 
 def test_stage_exits_1_with_a_message_and_no_traceback_on_a_typo(tmp_path):
     write_params(tmp_path, lambda t: t + "trian:\n  lr: 1\n")
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=tmp_path, capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert "train: error: params: unknown key 'trian'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -129,12 +149,18 @@ def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message(tmp_path):
     assert "unknown key 'a0'" in str(caught.value) and len(str(caught.value)) < 1000
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (lambda text: text + "deep: " + "[" * 5000 + "]" * 5000 + "\n", "cannot be read as params (RecursionError"),
-    (lambda text: text.replace("  seed: 0", "  seed: " + "9" * 5000, 1), "cannot be read as params (ValueError"),
-    (lambda text: text.encode("latin-1", "replace") + "# caf\xe9\n".encode("latin-1"), "is not a UTF-8 text file"),
-    (lambda text: text.replace("  device: auto", "  device: cuda:\u0663", 1), "base.device = 'cuda:\u0663' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (lambda text: text + "deep: " + "[" * 5000 + "]" * 5000 + "\n", "cannot be read as params (RecursionError"),
+        (lambda text: text.replace("  seed: 0", "  seed: " + "9" * 5000, 1), "cannot be read as params (ValueError"),
+        (lambda text: text.encode("latin-1", "replace") + "# caf\xe9\n".encode("latin-1"), "is not a UTF-8 text file"),
+        (
+            lambda text: text.replace("  device: auto", "  device: cuda:\u0663", 1),
+            "base.device = 'cuda:\u0663' is not allowed",
+        ),
+    ],
+)
 def test_hostile_params_files_are_params_errors_not_tracebacks(tmp_path, content, fragment):
     path = tmp_path / "params.yaml"
     written = content((REPO_ROOT / "params.yaml").read_text())

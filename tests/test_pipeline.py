@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT, SYSTEM_FASHION_MNIST, make_image_folder, make_tar
 
 pytestmark = pytest.mark.slow
@@ -71,11 +70,17 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@pytest.mark.skipif(not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed (make test installs it when run as root)")
+@pytest.mark.skipif(
+    not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (make test installs it when run as root)",
+)
 def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
-    project = make_project(tmp_path, data={"limit": 2000}, train={"epochs": 3, "min_steps": 0, "batch_size": 64, "log_images": 16},
-                           export={"parity_images": 300, "latency_calls": 200})
+    project = make_project(
+        tmp_path,
+        data={"limit": 2000},
+        train={"epochs": 3, "min_steps": 0, "batch_size": 64, "log_images": 16},
+        export={"parity_images": 300, "latency_calls": 200},
+    )
     first = sh(project, DVC, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES
 
@@ -133,7 +138,13 @@ def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
     # dvc plots renders the curves and the confusion matrix.
     sh(project, DVC, "plots", "show", "-o", "plots_html")
     html = (project / "plots_html" / "index.html").read_text()
-    for expected in ("Loss per epoch", "Accuracy per epoch", "Test confusion matrix", "T-shirt/top", "misclassified.png"):
+    for expected in (
+        "Loss per epoch",
+        "Accuracy per epoch",
+        "Test confusion matrix",
+        "T-shirt/top",
+        "misclassified.png",
+    ):
         assert expected in html, expected
 
     # A typo in an -S override stops the run with the key named: DVC refuses unknown keys itself, and a
@@ -147,8 +158,12 @@ def test_full_pipeline_on_a_fashion_mnist_subset(tmp_path):
 
 def snapshot_outputs(project: Path) -> dict[str, bytes]:
     """Every file a run leaves in data/ and metrics/, by path."""
-    return {str(p.relative_to(project)): p.read_bytes()
-            for folder in ("data", "metrics") for p in sorted((project / folder).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(project)): p.read_bytes()
+        for folder in ("data", "metrics")
+        for p in sorted((project / folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
@@ -156,12 +171,21 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     # Noise of +-20 per pixel, as in photos: with flat colours (6 distinct images) the fast model's whitening
     # and its BatchNorm (eps 1e-12) diverge in bf16 on AVX512-BF16 CPUs (a clear TrainingError, tested in
     # test_models_training), which is not what this test is about.
-    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees", "wasps"), per_class=40,
-                               splits=("train", "test"), size=16, noise=20)
+    images = make_image_folder(
+        tmp_path / "shapes",
+        classes=("ants", "bees", "wasps"),
+        per_class=40,
+        splits=("train", "test"),
+        size=16,
+        noise=20,
+    )
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
-    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": 5, "min_steps": 0, "batch_size": 32, "log_images": 8},
-                           export={"parity_images": 60, "latency_calls": 200})
+    project = make_project(
+        tmp_path,
+        data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+        train={"epochs": 5, "min_steps": 0, "batch_size": 32, "log_images": 8},
+        export={"parity_images": 60, "latency_calls": 200},
+    )
     first = sh(project, DVC, "repro")
     assert ran_stages(first.stdout) == ALL_STAGES, first.stdout
     meta = json.loads((project / "data/prepared/meta.json").read_text())
@@ -191,8 +215,9 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     assert "validate: error: params: train.lr = 'abc' has the wrong type; expected a number" in bad.stdout + bad.stderr
     assert ran_stages(bad.stdout) == ["validate"]
     after = snapshot_outputs(project)
-    assert {k: v for k, v in after.items() if not k.startswith("data/params-valid")} == \
-        {k: v for k, v in before.items() if not k.startswith("data/params-valid")}
+    assert {k: v for k, v in after.items() if not k.startswith("data/params-valid")} == {
+        k: v for k, v in before.items() if not k.startswith("data/params-valid")
+    }
     assert not [p for p in (project / "data").iterdir() if p.name.startswith(".")]  # nothing half-written
 
     # YAML 1.2 numbers, as DVC reads them: lr: 1e-3 is a number and the run goes through.
@@ -210,8 +235,9 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     (project / ".venv").symlink_to(Path(sys.prefix))
     bare = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
     bare.update(PATH="/usr/bin:/bin", DVC_NO_ANALYTICS="1")
-    unactivated = subprocess.run([".venv/bin/dvc", "repro", "-f", "validate"], cwd=project, env=bare,
-                                 capture_output=True, text=True, timeout=300)
+    unactivated = subprocess.run(
+        [".venv/bin/dvc", "repro", "-f", "validate"], cwd=project, env=bare, capture_output=True, text=True, timeout=300
+    )
     assert unactivated.returncode == 0 and ran_stages(unactivated.stdout) == ["validate"], unactivated.stderr
 
 
@@ -227,12 +253,20 @@ def test_image_folder_source_change_reruns_download(tmp_path):
 
 
 def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
-    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees", "wasps"), per_class=150,
-                               splits=("train", "test"), size=16, noise=40)
+    images = make_image_folder(
+        tmp_path / "shapes",
+        classes=("ants", "bees", "wasps"),
+        per_class=150,
+        splits=("train", "test"),
+        size=16,
+        noise=40,
+    )
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
-    settings = dict(data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                    train={"epochs": 8, "min_steps": 0, "batch_size": 32, "width": 8, "log_images": 0},
-                    export={"parity_images": 30, "latency_calls": 200})
+    settings = dict(
+        data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+        train={"epochs": 8, "min_steps": 0, "batch_size": 32, "width": 8, "log_images": 0},
+        export={"parity_images": 30, "latency_calls": 200},
+    )
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = make_project(tmp_path / "a", **settings)
@@ -241,8 +275,14 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     sh(killed, DVC, "repro", "preprocess")
     state = killed / "data/train-resume/state.pt"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
-    process = subprocess.Popen([DVC, "repro"], cwd=killed, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [DVC, "repro"],
+        cwd=killed,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -269,12 +309,16 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
 def small_run(tmp_path: Path, epochs: int) -> Path:
     """A project on a generated two-class image folder in the ants/bees layout (train/ and val/, no test/),
     after one `dvc repro`: for the tests of what happens around a run (remotes, queues, plots)."""
-    images = make_image_folder(tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40,
-                               splits=("train", "val"))
+    images = make_image_folder(
+        tmp_path / "shapes", classes=("ants", "bees"), per_class=30, size=16, noise=40, splits=("train", "val")
+    )
     archive = make_tar(tmp_path / "shapes.tar.gz", images)
-    project = make_project(tmp_path, data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
-                           train={"epochs": epochs, "min_steps": 0, "batch_size": 16, "width": 8, "log_images": 0},
-                           export={"parity_images": 20, "latency_calls": 200})
+    project = make_project(
+        tmp_path,
+        data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
+        train={"epochs": epochs, "min_steps": 0, "batch_size": 16, "width": 8, "log_images": 0},
+        export={"parity_images": 20, "latency_calls": 200},
+    )
     run = sh(project, DVC, "repro")
     # data.val_folder: test (the default): every val/ image tests; validation is carved from train/.
     assert "train 54, test 60 (from val/), val 6 (from train/)" in run.stdout, run.stdout
@@ -300,8 +344,8 @@ def test_a_remote_shares_every_output_so_a_fresh_clone_runs_nothing(tmp_path):
         assert ran_stages(sh(clone, DVC, "repro").stdout) == []
         for output in ("data/model/checkpoint.pt", "data/export/model.onnx", "data/prepared/meta.json"):
             assert (clone / output).read_bytes() == (project / output).read_bytes(), output
-    import onnxruntime as ort
     import numpy as np
+    import onnxruntime as ort
 
     session = ort.InferenceSession(str(tmp_path / "pulled/data/export/model.onnx"), providers=["CPUExecutionProvider"])
     test_images = np.load(tmp_path / "pulled/data/prepared/test_images.npy").astype(np.float32) / 255
@@ -342,7 +386,9 @@ def test_queued_sweep_runs_two_jobs_in_parallel_and_both_show_up(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install chromium); make test does not install a browser")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium here (apt-get install chromium); make test does not install a browser"
+)
 def test_dvc_plots_show_draws_the_curves_offline_in_a_real_browser(tmp_path):
     project = small_run(tmp_path, epochs=2)
     sh(project, DVC, "plots", "show", "-o", "plots_html")
@@ -351,10 +397,25 @@ def test_dvc_plots_show_draws_the_curves_offline_in_a_real_browser(tmp_path):
     # Chromium runs the page's scripts (with every network feature off) and prints the DOM they built:
     # vega-embed draws each plot into a <canvas> only if Vega loaded and parsed the data.
     result = subprocess.run(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dom = result.stdout
     assert dom.count("<canvas") == 3, dom[-2000:]  # loss, accuracy, confusion matrix
     for title in ("Loss per epoch", "Accuracy per epoch", "Test confusion matrix"):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_params
 from PIL import Image
 
-from conftest import real_params
 from imgcls.paths import ProjectPaths
 
 CLASSES = ["red", "green", "blue"]
@@ -45,14 +45,27 @@ def project(tmp_path_factory):
     splits = {}
     for split, n in (("train", 240), ("val", 30), ("test", 60)):
         labels = np.arange(n, dtype=np.int64) % 3
-        splits[split] = (np.stack([coloured(int(l), rng).transpose(2, 0, 1) for l in labels]), labels)
+        splits[split] = (np.stack([coloured(int(label), rng).transpose(2, 0, 1) for label in labels]), labels)
     paths.prepared_dir.mkdir(parents=True)
     mean = (splits["train"][0].reshape(len(splits["train"][0]), 3, -1).mean(axis=(0, 2)) / 255).tolist()
-    save_prepared(paths.prepared_dir, splits, {"dataset": "colours", "class_names": CLASSES,
-                                               "image_shape": [3, SIZE, SIZE], "mean": mean, "std": [0.3] * 3})
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 8, "min_steps": 0, "batch_size": 16, "log_images": 0,
-                                "precision": "fp32"},
-                         evaluate={"tta": False}, export={"parity_images": 60, "latency_calls": 200})
+    save_prepared(
+        paths.prepared_dir,
+        splits,
+        {"dataset": "colours", "class_names": CLASSES, "image_shape": [3, SIZE, SIZE], "mean": mean, "std": [0.3] * 3},
+    )
+    params = real_params(
+        train={
+            "model": "convnet",
+            "width": 8,
+            "epochs": 8,
+            "min_steps": 0,
+            "batch_size": 16,
+            "log_images": 0,
+            "precision": "fp32",
+        },
+        evaluate={"tta": False},
+        export={"parity_images": 60, "latency_calls": 200},
+    )
     train(params, paths)
     evaluate(params, paths)
     export(params, paths)
@@ -74,7 +87,7 @@ def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tm
     paths, splits = project
     images, labels = splits["test"]
     folder = tmp_path / "test"
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.transpose(1, 2, 0)).save(folder / CLASSES[label] / f"{i:03d}.png")
     code, out, err = predict(str(folder), "--model", onnx_model(paths), "--output", str(tmp_path / "p.json"))
@@ -115,8 +128,16 @@ def test_files_globs_jpeg_and_the_output_formats(project, tmp_path):
     Image.fromarray(coloured(0, rng, 40)).save(tmp_path / "a.jpg", quality=95)  # JPEG, other size: resized
     Image.fromarray(coloured(2, rng, 30)).convert("RGBA").save(tmp_path / "b.png")
     Image.fromarray(coloured(1, rng, 24)).save(tmp_path / "c.png")
-    code, out, err = predict(str(tmp_path / "a.jpg"), str(tmp_path / "*.png"), "--model", onnx_model(paths),
-                             "--top-k", "2", "--output", str(tmp_path / "out.csv"))
+    code, out, err = predict(
+        str(tmp_path / "a.jpg"),
+        str(tmp_path / "*.png"),
+        "--model",
+        onnx_model(paths),
+        "--top-k",
+        "2",
+        "--output",
+        str(tmp_path / "out.csv"),
+    )
     assert code == 0, err
     with open(tmp_path / "out.csv") as f:
         rows = list(csv.DictReader(f))
@@ -163,8 +184,9 @@ def test_a_video_file_every_nth_frame(project, tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    code, out, err = predict(str(video), "--every", "2", "--model", onnx_model(paths), "--output",
-                             str(tmp_path / "v.json"))
+    code, out, err = predict(
+        str(video), "--every", "2", "--model", onnx_model(paths), "--output", str(tmp_path / "v.json")
+    )
     assert code == 0, err
     rows = json.loads((tmp_path / "v.json").read_text())
     assert [r["source"].rsplit("=", 1)[1] for r in rows] == ["0", "2", "4", "6", "8", "10"]
@@ -206,15 +228,20 @@ def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_pat
         assert code == 1 and "--trust-model" in err and "Traceback" not in err, err
         assert not (tmp_path / "no.json").exists()
     results = {}
-    for name, extra in (("onnx", []),
-                        ("torchscript", ["--model", str(paths.export_dir / "model.torchscript.pt"), "--trust-model"]),
-                        ("checkpoint", ["--model", str(paths.checkpoint), "--trust-model"]), ("int8", ["--int8"])):
+    for name, extra in (
+        ("onnx", []),
+        ("torchscript", ["--model", str(paths.export_dir / "model.torchscript.pt"), "--trust-model"]),
+        ("checkpoint", ["--model", str(paths.checkpoint), "--trust-model"]),
+        ("int8", ["--int8"]),
+    ):
         model = [] if extra and extra[0] == "--model" else ["--model", onnx_model(paths)]
         code, _, err = predict(str(folder), *model, *extra, "--output", str(tmp_path / f"{name}.json"))
         assert code == 0, (name, err)
         results[name] = [r["top"][0]["class"] for r in json.loads((tmp_path / f"{name}.json").read_text())]
     assert results["onnx"] == results["torchscript"] == results["checkpoint"]
-    assert sum(a == b for a, b in zip(results["onnx"], results["int8"])) >= 11  # int8 may flip a borderline one
+    assert (
+        sum(a == b for a, b in zip(results["onnx"], results["int8"], strict=True)) >= 11
+    )  # int8 may flip a borderline one
     exported = json.loads((paths.metrics_dir / "export.json").read_text())
     assert exported["int8"]["accuracy_drop_points"] <= exported["int8"]["max_drop_points"]
     assert exported["int8"]["onnx_bytes"] < exported["files"]["onnx_bytes"]
@@ -223,8 +250,12 @@ def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_pat
 def test_python_dash_m_runs_the_same_command(project, tmp_path):
     paths, splits = project
     Image.fromarray(splits["test"][0][0].transpose(1, 2, 0)).save(tmp_path / "one.png")
-    process = subprocess.run([sys.executable, "-m", "imgcls", "predict", str(tmp_path / "one.png"), "--model",
-                              onnx_model(paths)], capture_output=True, text=True, timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-m", "imgcls", "predict", str(tmp_path / "one.png"), "--model", onnx_model(paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert process.returncode == 0 and "1 images" in process.stdout, process.stderr
 
 
@@ -280,16 +311,19 @@ def crafted_onnx(paths: ProjectPaths, target: Path, **changes) -> Path:
     return target
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"image_size": 200000}, "image_size"),  # was: allocation until the out-of-memory killer, 22.8 GB
-    ({"image_size": True}, "image_size"),
-    ({"image_size": 24}, "image_size"),  # within range, but the graph declares 16
-    ({"channels": 1}, "channels"),  # the graph takes 3
-    ({"class_names": ["a", "b"]}, "class_names"),  # the graph answers 3
-    ({"class_names": ["a", "a", "b"]}, "class_names"),
-    ({"raw": "{not json"}, "not valid JSON"),
-    ({"raw": "[1, 2]"}, "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"image_size": 200000}, "image_size"),  # was: allocation until the out-of-memory killer, 22.8 GB
+        ({"image_size": True}, "image_size"),
+        ({"image_size": 24}, "image_size"),  # within range, but the graph declares 16
+        ({"channels": 1}, "channels"),  # the graph takes 3
+        ({"class_names": ["a", "b"]}, "class_names"),  # the graph answers 3
+        ({"class_names": ["a", "a", "b"]}, "class_names"),
+        ({"raw": "{not json"}, "not valid JSON"),
+        ({"raw": "[1, 2]"}, "not a JSON object"),
+    ],
+)
 def test_crafted_onnx_metadata_is_refused_naming_the_field(project, tmp_path, capsys, changes, field):
     import resource
 
@@ -309,8 +343,10 @@ def test_crafted_torchscript_metadata_is_one_line_even_when_trusted(project, tmp
     paths, _ = project
     module = torch.jit.load(str(paths.export_dir / "model.torchscript.pt"))
     crafted = tmp_path / "crafted.torchscript.pt"
-    for document, expected in (("{not json", "not valid JSON"), (json.dumps({"class_names": ["a", "b"], "image_size": 16,
-                                                                             "channels": 3}), "logits of shape")):
+    for document, expected in (
+        ("{not json", "not valid JSON"),
+        (json.dumps({"class_names": ["a", "b"], "image_size": 16, "channels": 3}), "logits of shape"),
+    ):
         module.save(str(crafted), _extra_files={"imgcls.json": document})
         code, _, err = run_main(capsys, str(save_png(tmp_path / "a.png")), "--model", str(crafted), "--trust-model")
         assert code == 1 and expected in err and "Traceback" not in err, err
@@ -321,8 +357,11 @@ def test_output_never_deletes_neighbours_that_look_like_temporaries(project, tmp
     image = save_png(tmp_path / "in" / "a.png")
     out_dir = tmp_path / "reports"
     out_dir.mkdir()
-    precious = [out_dir / ".report.csv.old", out_dir / ".report.csv.999999999.abcd.tmp",
-                out_dir / ".report.csv.imgcls.999999999.abcd1234.tmp"]
+    precious = [
+        out_dir / ".report.csv.old",
+        out_dir / ".report.csv.999999999.abcd.tmp",
+        out_dir / ".report.csv.imgcls.999999999.abcd1234.tmp",
+    ]
     for folder in precious:
         folder.mkdir()
         (folder / "mine.txt").write_text("the user's")
@@ -396,7 +435,9 @@ def test_an_output_that_cannot_be_written_fails_before_any_inference(project, tm
     code, _, err = run_main(capsys, str(image), "--model", onnx_model(paths), "--output", str(tmp_path / "results.csv"))
     assert code == 2 and "is a folder" in err
     (tmp_path / "file").write_text("x")
-    code, _, err = run_main(capsys, str(image), "--model", onnx_model(paths), "--output", str(tmp_path / "file" / "r.csv"))
+    code, _, err = run_main(
+        capsys, str(image), "--model", onnx_model(paths), "--output", str(tmp_path / "file" / "r.csv")
+    )
     assert code == 1 and "Traceback" not in err and "file" in err
 
 
@@ -421,8 +462,18 @@ def test_a_killed_decode_worker_is_one_line_and_finished_rows_are_kept(project, 
     monkeypatch.setattr(sources, "FILES_PER_TASK", 2)
     monkeypatch.setattr(sources, "_decode_files", _decode_or_die)
     monkeypatch.setattr(sources.os, "cpu_count", lambda: 2)
-    code, _, err = run_main(capsys, str(folder), "--model", onnx_model(paths), "--threads", "2", "--batch-size", "1",
-                            "--output", str(tmp_path / "r.jsonl"))
+    code, _, err = run_main(
+        capsys,
+        str(folder),
+        "--model",
+        onnx_model(paths),
+        "--threads",
+        "2",
+        "--batch-size",
+        "1",
+        "--output",
+        str(tmp_path / "r.jsonl"),
+    )
     assert code == 1 and "worker process died" in err and "Traceback" not in err, err
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [Path(r["source"]).name for r in rows][:2] == ["a.png", "b.png"] and "kept the" in err
@@ -472,10 +523,24 @@ def test_a_stop_signal_removes_the_scratch_folder_and_keeps_finished_rows(projec
         for i in range(3000):
             archive.writestr(f"{i:05d}.png", buffer.getvalue())
     script = Path(sys.executable).parent / "imgcls"
-    process = subprocess.Popen([str(script), "predict", str(tmp_path / "many.zip"), "--model", onnx_model(paths),
-                                "--batch-size", "1", "--quiet", "--output", str(tmp_path / "r.jsonl")],
-                               env=dict(os.environ, TMPDIR=str(scratch_parent)), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            str(script),
+            "predict",
+            str(tmp_path / "many.zip"),
+            "--model",
+            onnx_model(paths),
+            "--batch-size",
+            "1",
+            "--quiet",
+            "--output",
+            str(tmp_path / "r.jsonl"),
+        ],
+        env=dict(os.environ, TMPDIR=str(scratch_parent)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until it is predicting: rows are being written
         temporaries = list(tmp_path.glob(".r.jsonl.imgcls.*.tmp"))
@@ -489,7 +554,9 @@ def test_a_stop_signal_removes_the_scratch_folder_and_keeps_finished_rows(projec
     assert "Traceback" not in err
     assert list(scratch_parent.glob("imgcls-predict-*")) == []  # the extracted archive is gone
     rows = (tmp_path / "r.jsonl").read_text().splitlines()
-    assert 0 < len(rows) < 3000 and all(json.loads(row)["source"].startswith(str(tmp_path / "many.zip")) for row in rows)
+    assert 0 < len(rows) < 3000 and all(
+        json.loads(row)["source"].startswith(str(tmp_path / "many.zip")) for row in rows
+    )
     assert list(tmp_path.glob(".r.jsonl.*")) == []
 
 
@@ -502,12 +569,19 @@ def hostile_onnx(path: Path, make_nodes, *, batch: int | str = "N", opset: int =
     from onnx import numpy_helper as nh
 
     nodes = [h.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0)] + make_nodes(h, nh)
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
-                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, SIZE, SIZE])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
     model.ir_version = 8
-    model.metadata_props.append(onnx.StringStringEntryProto(
-        key="imgcls", value=json.dumps({"class_names": CLASSES, "image_size": SIZE, "channels": 3})))
+    model.metadata_props.append(
+        onnx.StringStringEntryProto(
+            key="imgcls", value=json.dumps({"class_names": CLASSES, "image_size": SIZE, "channels": 3})
+        )
+    )
     onnx.save(model, str(path))
     return path
 
@@ -515,15 +589,24 @@ def hostile_onnx(path: Path, make_nodes, *, batch: int | str = "N", opset: int =
 def endless_loop(h, nh):
     from onnx import TensorProto
 
-    body = h.make_graph([h.make_node("Identity", ["c"], ["c2"]), h.make_node("Identity", ["acc"], ["acc2"])], "body",
-                        [h.make_tensor_value_info("i", TensorProto.INT64, []),
-                         h.make_tensor_value_info("c", TensorProto.BOOL, []),
-                         h.make_tensor_value_info("acc", TensorProto.FLOAT, ["N", 3])],
-                        [h.make_tensor_value_info("c2", TensorProto.BOOL, []),
-                         h.make_tensor_value_info("acc2", TensorProto.FLOAT, ["N", 3])])
-    return [h.make_node("Constant", [], ["M"], value=nh.from_array(np.array(10**15, np.int64))),
-            h.make_node("Constant", [], ["cond"], value=nh.from_array(np.array(True))),
-            h.make_node("Loop", ["M", "cond", "m"], ["y"], body=body)]
+    body = h.make_graph(
+        [h.make_node("Identity", ["c"], ["c2"]), h.make_node("Identity", ["acc"], ["acc2"])],
+        "body",
+        [
+            h.make_tensor_value_info("i", TensorProto.INT64, []),
+            h.make_tensor_value_info("c", TensorProto.BOOL, []),
+            h.make_tensor_value_info("acc", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [
+            h.make_tensor_value_info("c2", TensorProto.BOOL, []),
+            h.make_tensor_value_info("acc2", TensorProto.FLOAT, ["N", 3]),
+        ],
+    )
+    return [
+        h.make_node("Constant", [], ["M"], value=nh.from_array(np.array(10**15, np.int64))),
+        h.make_node("Constant", [], ["cond"], value=nh.from_array(np.array(True))),
+        h.make_node("Loop", ["M", "cond", "m"], ["y"], body=body),
+    ]
 
 
 def test_an_onnx_graph_that_never_ends_is_stopped_by_its_time_limit_and_by_sigterm(tmp_path, capsys, monkeypatch):
@@ -552,10 +635,13 @@ def test_an_onnx_graph_asking_for_more_memory_than_the_cap_is_refused_without_al
     import resource
 
     def expand(h, nh):  # (N, 3) -> (N, 3, 2^31): 24 GiB of float32 for one image
-        return [h.make_node("Constant", [], ["axis"], value=nh.from_array(np.array([2], np.int64))),
-                h.make_node("Constant", [], ["big"], value=nh.from_array(np.array([1, 3, 1 << 31], np.int64))),
-                h.make_node("Unsqueeze", ["m", "axis"], ["m3"]), h.make_node("Expand", ["m3", "big"], ["e"]),
-                h.make_node("ReduceMean", ["e"], ["y"], axes=[2], keepdims=0)]
+        return [
+            h.make_node("Constant", [], ["axis"], value=nh.from_array(np.array([2], np.int64))),
+            h.make_node("Constant", [], ["big"], value=nh.from_array(np.array([1, 3, 1 << 31], np.int64))),
+            h.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+            h.make_node("Expand", ["m3", "big"], ["e"]),
+            h.make_node("ReduceMean", ["e"], ["y"], axes=[2], keepdims=0),
+        ]
 
     model = hostile_onnx(tmp_path / "expand.onnx", expand)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -564,16 +650,31 @@ def test_an_onnx_graph_asking_for_more_memory_than_the_cap_is_refused_without_al
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB grew
 
 
-@pytest.mark.parametrize("make_nodes, batch, expected", [
-    (lambda h, nh: [h.make_node("Constant", [], ["z"], value=nh.from_array(np.array([np.nan, 1, 2], np.float32))),
-                    h.make_node("Add", ["m", "z"], ["y"])], "N", "NaN or infinite logits"),
-    (lambda h, nh: [h.make_node("Identity", ["m"], ["y"])], 1, "failed on a batch of 2"),  # fixed batch of 1
-    (lambda h, nh: [h.make_node("Constant", [], ["s"], value=nh.from_array(np.array([1, 3], np.int64))),
-                    h.make_node("Reshape", ["m", "s"], ["y"], name="\x1b[2J\x1b[32mmodel verified\x1b[0m\nFAKE")],
-     "N", "failed on a batch of 2"),
-])
-def test_graphs_that_fail_or_answer_nan_are_one_line_and_print_nothing_raw(tmp_path, capfd, make_nodes, batch,
-                                                                            expected):
+@pytest.mark.parametrize(
+    "make_nodes, batch, expected",
+    [
+        (
+            lambda h, nh: [
+                h.make_node("Constant", [], ["z"], value=nh.from_array(np.array([np.nan, 1, 2], np.float32))),
+                h.make_node("Add", ["m", "z"], ["y"]),
+            ],
+            "N",
+            "NaN or infinite logits",
+        ),
+        (lambda h, nh: [h.make_node("Identity", ["m"], ["y"])], 1, "failed on a batch of 2"),  # fixed batch of 1
+        (
+            lambda h, nh: [
+                h.make_node("Constant", [], ["s"], value=nh.from_array(np.array([1, 3], np.int64))),
+                h.make_node("Reshape", ["m", "s"], ["y"], name="\x1b[2J\x1b[32mmodel verified\x1b[0m\nFAKE"),
+            ],
+            "N",
+            "failed on a batch of 2",
+        ),
+    ],
+)
+def test_graphs_that_fail_or_answer_nan_are_one_line_and_print_nothing_raw(
+    tmp_path, capfd, make_nodes, batch, expected
+):
     from imgcls.predict.cli import main
 
     model = hostile_onnx(tmp_path / "bad.onnx", make_nodes, batch=batch)
@@ -655,5 +756,7 @@ def test_more_threads_than_cores_are_cut_to_the_cores(project, tmp_path, capsys,
 
     paths, _ = project
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    code, _, err = run_main(capsys, str(save_png(tmp_path / "a.png")), "--model", onnx_model(paths), "--threads", "1024")
+    code, _, err = run_main(
+        capsys, str(save_png(tmp_path / "a.png")), "--model", onnx_model(paths), "--threads", "1024"
+    )
     assert code == 0 and "--threads 1024 but this machine has 2 cores: using 2" in err

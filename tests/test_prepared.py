@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, real_params
+
 from imgcls.errors import DataError
 from imgcls.evaluate.stage import evaluate
 from imgcls.paths import ProjectPaths
@@ -19,10 +19,18 @@ from imgcls.train.stage import train
 
 def write_good(directory: Path) -> None:
     rng = np.random.default_rng(0)
-    splits = {split: (rng.integers(0, 256, (n, 1, 12, 12), dtype=np.uint8), np.arange(n, dtype=np.int64) % 3)
-              for split, n in (("train", 30), ("val", 6), ("test", 9))}
-    meta = {"dataset": "imagefolder", "class_names": ["a", "b", "c"], "image_shape": [1, 12, 12],
-            "counts": {}, "mean": [0.5], "std": [0.25]}
+    splits = {
+        split: (rng.integers(0, 256, (n, 1, 12, 12), dtype=np.uint8), np.arange(n, dtype=np.int64) % 3)
+        for split, n in (("train", 30), ("val", 6), ("test", 9))
+    }
+    meta = {
+        "dataset": "imagefolder",
+        "class_names": ["a", "b", "c"],
+        "image_shape": [1, 12, 12],
+        "counts": {},
+        "mean": [0.5],
+        "std": [0.25],
+    }
     directory.mkdir(parents=True, exist_ok=True)
     save_prepared(directory, splits, meta)
 
@@ -33,35 +41,61 @@ def damage_meta(directory: Path, **changes) -> None:
     (directory / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda d: (d / "meta.json").write_text("{not json"), "meta.json: not valid JSON"),
-    (lambda d: damage_meta(d, class_names=["only"]), "class_names must be a list of at least two distinct names"),
-    (lambda d: damage_meta(d, image_shape=[2, 12, 12]), "image_shape must be [channels (1 or 3), height, width]"),
-    (lambda d: damage_meta(d, mean=[0.5, 0.5]), "mean must hold 1 number(s)"),
-    (lambda d: damage_meta(d, std=[0.0]), "std finite and positive, found [0.5], [0.0]"),
-    (lambda d: damage_meta(d, mean=[float("nan")]), "mean must be finite"),
-    (lambda d: np.save(d / "test_labels.npy", np.zeros(0, np.int64)), "test_labels.npy: expected 9 int64 labels"),
-    (lambda d: [np.save(d / f"test_{k}.npy", a) for k, a in (("images", np.zeros((0, 1, 12, 12), np.uint8)),
-                                                              ("labels", np.zeros(0, np.int64)))],
-     "the test split is empty"),
-    (lambda d: np.savez(d / "train_images.npy", a=np.zeros(3)) or (d / "train_images.npy.npz").rename(d / "train_images.npy"),
-     "not a readable .npy array (ValueError: the magic string is not correct"),
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda d: (d / "meta.json").write_text("{not json"), "meta.json: not valid JSON"),
+        (lambda d: damage_meta(d, class_names=["only"]), "class_names must be a list of at least two distinct names"),
+        (lambda d: damage_meta(d, image_shape=[2, 12, 12]), "image_shape must be [channels (1 or 3), height, width]"),
+        (lambda d: damage_meta(d, mean=[0.5, 0.5]), "mean must hold 1 number(s)"),
+        (lambda d: damage_meta(d, std=[0.0]), "std finite and positive, found [0.5], [0.0]"),
+        (lambda d: damage_meta(d, mean=[float("nan")]), "mean must be finite"),
+        (lambda d: np.save(d / "test_labels.npy", np.zeros(0, np.int64)), "test_labels.npy: expected 9 int64 labels"),
+        (
+            lambda d: [
+                np.save(d / f"test_{k}.npy", a)
+                for k, a in (("images", np.zeros((0, 1, 12, 12), np.uint8)), ("labels", np.zeros(0, np.int64)))
+            ],
+            "the test split is empty",
+        ),
+        (
+            lambda d: (
+                np.savez(d / "train_images.npy", a=np.zeros(3))
+                or (d / "train_images.npy.npz").rename(d / "train_images.npy")
+            ),
+            "not a readable .npy array (ValueError: the magic string is not correct",
+        ),
         # The images are read by rows, not loaded: a short file, pickled objects and Fortran order are refused.
-        (lambda d: (d / "train_images.npy").write_bytes((d / "train_images.npy").read_bytes()[:-10]),
-         "truncated: the header says 30 rows of 144 bytes"),
-        (lambda d: np.save(d / "train_images.npy", np.array([{"a": 1}] * 30, dtype=object)),
-         "holds Python objects (a pickle); refused"),
-        (lambda d: np.save(d / "train_images.npy", np.asfortranarray(np.zeros((30, 1, 12, 12), np.uint8))),
-         "expected a C-ordered array"),
-    (lambda d: (d / "train_images.npy").unlink(), "train_images.npy: missing (the train split is needed here)"),
-    (lambda d: np.save(d / "train_images.npy", np.zeros((30, 1, 12, 12), np.float32)),
-     "expected uint8 images of shape (N, 1, 12, 12), found float32"),
-    (lambda d: np.save(d / "train_images.npy", np.zeros((30, 1, 10, 12), np.uint8)), "found uint8 (30, 1, 10, 12)"),
-    (lambda d: np.save(d / "train_labels.npy", np.arange(29, dtype=np.int64) % 3), "expected 30 int64 labels"),
-    (lambda d: np.save(d / "train_labels.npy", np.arange(30, dtype=np.int64)), "labels must lie in 0..2, found 0..29"),
-    (lambda d: (d / "train_labels.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy array"),
-    (lambda d: np.save(d / "train_labels.npy", np.array([{"a": 1}] * 30, dtype=object)), "not a readable .npy array"),
-])
+        (
+            lambda d: (d / "train_images.npy").write_bytes((d / "train_images.npy").read_bytes()[:-10]),
+            "truncated: the header says 30 rows of 144 bytes",
+        ),
+        (
+            lambda d: np.save(d / "train_images.npy", np.array([{"a": 1}] * 30, dtype=object)),
+            "holds Python objects (a pickle); refused",
+        ),
+        (
+            lambda d: np.save(d / "train_images.npy", np.asfortranarray(np.zeros((30, 1, 12, 12), np.uint8))),
+            "expected a C-ordered array",
+        ),
+        (lambda d: (d / "train_images.npy").unlink(), "train_images.npy: missing (the train split is needed here)"),
+        (
+            lambda d: np.save(d / "train_images.npy", np.zeros((30, 1, 12, 12), np.float32)),
+            "expected uint8 images of shape (N, 1, 12, 12), found float32",
+        ),
+        (lambda d: np.save(d / "train_images.npy", np.zeros((30, 1, 10, 12), np.uint8)), "found uint8 (30, 1, 10, 12)"),
+        (lambda d: np.save(d / "train_labels.npy", np.arange(29, dtype=np.int64) % 3), "expected 30 int64 labels"),
+        (
+            lambda d: np.save(d / "train_labels.npy", np.arange(30, dtype=np.int64)),
+            "labels must lie in 0..2, found 0..29",
+        ),
+        (lambda d: (d / "train_labels.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy array"),
+        (
+            lambda d: np.save(d / "train_labels.npy", np.array([{"a": 1}] * 30, dtype=object)),
+            "not a readable .npy array",
+        ),
+    ],
+)
 def test_damaged_prepared_data_is_named_with_the_rebuild_command(tmp_path, damage, fragment):
     write_good(tmp_path / "prepared")
     assert len(load_prepared(tmp_path / "prepared", ("train",), optional=("val",)).splits) == 2
@@ -75,8 +109,10 @@ def test_train_and_evaluate_stage_functions_run_in_process(tmp_path):
     # The stage's work is a plain function a test calls with real params, shrunk.
     paths = ProjectPaths(tmp_path)
     write_good(paths.prepared_dir)
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 4},
-                         evaluate={"tta": False})
+    params = real_params(
+        train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 4},
+        evaluate={"tta": False},
+    )
     train(params, paths)
     assert paths.checkpoint.is_file() and len(list(paths.tensorboard_dir.iterdir())) == 1
     train(params, paths)  # a second direct run replaces the TensorBoard log instead of adding another
@@ -89,14 +125,21 @@ def test_train_and_evaluate_stage_functions_run_in_process(tmp_path):
 def test_evaluate_refuses_a_model_trained_on_other_classes(tmp_path):
     paths = ProjectPaths(tmp_path)
     paths.prepared_dir.mkdir(parents=True)
-    params = real_params(train={"model": "lenet", "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 0},
-                         data={"dataset": "imagefolder", "source": "x.tar", "image_size": 16})
+    params = real_params(
+        train={"model": "lenet", "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 0},
+        data={"dataset": "imagefolder", "source": "x.tar", "image_size": 16},
+    )
     # LeNet needs 16 pixels: make the data that size, train, then relabel the data's classes.
     rng = np.random.default_rng(1)
-    splits = {s: (rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8), np.arange(12, dtype=np.int64) % 3)
-              for s in ("train", "test")}
-    save_prepared(paths.prepared_dir, splits, {"dataset": "x", "class_names": ["a", "b", "c"],
-                                               "image_shape": [1, 16, 16], "mean": [0.5], "std": [0.25]})
+    splits = {
+        s: (rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8), np.arange(12, dtype=np.int64) % 3)
+        for s in ("train", "test")
+    }
+    save_prepared(
+        paths.prepared_dir,
+        splits,
+        {"dataset": "x", "class_names": ["a", "b", "c"], "image_shape": [1, 16, 16], "mean": [0.5], "std": [0.25]},
+    )
     train(params, paths)
     damage_meta(paths.prepared_dir, class_names=["cat", "dog", "emu"])
     with pytest.raises(DataError, match=r"was trained on classes \['a', 'b', 'c'\] but data/prepared holds"):
@@ -109,8 +152,10 @@ def test_no_test_images_of_a_class_is_reported_as_null_not_zero(tmp_path, capsys
     write_good(paths.prepared_dir)
     labels = np.load(paths.prepared_dir / "test_labels.npy")
     np.save(paths.prepared_dir / "test_labels.npy", np.where(labels == 2, 0, labels))  # no test image of 'c'
-    params = real_params(train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 0},
-                         evaluate={"tta": False})
+    params = real_params(
+        train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 10, "log_images": 0},
+        evaluate={"tta": False},
+    )
     train(params, paths)
     evaluate(params, paths)
     result = json.loads((paths.metrics_dir / "eval.json").read_text())
@@ -128,22 +173,38 @@ def test_ctrl_c_stops_at_a_step_boundary_and_the_next_run_ends_with_the_same_wei
 
     straight, stopped = ProjectPaths(tmp_path / "a"), ProjectPaths(tmp_path / "b")
     rng = np.random.default_rng(0)
-    splits = {split: (rng.integers(0, 256, (n, 1, 12, 12), dtype=np.uint8), np.arange(n, dtype=np.int64) % 3)
-              for split, n in (("train", 1500), ("val", 30), ("test", 30))}
+    splits = {
+        split: (rng.integers(0, 256, (n, 1, 12, 12), dtype=np.uint8), np.arange(n, dtype=np.int64) % 3)
+        for split, n in (("train", 1500), ("val", 30), ("test", 30))
+    }
     for paths in (straight, stopped):
         paths.prepared_dir.mkdir(parents=True)
-        save_prepared(paths.prepared_dir, splits, {"dataset": "x", "class_names": ["a", "b", "c"],
-                                                   "image_shape": [1, 12, 12], "mean": [0.5], "std": [0.25]})
+        save_prepared(
+            paths.prepared_dir,
+            splits,
+            {"dataset": "x", "class_names": ["a", "b", "c"], "image_shape": [1, 12, 12], "mean": [0.5], "std": [0.25]},
+        )
     shrink = {"model": "convnet", "width": 8, "epochs": 3, "min_steps": 0, "batch_size": 10, "log_images": 0}
     params = real_params(train=shrink)
     train(params, straight)
 
     (stopped.root / "params.yaml").write_text(
-        (REPO_ROOT / "params.yaml").read_text().replace("  model: fast", "  model: convnet", 1)
-        .replace("  width: 32", "  width: 8", 1).replace("  epochs: 10", "  epochs: 3", 1)
-        .replace("  min_steps: 200", "  min_steps: 0", 1).replace("  batch_size: 512", "  batch_size: 10", 1).replace("  log_images: 64", "  log_images: 0", 1))
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "stages" / "train.py")], cwd=stopped.root,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (REPO_ROOT / "params.yaml")
+        .read_text()
+        .replace("  model: fast", "  model: convnet", 1)
+        .replace("  width: 32", "  width: 8", 1)
+        .replace("  epochs: 10", "  epochs: 3", 1)
+        .replace("  min_steps: 200", "  min_steps: 0", 1)
+        .replace("  batch_size: 512", "  batch_size: 10", 1)
+        .replace("  log_images: 64", "  log_images: 0", 1)
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "stages" / "train.py")],
+        cwd=stopped.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not stopped.resume_state.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -161,6 +222,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_the_next_run_ends_with_the_same_wei
 
 
 # ------------------------------------------------------------------------------ bounded memory (streaming)
+
 
 def test_npy_reader_reads_rows_like_numpy_in_any_order(tmp_path):
     from imgcls.arrays import NpyReader
@@ -183,19 +245,27 @@ def test_streamed_preprocess_writes_the_arrays_and_statistics_of_the_in_memory_o
     """Tiny chunks, two workers and a skipped bad file: the streamed stage must write exactly what decoding
     everything in memory and splitting it (the previous implementation) writes."""
     from conftest import make_image_folder
+
     from imgcls.preprocess import imagefolder, write
     from imgcls.preprocess.images import decode_image
     from imgcls.preprocess.splits import build_meta, channel_stats, make_splits
     from imgcls.preprocess.stage import preprocess
 
-    root = make_image_folder(tmp_path / "data" / "raw" / "images" / "pets", classes=("a", "b", "c"), per_class=9,
-                             splits=("train",), noise=True)
+    root = make_image_folder(
+        tmp_path / "data" / "raw" / "images" / "pets",
+        classes=("a", "b", "c"),
+        per_class=9,
+        splits=("train",),
+        noise=True,
+    )
     (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "data" / "raw" / "source.json").write_text(json.dumps({"dataset": "imagefolder"}))
     monkeypatch.setattr(imagefolder, "CHUNK_BYTES", 3 * 10 * 10 * 4)  # 4 images per decode chunk
     monkeypatch.setattr(write, "COPY_CHUNK_BYTES", 3 * 10 * 10 * 3)  # 3 images per copy chunk
-    params = real_params(data={"dataset": "imagefolder", "source": "x", "image_size": 10, "on_bad_image": "skip",
-                               "test_fraction": 0.25}, preprocess={"val_fraction": 0.2})
+    params = real_params(
+        data={"dataset": "imagefolder", "source": "x", "image_size": 10, "on_bad_image": "skip", "test_fraction": 0.25},
+        preprocess={"val_fraction": 0.2},
+    )
     paths = ProjectPaths(tmp_path)
     preprocess(params, paths)
 
@@ -205,8 +275,13 @@ def test_streamed_preprocess_writes_the_arrays_and_statistics_of_the_in_memory_o
     labels = np.array([("a", "b", "c").index(p.parent.name) for p in good], dtype=np.int64)
     from imgcls.preprocess.formats import DecodedDataset
 
-    expected = make_splits(DecodedDataset({"train": (images, labels)}, ["a", "b", "c"]), val_fraction=0.2,
-                           test_fraction=0.25, limit=0, seed=params.base.seed)
+    expected = make_splits(
+        DecodedDataset({"train": (images, labels)}, ["a", "b", "c"]),
+        val_fraction=0.2,
+        test_fraction=0.25,
+        limit=0,
+        seed=params.base.seed,
+    )
     mean, std = channel_stats(expected["train"][0])
     prepared = load_prepared(paths.prepared_dir, ("train", "val", "test"))
     for split, (split_images, split_labels) in expected.items():
@@ -214,11 +289,20 @@ def test_streamed_preprocess_writes_the_arrays_and_statistics_of_the_in_memory_o
         assert np.array_equal(prepared.splits[split][1], split_labels), split
     assert prepared.meta["mean"] == mean and prepared.meta["std"] == std
     assert prepared.meta["source"] == {"dataset": "imagefolder"}  # the download stage's provenance, kept
-    assert prepared.meta["counts"] == build_meta(dataset="imagefolder", class_names=["a", "b", "c"],
-                                                 image_shape=[3, 10, 10], mean=mean, std=std,
-                                                 labels={s: l for s, (_, l) in expected.items()})["counts"]
+    assert (
+        prepared.meta["counts"]
+        == build_meta(
+            dataset="imagefolder",
+            class_names=["a", "b", "c"],
+            image_shape=[3, 10, 10],
+            mean=mean,
+            std=std,
+            labels={s: split_labels for s, (_, split_labels) in expected.items()},
+        )["counts"]
+    )
     assert sorted(p.name for p in paths.prepared_dir.iterdir()) == sorted(
-        [f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")] + ["meta.json"])
+        [f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")] + ["meta.json"]
+    )
 
 
 def test_training_from_disk_gives_the_weights_and_metrics_of_training_in_memory(tmp_path):
@@ -228,14 +312,26 @@ def test_training_from_disk_gives_the_weights_and_metrics_of_training_in_memory(
     for mode in ("always", "never"):
         paths = ProjectPaths(tmp_path / mode)
         write_good(paths.prepared_dir)
-        params = real_params(train={"model": "fast", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 8, "log_images": 4,
-                                    "in_memory": mode}, evaluate={"tta": False})
+        params = real_params(
+            train={
+                "model": "fast",
+                "width": 8,
+                "epochs": 2,
+                "min_steps": 0,
+                "batch_size": 8,
+                "log_images": 4,
+                "in_memory": mode,
+            },
+            evaluate={"tta": False},
+        )
         train(params, paths)
         evaluate(params, paths)
         curves = sorted((paths.train_log_dir / "plots" / "metrics").rglob("*.tsv"))
-        runs[mode] = (torch.load(paths.checkpoint, weights_only=True)["state_dict"],
-                      json.loads((paths.metrics_dir / "eval.json").read_text()),
-                      [(p.relative_to(paths.train_log_dir), p.read_text().splitlines()) for p in curves])
+        runs[mode] = (
+            torch.load(paths.checkpoint, weights_only=True)["state_dict"],
+            json.loads((paths.metrics_dir / "eval.json").read_text()),
+            [(p.relative_to(paths.train_log_dir), p.read_text().splitlines()) for p in curves],
+        )
     (a, eval_a, log_a), (b, eval_b, log_b) = runs["always"], runs["never"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # translate + flip augmentation, whitening init: same pixels
     assert eval_a == eval_b and log_a == log_b and len(log_a) == 4  # train and val loss/accuracy curves

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
+
 from imgcls.paths import ProjectPaths
 
 SRC = REPO_ROOT / "src"
@@ -108,12 +108,16 @@ def dependency_problems(dvc_yaml: dict) -> list[str]:
         closure = import_closure(entry)
         for needed in sorted(closure):
             if not any(needed == dep or dep in needed.parents for dep in listed):
-                problems.append(f"stage {name}: imports {needed.relative_to(REPO_ROOT)} but dvc.yaml does not "
-                                "list it (or its folder) as a dependency")
+                problems.append(
+                    f"stage {name}: imports {needed.relative_to(REPO_ROOT)} but dvc.yaml does not "
+                    "list it (or its folder) as a dependency"
+                )
         for dep in listed:
             if SRC in dep.parents and not any(dep == file or dep in file.parents for file in closure):
-                problems.append(f"stage {name}: dvc.yaml lists {dep.relative_to(REPO_ROOT)}, which the stage never "
-                                "imports: a change there would rerun it for nothing")
+                problems.append(
+                    f"stage {name}: dvc.yaml lists {dep.relative_to(REPO_ROOT)}, which the stage never "
+                    "imports: a change there would rerun it for nothing"
+                )
     return problems
 
 
@@ -130,12 +134,16 @@ def test_the_check_names_the_stage_and_the_file_when_a_dependency_is_missing():
     dvc_yaml["stages"]["evaluate"]["deps"].remove("src/imgcls/runtime.py")
     dvc_yaml["stages"]["train"]["deps"].remove("src/imgcls/model")
     problems = dependency_problems(dvc_yaml)
-    assert "stage evaluate: imports src/imgcls/runtime.py but dvc.yaml does not list it (or its folder) " \
-           "as a dependency" in problems
+    assert (
+        "stage evaluate: imports src/imgcls/runtime.py but dvc.yaml does not list it (or its folder) "
+        "as a dependency" in problems
+    )
     assert any(p.startswith("stage train: imports src/imgcls/model/networks.py") for p in problems)
     dvc_yaml["stages"]["download"]["deps"].append("src/imgcls/train")
-    assert "stage download: dvc.yaml lists src/imgcls/train, which the stage never imports: a change there " \
-           "would rerun it for nothing" in dependency_problems(dvc_yaml)
+    assert (
+        "stage download: dvc.yaml lists src/imgcls/train, which the stage never imports: a change there "
+        "would rerun it for nothing" in dependency_problems(dvc_yaml)
+    )
 
 
 def test_data_stages_do_not_depend_on_training_code():
@@ -148,8 +156,10 @@ def test_data_stages_do_not_depend_on_training_code():
 
 def test_dvc_yaml_paths_agree_with_the_paths_module():
     stages = committed_dvc_yaml()["stages"]
-    outs = {stage: [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
-            for stage, spec in stages.items()}
+    outs = {
+        stage: [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", [])]
+        for stage, spec in stages.items()
+    }
     paths = ProjectPaths(Path("."))
     assert outs["validate"] == [str(paths.params_stamp)] and str(paths.params_stamp) in stages["download"]["deps"]
     assert outs["download"] == [str(paths.raw_dir)] and outs["preprocess"] == [str(paths.prepared_dir)]
@@ -181,7 +191,7 @@ def test_no_import_circles_in_the_library():
         state[node] = 1
         for nxt in sorted(graph.get(node, set())):
             if state.get(nxt) == 1:
-                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if not state.get(nxt):
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -208,8 +218,12 @@ def defined_names(path: Path) -> tuple[set[str], set[str]]:
 
 def test_every_name_is_imported_from_its_home():
     problems = []
-    users = list((SRC / PACKAGE).rglob("*.py")) + list((REPO_ROOT / "stages").glob("*.py")) + \
-        list((REPO_ROOT / "tests").glob("*.py")) + list((REPO_ROOT / "bench").glob("*.py"))
+    users = (
+        list((SRC / PACKAGE).rglob("*.py"))
+        + list((REPO_ROOT / "stages").glob("*.py"))
+        + list((REPO_ROOT / "tests").glob("*.py"))
+        + list((REPO_ROOT / "bench").glob("*.py"))
+    )
     for path in users:
         for module, names in imports_of(path):
             home = module_file(module)
@@ -219,6 +233,7 @@ def test_every_name_is_imported_from_its_home():
             defined, only_imported = defined_names(home)
             for name in names:
                 if module_file(f"{module}.{name}") is None and name in only_imported:
-                    problems.append(f"{path.relative_to(REPO_ROOT)}: takes {name} from {module}, which only "
-                                    "re-exports it")
+                    problems.append(
+                        f"{path.relative_to(REPO_ROOT)}: takes {name} from {module}, which only re-exports it"
+                    )
     assert problems == []

@@ -12,8 +12,11 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import real_params
+from test_models_training import arguments, separable_data
+from test_prepared import damage_meta, write_good
+from test_transfer import project
+
 from imgcls import runtime
 from imgcls.errors import CheckpointError, DataError, ParamsError, RuntimeChoiceError, UserError
 from imgcls.model.checkpoint import load_checkpoint, save_checkpoint
@@ -26,28 +29,52 @@ from imgcls.train.loop import estimate_step_memory, fit
 from imgcls.train.resume import ResumeStateWriter, load_resume_state, run_digest
 from imgcls.train.stage import train
 from imgcls.train.transfer import TransferError, load_init_checkpoint, load_pretrained
-from test_models_training import arguments, separable_data
-from test_prepared import damage_meta, write_good
-from test_transfer import project
 
 CPU = torch.device("cpu")
 # The project's recipe shrunk to seconds: 30 images of 12x12, two epochs of three steps.
-TINY = {"model": "convnet", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 10, "log_images": 0,
-        "precision": "fp32"}
+TINY = {
+    "model": "convnet",
+    "width": 8,
+    "epochs": 2,
+    "min_steps": 0,
+    "batch_size": 10,
+    "log_images": 0,
+    "precision": "fp32",
+}
 
 
 # ------------------------------------------------------------------------------------------ resume state
 
+
 def fit_tiny(resume_from=None, verdicts=None, save_state=None, optimizer="sgd"):
     """Two epochs of the fast model (lookahead on, whitening, a bias schedule) on 256 tiny images."""
     images, labels = separable_data()
-    config = real_params(train={"model": "fast", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 32,
-                                "precision": "fp32", "whiten_bias_epochs": 1.0, "optimizer": optimizer}).train
+    config = real_params(
+        train={
+            "model": "fast",
+            "width": 8,
+            "epochs": 2,
+            "min_steps": 0,
+            "batch_size": 32,
+            "precision": "fp32",
+            "whiten_bias_epochs": 1.0,
+            "optimizer": optimizer,
+        }
+    ).train
     generator = runtime.seed_everything(0)
     model = build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=1.0)
-    records = fit(model, (images, labels), (images[:64], labels[:64]), config=config, device=CPU, precision="fp32",
-                  generator=generator, resume_from=resume_from, save_state=save_state,
-                  on_resume=(verdicts.append if verdicts is not None else lambda problem: None))
+    records = fit(
+        model,
+        (images, labels),
+        (images[:64], labels[:64]),
+        config=config,
+        device=CPU,
+        precision="fp32",
+        generator=generator,
+        resume_from=resume_from,
+        save_state=save_state,
+        on_resume=(verdicts.append if verdicts is not None else lambda problem: None),
+    )
     return model, records
 
 
@@ -86,8 +113,10 @@ def _momentum_of_another_shape(state):
 
 def _largest_entry(state):
     # The largest weight's: the whitening bias (the first entry) is frozen in epoch 2, so nothing would use it.
-    return max(state["optimizer"]["state"].values(), key=lambda e: e["exp_avg" if "exp_avg" in e else
-                                                                      "momentum_buffer"].numel())
+    return max(
+        state["optimizer"]["state"].values(),
+        key=lambda e: e["exp_avg" if "exp_avg" in e else "momentum_buffer"].numel(),
+    )
 
 
 def _scalar_momentum(state):
@@ -108,6 +137,7 @@ def _sparse_momentum(state):
 def _group_setting(key, value):
     def damage(state):
         state["optimizer"]["param_groups"][0][key] = value
+
     return damage
 
 
@@ -115,6 +145,7 @@ def _model_tensor_as(convert):
     def damage(state):
         name = _first_weight(state["model"])
         state["model"][name] = convert(state["model"][name])
+
     return damage
 
 
@@ -140,38 +171,42 @@ def _nan_lookahead(state):
     state["lookahead"][name] = torch.full_like(state["lookahead"][name], float("nan"))
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (_wrong_shape, "this model's is torch.float32"),
-    (lambda s: s["model"].pop(next(iter(s["model"]))), "does not fit this model (missing"),
-    (lambda s: s.pop("optimizer"), "it lacks optimizer"),
-    (_momentum_of_another_shape, "momentum_buffer of parameter"),
-    (lambda s: s["optimizer"]["param_groups"].pop(), "parameter groups"),
-    (_garbage_torch_rng, "random generator states cannot be restored"),
-    (_garbage_python_rng, "random generator states cannot be restored"),
-    (_garbage_numpy_rng, "random generator states cannot be restored"),
-    (lambda s: s["random"].update(batches="not a tensor"), "random generator states cannot be restored"),
-    (lambda s: s.update(step=s["step"] + 1), "does not match epoch 1"),
-    (lambda s: s.update(epoch=7), "not one of this run's 0..1 finished epochs"),
-    (lambda s: s.update(records=[]), "records are not the 1 finished epochs' metrics"),
-    (_nan_lookahead, "holds NaN or infinite values"),
-    (lambda s: s.update(epoch_progress={"batches_done": 99}), "epoch_progress"),
-    (_scalar_momentum, "is torch.float32 [], the parameter is torch.float32 ["),
-    (_float64_momentum, "is torch.float64"),
-    (_sparse_momentum, "momentum_buffer of parameter"),
-    (_sparse_momentum, "is a sparse_coo tensor, not a plain dense one"),
-    (_group_setting("momentum", float("nan")), "group 0 setting momentum is nan, this run's is 0."),
-    (_group_setting("weight_decay", 0.5), "setting weight_decay is 0.5"),
-    (_group_setting("base_lr", float("inf")), "setting base_lr is inf"),
-    (_group_setting("nesterov", False), "setting nesterov is False"),
-    (_group_setting("lr", 1e30), "lr is 1e+30, not a rate in 0.."),
-    (_group_setting("lr", -0.1), "lr is -0.1"),
-    (_model_tensor_as(lambda t: t.to_sparse()), "is a sparse_coo tensor"),
-    (_model_tensor_as(lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)), "is a quantized tensor"),
-    (_model_tensor_as(lambda t: torch.empty_like(t, device="meta")), "is a meta tensor"),
-    (_sparse_lookahead, "is a sparse_csr tensor"),
-])
-def test_a_digest_matching_state_that_does_not_fit_is_discarded_and_training_starts_over(straight_run, damage,
-                                                                                         fragment):
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (_wrong_shape, "this model's is torch.float32"),
+        (lambda s: s["model"].pop(next(iter(s["model"]))), "does not fit this model (missing"),
+        (lambda s: s.pop("optimizer"), "it lacks optimizer"),
+        (_momentum_of_another_shape, "momentum_buffer of parameter"),
+        (lambda s: s["optimizer"]["param_groups"].pop(), "parameter groups"),
+        (_garbage_torch_rng, "random generator states cannot be restored"),
+        (_garbage_python_rng, "random generator states cannot be restored"),
+        (_garbage_numpy_rng, "random generator states cannot be restored"),
+        (lambda s: s["random"].update(batches="not a tensor"), "random generator states cannot be restored"),
+        (lambda s: s.update(step=s["step"] + 1), "does not match epoch 1"),
+        (lambda s: s.update(epoch=7), "not one of this run's 0..1 finished epochs"),
+        (lambda s: s.update(records=[]), "records are not the 1 finished epochs' metrics"),
+        (_nan_lookahead, "holds NaN or infinite values"),
+        (lambda s: s.update(epoch_progress={"batches_done": 99}), "epoch_progress"),
+        (_scalar_momentum, "is torch.float32 [], the parameter is torch.float32 ["),
+        (_float64_momentum, "is torch.float64"),
+        (_sparse_momentum, "momentum_buffer of parameter"),
+        (_sparse_momentum, "is a sparse_coo tensor, not a plain dense one"),
+        (_group_setting("momentum", float("nan")), "group 0 setting momentum is nan, this run's is 0."),
+        (_group_setting("weight_decay", 0.5), "setting weight_decay is 0.5"),
+        (_group_setting("base_lr", float("inf")), "setting base_lr is inf"),
+        (_group_setting("nesterov", False), "setting nesterov is False"),
+        (_group_setting("lr", 1e30), "lr is 1e+30, not a rate in 0.."),
+        (_group_setting("lr", -0.1), "lr is -0.1"),
+        (_model_tensor_as(lambda t: t.to_sparse()), "is a sparse_coo tensor"),
+        (_model_tensor_as(lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)), "is a quantized tensor"),
+        (_model_tensor_as(lambda t: torch.empty_like(t, device="meta")), "is a meta tensor"),
+        (_sparse_lookahead, "is a sparse_csr tensor"),
+    ],
+)
+def test_a_digest_matching_state_that_does_not_fit_is_discarded_and_training_starts_over(
+    straight_run, damage, fragment
+):
     weights, records, saved = straight_run
     state = copy.deepcopy(saved)
     damage(state)
@@ -199,20 +234,24 @@ def _adamw_moment_scalar(state):
 def _adamw_step(value):
     def damage(state):
         _largest_entry(state)["step"] = torch.tensor(value)
+
     return damage
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (_adamw_moment_scalar, "exp_avg of parameter"),
-    (_adamw_step(float("nan")), "is nan, not a step count in 0.."),
-    (_adamw_step(-1.0), "not a step count in 0.."),
-    (_adamw_step(1e9), "not a step count in 0.."),
-    (_adamw_step(1.5), "not a step count"),
-    (lambda s: _largest_entry(s).pop("exp_avg_sq"), "this optimizer keeps ['exp_avg', 'exp_avg_sq', 'step']"),
-    (lambda s: _largest_entry(s).update(step=torch.ones(3)), "not a step count"),
-    (_group_setting("betas", (0.9, float("nan"))), "setting betas is (0.9, nan)"),
-    (_group_setting("eps", float("inf")), "setting eps is inf"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (_adamw_moment_scalar, "exp_avg of parameter"),
+        (_adamw_step(float("nan")), "is nan, not a step count in 0.."),
+        (_adamw_step(-1.0), "not a step count in 0.."),
+        (_adamw_step(1e9), "not a step count in 0.."),
+        (_adamw_step(1.5), "not a step count"),
+        (lambda s: _largest_entry(s).pop("exp_avg_sq"), "this optimizer keeps ['exp_avg', 'exp_avg_sq', 'step']"),
+        (lambda s: _largest_entry(s).update(step=torch.ones(3)), "not a step count"),
+        (_group_setting("betas", (0.9, float("nan"))), "setting betas is (0.9, nan)"),
+        (_group_setting("eps", float("inf")), "setting eps is inf"),
+    ],
+)
 def test_an_adamw_state_that_does_not_fit_is_discarded(straight_adamw_run, damage, fragment):
     weights, records, saved = straight_adamw_run
     state = copy.deepcopy(saved)
@@ -234,14 +273,18 @@ def test_an_adamw_state_that_fits_is_used(straight_adamw_run):
     assert resumed_records[0] == records[0]
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (_wrong_shape, "this model's is torch.float32"),
-    (_scalar_momentum, "momentum_buffer of parameter"),
-    (_group_setting("momentum", float("nan")), "setting momentum is nan"),
-    (_model_tensor_as(lambda t: t.to_sparse()), "is a sparse_coo tensor"),
-])
-def test_the_train_stage_discards_a_damaged_state_with_one_line_and_finishes(tmp_path, monkeypatch, capsys, damage,
-                                                                             fragment):
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (_wrong_shape, "this model's is torch.float32"),
+        (_scalar_momentum, "momentum_buffer of parameter"),
+        (_group_setting("momentum", float("nan")), "setting momentum is nan"),
+        (_model_tensor_as(lambda t: t.to_sparse()), "is a sparse_coo tensor"),
+    ],
+)
+def test_the_train_stage_discards_a_damaged_state_with_one_line_and_finishes(
+    tmp_path, monkeypatch, capsys, damage, fragment
+):
     params = real_params(train=TINY)
     reference, damaged = ProjectPaths(tmp_path / "reference"), ProjectPaths(tmp_path / "damaged")
     for paths in (reference, damaged):
@@ -302,8 +345,10 @@ def test_a_resume_state_that_cannot_be_saved_is_a_warning_and_the_run_finishes(t
 
 def test_a_full_disk_while_saving_the_state_is_a_warning_not_the_end(tmp_path, monkeypatch):
     def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills mid-write
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
-                           "data/3: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+            "data/3: file write failed"
+        )
 
     monkeypatch.setattr(torch, "save", full_disk)
     lines = []
@@ -330,12 +375,16 @@ def test_a_foreign_state_in_a_folder_that_refuses_deletion_is_only_skipped(tmp_p
 
 # ------------------------------------------------------------------------------- processes and memory
 
-@pytest.mark.parametrize("variables", [
-    {"RANK": "0", "WORLD_SIZE": "2"},  # left over from another job: init_process_group waits 30 minutes
-    {"WORLD_SIZE": "1"},
-    # No MASTER_ADDR: without the check this fails at once instead of hanging the test suite for 30 minutes.
-    {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
-])
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"RANK": "0", "WORLD_SIZE": "2"},  # left over from another job: init_process_group waits 30 minutes
+        {"WORLD_SIZE": "1"},
+        # No MASTER_ADDR: without the check this fails at once instead of hanging the test suite for 30 minutes.
+        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+    ],
+)
 def test_stray_torch_distributed_variables_are_refused_with_one_line(tmp_path, monkeypatch, variables):
     for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -351,13 +400,16 @@ def test_stray_torch_distributed_variables_are_refused_with_one_line(tmp_path, m
     assert not paths.checkpoint.exists()
 
 
-@pytest.mark.parametrize("variables, fragment", [
-    ({"RANK": "2", "WORLD_SIZE": "2"}, "is not a place in a torchrun job"),
-    ({"RANK": "0", "WORLD_SIZE": "0"}, "is not a place in a torchrun job"),
-    ({"RANK": "one", "WORLD_SIZE": "2"}, "is not a place in a torchrun job"),
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, "is not a place"),
-    ({"RANK": "0"}, "is not a place in a torchrun job"),
-])
+@pytest.mark.parametrize(
+    "variables, fragment",
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "is not a place in a torchrun job"),
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "is not a place in a torchrun job"),
+        ({"RANK": "one", "WORLD_SIZE": "2"}, "is not a place in a torchrun job"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, "is not a place"),
+        ({"RANK": "0"}, "is not a place in a torchrun job"),
+    ],
+)
 def test_malformed_torchrun_places_are_refused(monkeypatch, variables, fragment):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -372,8 +424,15 @@ def test_torchrun_places_are_read_and_plain_runs_have_none(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     assert world_from_env() is None
-    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                        "TORCHELASTIC_RUN_ID": "job", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}.items():
+    for name, value in {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "TORCHELASTIC_RUN_ID": "job",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+    }.items():
         monkeypatch.setenv(name, value)
     assert world_from_env() == World(rank=3, size=4, local_rank=1, local_size=2)
 
@@ -385,15 +444,18 @@ def _torchrun_place(monkeypatch, **variables):
         monkeypatch.setenv(name, value)
 
 
-@pytest.mark.parametrize("rendezvous", [
-    {"MASTER_ADDR": "127.0.0.1"},
-    {"MASTER_PORT": "29500"},
-    {"MASTER_ADDR": "", "MASTER_PORT": "29500"},
-    {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
-    # Port 0 would make rank 0 listen on a free port and wait 30 minutes for a peer that cannot find it.
-    {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},
-    {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port"},
-])
+@pytest.mark.parametrize(
+    "rendezvous",
+    [
+        {"MASTER_ADDR": "127.0.0.1"},
+        {"MASTER_PORT": "29500"},
+        {"MASTER_ADDR": "", "MASTER_PORT": "29500"},
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+        # Port 0 would make rank 0 listen on a free port and wait 30 minutes for a peer that cannot find it.
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"},
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "port"},
+    ],
+)
 def test_a_torchrun_place_without_a_usable_rendezvous_is_refused(monkeypatch, rendezvous):
     _torchrun_place(monkeypatch, RANK="0", WORLD_SIZE="2", **rendezvous)
     with pytest.raises(LaunchError) as caught:
@@ -450,8 +512,9 @@ def test_the_stage_refuses_processes_the_memory_cannot_hold_before_starting_torc
 
 def test_the_step_estimate_leaves_the_model_and_every_generator_as_they_were():
     config = real_params(train={"model": "mobilenet_v3_small"}).train  # BatchNorm statistics and dropout draws
-    model = build_model("mobilenet_v3_small", in_channels=3, num_classes=4, image_size=32, mean=[0.5] * 3,
-                        std=[0.25] * 3)
+    model = build_model(
+        "mobilenet_v3_small", in_channels=3, num_classes=4, image_size=32, mean=[0.5] * 3, std=[0.25] * 3
+    )
     before = copy.deepcopy(model.state_dict())
     runtime.seed_everything(5)
     estimate_step_memory(model, (3, 32, 32), config=config, device=CPU, precision="fp32")
@@ -464,8 +527,9 @@ def test_the_step_estimate_leaves_the_model_and_every_generator_as_they_were():
 def test_the_step_estimate_grows_with_the_pixels_and_counts_the_optimizer():
     def estimate(size, **train):
         config = real_params(train={"model": "convnet", "width": 16, **train}).train
-        model = build_model("convnet", in_channels=3, num_classes=4, image_size=size, mean=[0.5] * 3,
-                            std=[0.25] * 3, width=16)
+        model = build_model(
+            "convnet", in_channels=3, num_classes=4, image_size=size, mean=[0.5] * 3, std=[0.25] * 3, width=16
+        )
         return estimate_step_memory(model, (3, size, size), config=config, device=CPU, precision="fp32"), model
 
     small, model = estimate(32, optimizer="sgd", momentum=0.9, ema=0.0)
@@ -483,8 +547,10 @@ def test_the_step_estimate_grows_with_the_pixels_and_counts_the_optimizer():
 
 def test_a_batch_too_large_for_the_memory_is_refused_naming_batch_size_and_image_size(tmp_path, monkeypatch):
     paths = project(tmp_path, "imagefolder", ["a", "b"], n_train=48, size=32, channels=3)
-    params = real_params(train={**TINY, "batch_size": 48, "min_batches_per_epoch": 1},
-                         data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 32})
+    params = real_params(
+        train={**TINY, "batch_size": 48, "min_batches_per_epoch": 1},
+        data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 32},
+    )
     monkeypatch.setattr(stage, "available_memory", lambda device: 4 << 20)  # 4 MiB: no 48-image step fits
     with pytest.raises(RuntimeChoiceError) as caught:
         train(params, paths)
@@ -519,9 +585,12 @@ def test_available_memory_respects_a_container_limit(tmp_path):
 
 # ---------------------------------------------------------------------------- starting weights, params
 
+
 @pytest.mark.parametrize("key", ["pretrained", "init_from"])
-@pytest.mark.parametrize("url", ["https://download.pytorch.org/models/resnet18-f37072fd.pth", "file:///tmp/x.pt",
-                                 "s3://bucket/checkpoint.pt"])
+@pytest.mark.parametrize(
+    "url",
+    ["https://download.pytorch.org/models/resnet18-f37072fd.pth", "file:///tmp/x.pt", "s3://bucket/checkpoint.pt"],
+)
 def test_urls_where_a_weights_path_belongs_are_refused(key, url):
     model = {"model": "resnet18"} if key == "pretrained" else {}
     with pytest.raises(ParamsError) as caught:
@@ -531,8 +600,9 @@ def test_urls_where_a_weights_path_belongs_are_refused(key, url):
 
 
 def test_paths_that_merely_contain_a_colon_are_still_paths():
-    assert real_params(train={"init_from": "runs/2024-01-01T10:00/checkpoint.pt",
-                              "trust_weights_file": True}).train.init_from.endswith(".pt")
+    assert real_params(
+        train={"init_from": "runs/2024-01-01T10:00/checkpoint.pt", "trust_weights_file": True}
+    ).train.init_from.endswith(".pt")
 
 
 def test_nan_pretrained_weights_are_refused_naming_the_file_not_the_rate(tmp_path):
@@ -543,8 +613,10 @@ def test_nan_pretrained_weights_are_refused_naming_the_file_not_the_rate(tmp_pat
     weights = tmp_path / "resnet18-damaged.pth"
     torch.save(state, weights)
     paths = project(tmp_path, "imagefolder", ["a", "b"], size=16)
-    params = real_params(train={**TINY, "model": "resnet18", "pretrained": str(weights), "trust_weights_file": True},
-                         data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 16})
+    params = real_params(
+        train={**TINY, "model": "resnet18", "pretrained": str(weights), "trust_weights_file": True},
+        data={"dataset": "imagefolder", "source": "images.tar.gz", "image_size": 16},
+    )
     with pytest.raises(TransferError) as caught:
         train(params, paths)
     message = str(caught.value)
@@ -560,8 +632,16 @@ def test_nan_init_from_weights_are_refused_naming_the_file(tmp_path):
     with torch.no_grad():
         model.head.weight[0, 0] = float("inf")
     path = tmp_path / "start.pt"
-    save_checkpoint(path, model, architecture="convnet", arguments=arguments(1, 12, classes=3, width=8),
-                    class_names=["a", "b", "c"], mean=[0.5], std=[0.25], params={})
+    save_checkpoint(
+        path,
+        model,
+        architecture="convnet",
+        arguments=arguments(1, 12, classes=3, width=8),
+        class_names=["a", "b", "c"],
+        mean=[0.5],
+        std=[0.25],
+        params={},
+    )
     with pytest.raises(TransferError, match=r"train.init_from: .*start.pt: weights \['head.weight'\] hold NaN"):
         load_init_checkpoint(str(path), architecture="convnet", in_channels=1, width=8, class_names=["a", "b", "c"])
 
@@ -577,8 +657,16 @@ UNUSUAL_TENSORS = {  # what weights_only loading admits besides plain tensors; i
 def _checkpoint_with(tmp_path, kind):
     model = build_model("convnet", **arguments(1, 12, classes=3, width=8))
     path = tmp_path / "start.pt"
-    save_checkpoint(path, model, architecture="convnet", arguments=arguments(1, 12, classes=3, width=8),
-                    class_names=["a", "b", "c"], mean=[0.5], std=[0.25], params={})
+    save_checkpoint(
+        path,
+        model,
+        architecture="convnet",
+        arguments=arguments(1, 12, classes=3, width=8),
+        class_names=["a", "b", "c"],
+        mean=[0.5],
+        std=[0.25],
+        params={},
+    )
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["state_dict"]["head.weight"] = UNUSUAL_TENSORS[kind](checkpoint["state_dict"]["head.weight"])
     torch.save(checkpoint, path)
@@ -612,12 +700,15 @@ def test_trusted_pretrained_weights_holding_a_sparse_or_meta_tensor_are_refused_
     assert str(weights) in message and f"conv1.weight is a {kind}" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"std": [1e-30]}, "std [1e-30]"),  # once a LinAlgError traceback from the fast model's whitening
-    ({"std": [0.9]}, "std [0.9]"),
-    ({"mean": [1e30]}, "mean [1e+30]"),
-    ({"mean": [-0.2]}, "mean [-0.2]"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"std": [1e-30]}, "std [1e-30]"),  # once a LinAlgError traceback from the fast model's whitening
+        ({"std": [0.9]}, "std [0.9]"),
+        ({"mean": [1e30]}, "mean [1e+30]"),
+        ({"mean": [-0.2]}, "mean [-0.2]"),
+    ],
+)
 def test_normalization_statistics_no_images_can_have_are_refused(tmp_path, changes, fragment):
     write_good(tmp_path / "prepared")
     damage_meta(tmp_path / "prepared", **changes)

@@ -9,8 +9,8 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-
 from conftest import real_params
+
 from imgcls.errors import ParamsError, TrainingError
 from imgcls.evaluate.metrics import per_class_metrics
 from imgcls.model.checkpoint import load_checkpoint
@@ -22,12 +22,19 @@ from imgcls.stats import wilson_interval
 from imgcls.train.loop import make_training_setup
 from imgcls.train.optim import SHORT_RUN_STEPS, run_length
 from imgcls.train.stage import small_test_split_warnings, train
-from imgcls.train.transfer import (TransferError, apply_starting_weights, imagenet_weights, load_init_checkpoint,
-                                   load_pretrained, torch_cache_file)
+from imgcls.train.transfer import (
+    TransferError,
+    apply_starting_weights,
+    imagenet_weights,
+    load_init_checkpoint,
+    load_pretrained,
+    torch_cache_file,
+)
 
 
-def project(tmp_path, name: str, classes: list[str], n_train: int = 48, size: int = 32, channels: int = 3,
-            seed: int = 0) -> ProjectPaths:
+def project(
+    tmp_path, name: str, classes: list[str], n_train: int = 48, size: int = 32, channels: int = 3, seed: int = 0
+) -> ProjectPaths:
     """A prepared data set of learnable images: each class a brightness level, plus noise."""
     paths = ProjectPaths(tmp_path / name)
     paths.prepared_dir.mkdir(parents=True)
@@ -38,10 +45,21 @@ def project(tmp_path, name: str, classes: list[str], n_train: int = 48, size: in
         base = (40 + 170 * labels / max(1, len(classes) - 1))[:, None, None, None]
         images = np.clip(base + rng.normal(0, 25, (n, channels, size, size)), 0, 255).astype(np.uint8)
         splits[split] = (images, labels)
-    counts = {split: {c: int((labels == i).sum()) for i, c in enumerate(classes)} for split, (_, labels) in splits.items()}
-    save_prepared(paths.prepared_dir, splits, {"dataset": name, "class_names": classes, "counts": counts,
-                                               "image_shape": [channels, size, size], "mean": [0.5] * channels,
-                                               "std": [0.25] * channels})
+    counts = {
+        split: {c: int((labels == i).sum()) for i, c in enumerate(classes)} for split, (_, labels) in splits.items()
+    }
+    save_prepared(
+        paths.prepared_dir,
+        splits,
+        {
+            "dataset": name,
+            "class_names": classes,
+            "counts": counts,
+            "image_shape": [channels, size, size],
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+        },
+    )
     return paths
 
 
@@ -112,13 +130,16 @@ def test_pretrained_without_cache_or_network_says_where_the_file_goes(tmp_path, 
     cache_file.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(TransferError, match="resnet18-f37072fd.pth is not torchvision's published file.*delete it"):
         load_pretrained("resnet18", "imagenet", print)
-    with pytest.raises(TransferError, match="the cached file .*resnet18-f37072fd.pth is not readable weights.*delete it"):
+    with pytest.raises(
+        TransferError, match="the cached file .*resnet18-f37072fd.pth is not readable weights.*delete it"
+    ):
         load_pretrained("resnet18", "imagenet", print, trust=True)
 
 
 def test_pretrained_file_paths_are_loaded_safely_and_checked(tmp_path):
     with pytest.raises(TransferError, match="no such file"):
         load_pretrained("resnet18", str(tmp_path / "missing.pth"), print)
+
     # A pickle that would run code when unpickled: weights_only refuses it.
     class Boom:
         def __reduce__(self):
@@ -144,8 +165,17 @@ def test_pretrained_file_paths_are_loaded_safely_and_checked(tmp_path):
 def test_train_stage_with_pretrained_resnet_on_grayscale_records_the_start(tmp_path, torch_cache, capsys):
     published = write_torchvision_weights("resnet18")
     paths = project(tmp_path, "gray", ["a", "b"], channels=1)
-    params = real_params(train={"model": "resnet18", "pretrained": "imagenet", "epochs": 1, "min_steps": 0,
-                                "freeze_backbone_epochs": 1, "log_images": 0, "trust_weights_file": True})
+    params = real_params(
+        train={
+            "model": "resnet18",
+            "pretrained": "imagenet",
+            "epochs": 1,
+            "min_steps": 0,
+            "freeze_backbone_epochs": 1,
+            "log_images": 0,
+            "trust_weights_file": True,
+        }
+    )
     train(params, paths)
     out = capsys.readouterr().out
     assert "head replaced for 2 classes" in out and "frozen for the first 1 epoch" in out
@@ -171,8 +201,9 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path, capsys):
     source_state = source_checkpoint["state_dict"]
 
     # The starting weights: everything but the 3-class head, including the whitening stem and normalization.
-    start = load_init_checkpoint(str(source.checkpoint), architecture="fast", in_channels=3, width=8,
-                                 class_names=["x", "y"])
+    start = load_init_checkpoint(
+        str(source.checkpoint), architecture="fast", in_channels=3, width=8, class_names=["x", "y"]
+    )
     assert start.head_replaced and start.mean == [0.5] * 3 and "head.weight" not in start.state
     fresh = build_model("fast", in_channels=3, num_classes=2, image_size=16, mean=start.mean, std=start.std, width=8)
     apply_starting_weights(fresh, start, "test")
@@ -186,14 +217,18 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path, capsys):
     target = project(tmp_path, "target", ["x", "y"], n_train=40, size=16, seed=3)
     with pytest.raises(ParamsError, match="train.init_from = .* set train.trust_weights_file: true"):
         real_params(train={**small, "init_from": str(source.checkpoint)})  # refused before any stage runs
-    params = real_params(train={**small, "init_from": str(source.checkpoint), "freeze_backbone_epochs": 2,
-                                "trust_weights_file": True})
+    params = real_params(
+        train={**small, "init_from": str(source.checkpoint), "freeze_backbone_epochs": 2, "trust_weights_file": True}
+    )
     capsys.readouterr()
     train(params, target)
     out = capsys.readouterr().out
     assert f"starting from train.init_from = {source.checkpoint}" in out and "head replaced for 2 classes" in out
     tuned, checkpoint = load_checkpoint(target.checkpoint)
-    assert checkpoint["extra"]["start"]["classes"] == ["a", "b", "c"] and checkpoint["extra"]["start"]["head"] == "replaced"
+    assert (
+        checkpoint["extra"]["start"]["classes"] == ["a", "b", "c"]
+        and checkpoint["extra"]["start"]["head"] == "replaced"
+    )
     for name, value in tuned.named_parameters():
         if name.startswith("head."):
             assert not torch.equal(value, fresh.state_dict()[name])
@@ -205,33 +240,53 @@ def test_fine_tuning_from_a_checkpoint_with_other_classes(tmp_path, capsys):
     train(params, target)
     tuned, _ = load_checkpoint(target.checkpoint)
     assert not torch.equal(tuned.state_dict()["groups.0.conv1.weight"], source_state["groups.0.conv1.weight"])
-    assert torch.equal(tuned.state_dict()["stem.weight"], source_state["stem.weight"])  # whitening kept, never re-fitted
+    assert torch.equal(
+        tuned.state_dict()["stem.weight"], source_state["stem.weight"]
+    )  # whitening kept, never re-fitted
 
     # The same classes: the head is kept too.
-    same = load_init_checkpoint(str(source.checkpoint), architecture="fast", in_channels=3, width=8,
-                                class_names=["a", "b", "c"])
+    same = load_init_checkpoint(
+        str(source.checkpoint), architecture="fast", in_channels=3, width=8, class_names=["a", "b", "c"]
+    )
     assert not same.head_replaced and torch.equal(same.state["head.weight"], source_state["head.weight"])
 
 
 def test_init_from_mismatches_name_the_param_to_change(tmp_path, monkeypatch):
     source = project(tmp_path, "source", ["a", "b"], n_train=32, size=16)
-    train(real_params(train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 16,
-                             "log_images": 0}), source)
+    train(
+        real_params(
+            train={"model": "convnet", "width": 8, "epochs": 1, "min_steps": 0, "batch_size": 16, "log_images": 0}
+        ),
+        source,
+    )
     path = str(source.checkpoint)
     cases = [
-        ({"architecture": "fast", "in_channels": 3, "width": 8}, "holds a convnet model but train.model is 'fast'; set train.model: convnet"),
-        ({"architecture": "convnet", "in_channels": 1, "width": 8}, "trained on 3-channel images, this data has 1; use data of that many channels (data.channels: 3"),
-        ({"architecture": "convnet", "in_channels": 3, "width": 16}, "has width 8, train.width is 16; set train.width: 8"),
+        (
+            {"architecture": "fast", "in_channels": 3, "width": 8},
+            "holds a convnet model but train.model is 'fast'; set train.model: convnet",
+        ),
+        (
+            {"architecture": "convnet", "in_channels": 1, "width": 8},
+            "trained on 3-channel images, this data has 1; use data of that many channels (data.channels: 3",
+        ),
+        (
+            {"architecture": "convnet", "in_channels": 3, "width": 16},
+            "has width 8, train.width is 16; set train.width: 8",
+        ),
     ]
     for arguments, fragment in cases:
         with pytest.raises(TransferError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             load_init_checkpoint(path, class_names=["x", "y"], **arguments)
     with pytest.raises(TransferError, match="train.init_from: .*does not exist; name a checkpoint.pt") as caught:
-        load_init_checkpoint(str(tmp_path / "nope.pt"), architecture="convnet", in_channels=3, width=8, class_names=["x"])
+        load_init_checkpoint(
+            str(tmp_path / "nope.pt"), architecture="convnet", in_channels=3, width=8, class_names=["x"]
+        )
     assert "dvc repro" not in str(caught.value)  # the advice for the pipeline's own checkpoint is not given here
     monkeypatch.chdir(tmp_path)  # the project root: its own checkpoint is gone while train runs
     with pytest.raises(TransferError, match="the train stage's own output, which DVC removes before the stage runs"):
-        load_init_checkpoint("data/model/checkpoint.pt", architecture="convnet", in_channels=3, width=8, class_names=["x"])
+        load_init_checkpoint(
+            "data/model/checkpoint.pt", architecture="convnet", in_channels=3, width=8, class_names=["x"]
+        )
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(b"\x80\x04not a checkpoint")
     with pytest.raises(TransferError, match="train.init_from: .*not a readable imgcls checkpoint"):
@@ -239,14 +294,19 @@ def test_init_from_mismatches_name_the_param_to_change(tmp_path, monkeypatch):
     # lenet's first Linear layer depends on the image size: another size is named, not a shape traceback.
     lenet = project(tmp_path, "lenet", ["a", "b"], n_train=32, size=16)
     train(real_params(train={"model": "lenet", "epochs": 1, "min_steps": 0, "batch_size": 16, "log_images": 0}), lenet)
-    start = load_init_checkpoint(str(lenet.checkpoint), architecture="lenet", in_channels=3, width=32, class_names=["x", "y"])
+    start = load_init_checkpoint(
+        str(lenet.checkpoint), architecture="lenet", in_channels=3, width=32, class_names=["x", "y"]
+    )
     model = build_model("lenet", in_channels=3, num_classes=2, image_size=32, mean=start.mean, std=start.std)
     with pytest.raises(TransferError, match="use images of the size it was trained on"):
         apply_starting_weights(model, start, "train.init_from")
 
 
 def test_params_keep_transfer_settings_consistent():
-    assert real_params(train={"model": "resnet18", "pretrained": "imagenet", "freeze_backbone_epochs": 2}).train.pretrained == "imagenet"
+    assert (
+        real_params(train={"model": "resnet18", "pretrained": "imagenet", "freeze_backbone_epochs": 2}).train.pretrained
+        == "imagenet"
+    )
     with pytest.raises(ParamsError, match="train.pretrained = 'imagenet' loads torchvision's ImageNet weights"):
         real_params(train={"model": "convnet", "pretrained": "imagenet"})
 
@@ -278,7 +338,12 @@ def test_small_data_gets_enough_steps_and_short_runs_warn():
 
 def test_a_tiny_test_split_warns_with_its_interval(tmp_path, capsys):
     warnings = small_test_split_warnings({"ants": 12, "bees": 12}, "a test/ folder")
-    assert len(warnings) == 1 and "has 24 images" in warnings[0] and "+-16 points" in warnings[0] and "0.60..0.91" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "has 24 images" in warnings[0]
+        and "+-16 points" in warnings[0]
+        and "0.60..0.91" in warnings[0]
+    )
     assert small_test_split_warnings({"a": 1000, "b": 1000}, "x") == []
     empty = small_test_split_warnings({"a": 500, "b": 0}, "x")
     assert any("no test images of class(es) ['b']" in w for w in empty)
@@ -299,8 +364,15 @@ def test_wilson_interval_and_per_class_counts():
     metrics = per_class_metrics(confusion, ["a", "b", "c"])
     assert metrics["a"]["images"] == 10 and metrics["a"]["correct"] == 8 and metrics["a"]["accuracy"] == 0.8
     assert (metrics["a"]["ci95_low"], metrics["a"]["ci95_high"]) == wilson_interval(8, 10)
-    assert metrics["c"] == {"accuracy": None, "ci95_low": None, "ci95_high": None, "precision": None, "recall": None,
-                            "images": 0, "correct": 0}
+    assert metrics["c"] == {
+        "accuracy": None,
+        "ci95_low": None,
+        "ci95_high": None,
+        "precision": None,
+        "recall": None,
+        "images": 0,
+        "correct": 0,
+    }
 
 
 def test_ants_bees_layout_val_folder_becomes_the_test_split_unless_told_otherwise():

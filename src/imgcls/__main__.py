@@ -10,8 +10,7 @@ COMMANDS = ("predict",)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: imgcls predict SOURCE... [options]   (imgcls predict --help for the options)",
-              file=sys.stderr)
+        print("usage: imgcls predict SOURCE... [options]   (imgcls predict --help for the options)", file=sys.stderr)
         return 2
     from .predict.cli import main as predict
 

@@ -43,16 +43,19 @@ class NpyReader:
         if dtype.hasobject:
             raise ArrayFileError("holds Python objects (a pickle); refused")
         if fortran or len(shape) < 1:
-            raise ArrayFileError(f"expected a C-ordered array with at least one axis, found shape {shape}, "
-                                 f"fortran_order {fortran}")
+            raise ArrayFileError(
+                f"expected a C-ordered array with at least one axis, found shape {shape}, fortran_order {fortran}"
+            )
         self.dtype = dtype
         self.row_shape = tuple(int(s) for s in shape[1:])
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
         capacity = int(shape[0])
         size = self.path.stat().st_size
         if size < self.offset + capacity * self.row_bytes:
-            raise ArrayFileError(f"truncated: the header says {capacity} rows of {self.row_bytes} bytes "
-                                 f"({self.offset + capacity * self.row_bytes:,} bytes), the file has {size:,}")
+            raise ArrayFileError(
+                f"truncated: the header says {capacity} rows of {self.row_bytes} bytes "
+                f"({self.offset + capacity * self.row_bytes:,} bytes), the file has {size:,}"
+            )
         self.rows = capacity if rows is None else min(rows, capacity)
         self._fd = os.open(self.path, os.O_RDONLY)
 
@@ -99,7 +102,7 @@ class NpyReader:
         if not len(indices):
             return rows
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)]):
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)], strict=False):
             self._read_into(rows[lo:hi], int(ordered[lo]))
         out = np.empty_like(rows)
         out[order] = rows
@@ -163,7 +166,7 @@ class NpyWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "NpyWriter":
+    def __enter__(self) -> NpyWriter:
         return self
 
     def __exit__(self, *exc) -> None:

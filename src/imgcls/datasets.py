@@ -12,7 +12,16 @@ from .errors import DataError
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -27,13 +36,15 @@ class ExpectedIdx:
 
 FASHION_MNIST_FILES = {
     "train-images-idx3-ubyte.gz": ExpectedIdx(
-        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016
+    ),
     "train-labels-idx1-ubyte.gz": ExpectedIdx(
-        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008
+    ),
     "t10k-images-idx3-ubyte.gz": ExpectedIdx(
-        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
-    "t10k-labels-idx1-ubyte.gz": ExpectedIdx(
-        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016
+    ),
+    "t10k-labels-idx1-ubyte.gz": ExpectedIdx("0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
 }
 
 CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"

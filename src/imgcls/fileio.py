@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TEMPORARY_MARKER = "imgcls"
 
@@ -92,7 +93,9 @@ def _remove(path: Path) -> None:
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Delete ``target``'s temporaries (``.<name>.imgcls.<pid>.<random>.tmp`` / ``.old``) whose writer no
     longer runs; returns what was removed. Any other name, however similar, is left alone."""
-    pattern = re.compile(re.escape(f".{target.name}.{TEMPORARY_MARKER}.") + r"([0-9]{1,10})\.[A-Za-z0-9_]{8}\.(tmp|old)")
+    pattern = re.compile(
+        re.escape(f".{target.name}.{TEMPORARY_MARKER}.") + r"([0-9]{1,10})\.[A-Za-z0-9_]{8}\.(tmp|old)"
+    )
     removed = []
     for sibling in target.parent.iterdir():
         match = pattern.fullmatch(sibling.name)

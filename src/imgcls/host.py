@@ -30,8 +30,9 @@ def cgroup_available_memory(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     as mounted in a container), counting inactive page cache as free (the kernel reclaims it before it kills);
     None where there is no limit or no cgroup to read."""
     for folder, limit_name, usage_name, inactive_name in (
-            (root, "memory.max", "memory.current", "inactive_file"),
-            (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        (root, "memory.max", "memory.current", "inactive_file"),
+        (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ):
         try:
             limit_text = (folder / limit_name).read_text().strip()
             usage = int((folder / usage_name).read_text())

@@ -120,7 +120,9 @@ class EvaluateParams(Section):
 class ExportParams(Section):
     parity_images: int = Field(ge=1, le=100000)
     parity_atol: float = Field(gt=0, le=1)
-    latency_calls: int = Field(ge=200, le=100000, description="200..100000 (the median needs enough calls to be stable)")
+    latency_calls: int = Field(
+        ge=200, le=100000, description="200..100000 (the median needs enough calls to be stable)"
+    )
     opset: int = Field(ge=13, le=21)
     tta: bool
     int8_max_drop: float = Field(ge=0, le=100, description="0..100 (percentage points of test accuracy)")
@@ -148,34 +150,47 @@ def _check_combinations(params: Params) -> None:
     if list_name in ("fashion-mnist.txt", "cifar10.txt") and list_name != f"{data.dataset}.txt":
         raise ParamsError(
             f"params: data.source = {_show(data.source)} lists {list_name[:-4]} locations but data.dataset = "
-            f"{data.dataset!r}; set data.source to sources/{data.dataset}.txt or to your own copy")
+            f"{data.dataset!r}; set data.source to sources/{data.dataset}.txt or to your own copy"
+        )
     train = params.train
     for key in ("pretrained", "init_from"):
         value = getattr(train, key)
         if URL_SCHEME.match(value):  # a path is opened as given: "https://x" would become the folder "https:/x"
-            raise ParamsError(f"params: train.{key} = {_show(value)} is a URL, but it takes a file's path: download "
-                              f"the file (curl -LO <URL>) and set train.{key} to where it is")
+            raise ParamsError(
+                f"params: train.{key} = {_show(value)} is a URL, but it takes a file's path: download "
+                f"the file (curl -LO <URL>) and set train.{key} to where it is"
+            )
     if train.pretrained != "none" and train.model not in TORCHVISION_MODELS:
-        raise ParamsError(f"params: train.pretrained = {_show(train.pretrained)} loads torchvision's ImageNet weights, "
-                          f"which exist for {', '.join(TORCHVISION_MODELS)}, not for train.model = {train.model!r}; set "
-                          "train.pretrained: none, or start from a checkpoint of your own with train.init_from")
+        raise ParamsError(
+            f"params: train.pretrained = {_show(train.pretrained)} loads torchvision's ImageNet weights, "
+            f"which exist for {', '.join(TORCHVISION_MODELS)}, not for train.model = {train.model!r}; set "
+            "train.pretrained: none, or start from a checkpoint of your own with train.init_from"
+        )
     if train.pretrained != "none" and train.init_from != "none":
         raise ParamsError("params: train.pretrained and train.init_from both name starting weights; set one to none")
     if train.init_from != "none" and not train.trust_weights_file:
-        raise ParamsError(f"params: train.init_from = {_show(train.init_from)} names a checkpoint, a pickle-format file "
-                          "(read through torch's restricted weights_only loader, but pickle is a format made to run "
-                          "code); set train.trust_weights_file: true if you or someone you trust wrote it")
+        raise ParamsError(
+            f"params: train.init_from = {_show(train.init_from)} names a checkpoint, a pickle-format file "
+            "(read through torch's restricted weights_only loader, but pickle is a format made to run "
+            "code); set train.trust_weights_file: true if you or someone you trust wrote it"
+        )
     if train.freeze_backbone_epochs and train.pretrained == "none" and train.init_from == "none":
-        raise ParamsError(f"params: train.freeze_backbone_epochs = {train.freeze_backbone_epochs} freezes weights loaded "
-                          "by train.pretrained or train.init_from, and both are none; set it to 0 or name the weights")
+        raise ParamsError(
+            f"params: train.freeze_backbone_epochs = {train.freeze_backbone_epochs} freezes weights loaded "
+            "by train.pretrained or train.init_from, and both are none; set it to 0 or name the weights"
+        )
     if train.processes > 1 and ":" in params.base.device:
-        raise ParamsError(f"params: base.device = {params.base.device!r} names one GPU, but train.processes = "
-                          f"{train.processes} gives each process the GPU of its local rank; set base.device: cuda or auto")
+        raise ParamsError(
+            f"params: base.device = {params.base.device!r} names one GPU, but train.processes = "
+            f"{train.processes} gives each process the GPU of its local rank; set base.device: cuda or auto"
+        )
     size, smallest = input_size(data), MIN_IMAGE_SIZE[params.train.model]
     if size < smallest:
         where = "data.image_size" if data.dataset == "imagefolder" else f"{data.dataset}'s image size"
-        raise ParamsError(f"params: train.model = {params.train.model!r} needs images of at least {smallest}x{smallest} "
-                          f"pixels, but {where} is {size}; raise data.image_size or choose another train.model")
+        raise ParamsError(
+            f"params: train.model = {params.train.model!r} needs images of at least {smallest}x{smallest} "
+            f"pixels, but {where} is {size}; raise data.image_size or choose another train.model"
+        )
 
 
 def _allowed(field_info: Any) -> str:
@@ -209,8 +224,14 @@ _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxdict, _SHORT_REPR.maxlist = 2, 4, 4
 _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 80, 80
 
-TYPE_NAMES = {"float_type": "a number", "int_type": "an integer", "bool_type": "true or false",
-              "string_type": "a string", "model_type": "a mapping of keys to values", "dict_type": "a mapping"}
+TYPE_NAMES = {
+    "float_type": "a number",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping of keys to values",
+    "dict_type": "a mapping",
+}
 
 
 def _describe(error: dict, raw: Any) -> str:
@@ -220,8 +241,10 @@ def _describe(error: dict, raw: Any) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _field_info(loc[:-1]).annotation if len(loc) > 1 else Params
-        return (f"params: unknown key {key!r} (value {_show(value)}); {'.'.join(map(str, loc[:-1])) or 'params.yaml'} "
-                f"allows: {', '.join(parent.model_fields)}")
+        return (
+            f"params: unknown key {key!r} (value {_show(value)}); {'.'.join(map(str, loc[:-1])) or 'params.yaml'} "
+            f"allows: {', '.join(parent.model_fields)}"
+        )
     if kind == "missing":
         return f"params: {key} is missing; params.yaml must set it (every key has its value there)"
     if kind in TYPE_NAMES:
@@ -245,8 +268,10 @@ def _check_keys(raw: dict, prefix: str = "", seen: set[int] | None = None) -> No
     seen.add(id(raw))
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise ParamsError(f"params: key {_show(key)} in {prefix.rstrip('.') or 'params.yaml'} is not a name; "
-                              "keys are words such as train or lr")
+            raise ParamsError(
+                f"params: key {_show(key)} in {prefix.rstrip('.') or 'params.yaml'} is not a name; "
+                "keys are words such as train or lr"
+            )
         if isinstance(value, dict):
             _check_keys(value, f"{prefix}{key}.", seen)
 
@@ -277,10 +302,13 @@ def read_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise ParamsError(f"params: {path} not found; run the stage from the project root") from None
     except (IsADirectoryError, UnicodeDecodeError) as error:
-        raise ParamsError(f"params: {path} is not a UTF-8 text file ({type(error).__name__}); save it as UTF-8") from None
+        raise ParamsError(
+            f"params: {path} is not a UTF-8 text file ({type(error).__name__}); save it as UTF-8"
+        ) from None
     except (RecursionError, ValueError) as error:  # nesting thousands deep, integers of thousands of digits
-        raise ParamsError(f"params: {path} cannot be read as params ({type(error).__name__}: "
-                          f"{_show(str(error))})") from None
+        raise ParamsError(
+            f"params: {path} cannot be read as params ({type(error).__name__}: {_show(str(error))})"
+        ) from None
     except YAMLError as error:
         problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

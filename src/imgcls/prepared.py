@@ -67,8 +67,10 @@ class PreparedData:
     def require_classes(self, class_names: list[str], checkpoint: Path) -> None:
         """The model's classes must be the data's, in the same order, or every per-class number is wrong."""
         if list(class_names) != self.class_names:
-            raise DataError(f"{checkpoint} was trained on classes {list(class_names)[:10]} but data/prepared holds "
-                            f"{self.class_names[:10]}; retrain on this data (dvc repro train)")
+            raise DataError(
+                f"{checkpoint} was trained on classes {list(class_names)[:10]} but data/prepared holds "
+                f"{self.class_names[:10]}; retrain on this data (dvc repro train)"
+            )
 
 
 def _bad(path: Path, problem: str) -> DataError:
@@ -79,22 +81,35 @@ def _check_meta(path: Path, meta: object) -> dict:
     if not isinstance(meta, dict):
         raise _bad(path, "not a JSON object")
     names = meta.get("class_names")
-    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)
-            and len(set(names)) == len(names)):
+    if not (
+        isinstance(names, list)
+        and len(names) >= 2
+        and all(isinstance(n, str) for n in names)
+        and len(set(names)) == len(names)
+    ):
         raise _bad(path, f"class_names must be a list of at least two distinct names, found {names!r}")
     shape = meta.get("image_shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
-            and shape[0] in (1, 3)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(s, int) and s > 0 for s in shape)
+        and shape[0] in (1, 3)
+    ):
         raise _bad(path, f"image_shape must be [channels (1 or 3), height, width], found {shape!r}")
     for key in ("mean", "std"):
         values = meta.get(key)
-        if not (isinstance(values, list) and len(values) == shape[0] and all(isinstance(v, (int, float)) for v in values)):
+        if not (
+            isinstance(values, list) and len(values) == shape[0] and all(isinstance(v, (int, float)) for v in values)
+        ):
             raise _bad(path, f"{key} must hold {shape[0]} number(s), one per channel, found {values!r}")
     if not all(np.isfinite(meta["mean"] + meta["std"])) or min(meta["std"]) <= 0:
         raise _bad(path, f"mean must be finite and std finite and positive, found {meta['mean']}, {meta['std']}")
     if not (all(0 <= m <= 1 for m in meta["mean"]) and all(MIN_STD <= s <= MAX_STD for s in meta["std"])):
-        raise _bad(path, f"mean must lie in 0..1 and std in {MIN_STD:g}..{MAX_STD} (pixel values in [0, 1]), found "
-                         f"mean {meta['mean']}, std {meta['std']}: they are not statistics of these images")
+        raise _bad(
+            path,
+            f"mean must lie in 0..1 and std in {MIN_STD:g}..{MAX_STD} (pixel values in [0, 1]), found "
+            f"mean {meta['mean']}, std {meta['std']}: they are not statistics of these images",
+        )
     if not isinstance(meta.get("dataset"), str):
         raise _bad(path, f"dataset must be a name, found {meta.get('dataset')!r}")
     return meta
@@ -124,13 +139,17 @@ def _load_split(directory: Path, split: str, meta: dict) -> tuple[NpyReader, np.
             raise _bad(path, f"missing (the {split} split is needed here)")
     images, labels = _open_images(images_path), _load_array(labels_path)
     if images.dtype != np.uint8 or images.ndim != 4 or list(images.shape[1:]) != meta["image_shape"]:
-        raise _bad(images_path, f"expected uint8 images of shape (N, {', '.join(map(str, meta['image_shape']))}), "
-                                f"found {images.dtype} {images.shape}")
+        raise _bad(
+            images_path,
+            f"expected uint8 images of shape (N, {', '.join(map(str, meta['image_shape']))}), "
+            f"found {images.dtype} {images.shape}",
+        )
     if labels.dtype != np.int64 or labels.ndim != 1 or len(labels) != len(images):
         raise _bad(labels_path, f"expected {len(images)} int64 labels, found {labels.dtype} {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= len(meta["class_names"])):
-        raise _bad(labels_path, f"labels must lie in 0..{len(meta['class_names']) - 1}, found "
-                                f"{labels.min()}..{labels.max()}")
+        raise _bad(
+            labels_path, f"labels must lie in 0..{len(meta['class_names']) - 1}, found {labels.min()}..{labels.max()}"
+        )
     return images, labels
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,7 +52,9 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeChoiceError(f"base.device = {requested!r} but no CUDA GPU is visible; set base.device: auto or cpu")
+            raise RuntimeChoiceError(
+                f"base.device = {requested!r} but no CUDA GPU is visible; set base.device: auto or cpu"
+            )
         index = int(requested.split(":")[1]) if ":" in requested else 0
         if index >= torch.cuda.device_count():
             raise RuntimeChoiceError(

@@ -4,7 +4,7 @@ the export stage measured on the exported graph itself."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -25,33 +25,52 @@ def start_line(start: dict | None) -> str:
         return "- Starting weights: none (trained from scratch)."
     if start["kind"] == "pretrained":
         which = "the published file" if start["official_file"] else "not torchvision's published file"
-        return (f"- Starting weights: torchvision's {start['weights']} ({which}, sha256 {start['sha256'][:12]}); "
-                "the head was replaced for these classes.")
-    return (f"- Starting weights: fine-tuned from the checkpoint {start['file']} (sha256 {start['sha256'][:12]}, "
-            f"trained on {start.get('dataset')} classes {', '.join(start['classes'])}); head {start['head']}.")
+        return (
+            f"- Starting weights: torchvision's {start['weights']} ({which}, sha256 {start['sha256'][:12]}); "
+            "the head was replaced for these classes."
+        )
+    return (
+        f"- Starting weights: fine-tuned from the checkpoint {start['file']} (sha256 {start['sha256'][:12]}, "
+        f"trained on {start.get('dataset')} classes {', '.join(start['classes'])}); head {start['head']}."
+    )
 
 
-def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarray, fp32: dict, int8: dict | None,
-               latency: dict, sizes: dict, cpu: str) -> str:
+def model_card(
+    *,
+    facts: dict,
+    checkpoint: dict,
+    meta: dict,
+    confusion: np.ndarray,
+    fp32: dict,
+    int8: dict | None,
+    latency: dict,
+    sizes: dict,
+    cpu: str,
+) -> str:
     names = facts["class_names"]
     size, channels = facts["image_size"], facts["channels"]
     train = checkpoint["params"]["train"]
     extra = checkpoint.get("extra", {})
-    per_class = [(name, values["accuracy"], values["images"])
-                 for name, values in per_class_metrics(confusion, names).items()]
+    per_class = [
+        (name, values["accuracy"], values["images"]) for name, values in per_class_metrics(confusion, names).items()
+    ]
     scored = [p for p in per_class if p[1] is not None]
     weakest = min(scored, key=lambda p: p[1]) if scored else None
     lines = [
         f"# Model card: {facts['dataset']} classifier ({facts['architecture']})",
         "",
-        f"Written by the export stage on {datetime.now(timezone.utc):%Y-%m-%d} from this run's checkpoint. Every "
+        f"Written by the export stage on {datetime.now(UTC):%Y-%m-%d} from this run's checkpoint. Every "
         "number below was measured by that stage on the exported ONNX graph, on the test split.",
         "",
         "## Input and output",
         f"- Input: `images`, float32 (N, {channels}, {size}, {size}), values in [0, 1]; the normalization "
         f"(mean {', '.join(f'{m:.4f}' for m in facts['mean'])}, std {', '.join(f'{s:.4f}' for s in facts['std'])}"
-        + (", ImageNet's, which the pretrained weights expect" if (facts.get("start") or {}).get("kind") == "pretrained"
-           else "") + ") is inside the graph.",
+        + (
+            ", ImageNet's, which the pretrained weights expect"
+            if (facts.get("start") or {}).get("kind") == "pretrained"
+            else ""
+        )
+        + ") is inside the graph.",
         f"- A picture becomes input as in training: {'grayscale' if channels == 1 else 'RGB'} conversion, "
         f"transparency composited onto white, EXIF rotation, bilinear resize to {size}x{size} "
         "(`imgcls.preprocess.images`; `imgcls predict` does all of it).",
@@ -64,32 +83,41 @@ def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarr
         "",
         "## Data",
         f"- Data set: {facts['dataset']}, {len(names)} classes; images per split: "
-        + ", ".join(f"{split} {sum(counts.values()):,}" for split, counts in meta.get("counts", {}).items()) + ".",
+        + ", ".join(f"{split} {sum(counts.values()):,}" for split, counts in meta.get("counts", {}).items())
+        + ".",
         "",
         "## Results on the test split",
         f"- Accuracy (fp32 ONNX): **{fp32['test_accuracy']:.4f}** on {fp32['images']:,} images "
         f"(95% interval {fp32['ci95'][0]:.4f} to {fp32['ci95'][1]:.4f}, Wilson).",
     ]
     if int8:
-        lines.append(f"- Accuracy (int8 ONNX): {int8['test_accuracy']:.4f}, {int8['accuracy_drop_points']:+.2f} points "
-                     "against fp32 (a positive number is a drop).")
+        lines.append(
+            f"- Accuracy (int8 ONNX): {int8['test_accuracy']:.4f}, {int8['accuracy_drop_points']:+.2f} points "
+            "against fp32 (a positive number is a drop)."
+        )
     lines += ["", "| class | test images | accuracy |", "|---|---:|---:|"]
-    lines += [f"| {name} | {n:,} | {'n/a (no test images)' if acc is None else f'{acc:.3f}'} |" for name, acc, n in per_class]
+    lines += [
+        f"| {name} | {n:,} | {'n/a (no test images)' if acc is None else f'{acc:.3f}'} |" for name, acc, n in per_class
+    ]
     pairs = confused_pairs(confusion, names)
     if pairs:
-        lines += ["", "Most confused (true -> predicted: images): "
-                  + "; ".join(f"{a} -> {b}: {n}" for a, b, n in pairs) + "."]
+        lines += [
+            "",
+            "Most confused (true -> predicted: images): " + "; ".join(f"{a} -> {b}: {n}" for a, b, n in pairs) + ".",
+        ]
     lines += [
         "",
         "## Training",
         f"- Recipe: `{train['model']}` width {train['width']}, {extra.get('epochs', train['epochs'])} epochs, "
         f"batch {extra.get('batch_size', train['batch_size'])}, "
-        f"{train['optimizer']} lr {train['lr']} ({train['schedule']} schedule, {train['warmup_epochs']} warm-up epochs), "
+        f"{train['optimizer']} lr {train['lr']} ({train['schedule']} schedule, "
+        f"{train['warmup_epochs']} warm-up epochs), "
         f"label smoothing {train['label_smoothing']}, augmentation flip {train['augment']['flip']} / translate "
         f"{train['augment']['translate']} px; seed {checkpoint['params']['base']['seed']}.",
         start_line(extra.get("start")),
         f"- Training time: {extra.get('train_seconds', float('nan')):.1f} s, precision {extra.get('precision', '?')}"
-        + (f", on {extra['device']}" if extra.get("device") else "") + ".",
+        + (f", on {extra['device']}" if extra.get("device") else "")
+        + ".",
         "",
         "## Speed",
         f"- Batch-1 median latency, one thread, on {cpu}: ONNX Runtime fp32 {latency['onnxruntime_median_ms']:.3f} ms"
@@ -110,5 +138,7 @@ def model_card(*, facts: dict, checkpoint: dict, meta: dict, confusion: np.ndarr
     if weakest is not None:
         lines.append(f"- Weakest class: {weakest[0]} ({weakest[1]:.3f}).")
     if fp32["images"] < 1000:
-        lines.append(f"- The test split has only {fp32['images']} images: the accuracy is uncertain by the interval above.")
+        lines.append(
+            f"- The test split has only {fp32['images']} images: the accuracy is uncertain by the interval above."
+        )
     return "\n".join(lines) + "\n"

@@ -34,8 +34,14 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, fact
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     # The TorchScript-based exporter (dynamo=False) writes one self-contained file and needs no onnxscript.
     torch.onnx.export(
-        model, (example,), str(path), input_names=["images"], output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+        model,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
     )
 
 
@@ -58,7 +64,7 @@ def batch_for(image_shape) -> int:
 
 def batched(fn, images: np.ndarray) -> np.ndarray:
     batch_size = batch_for(images.shape[2:])
-    return np.concatenate([fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return np.concatenate([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def check_parity(model: nn.Module, torchscript_path: Path, onnx_path: Path, images01: np.ndarray, atol: float) -> dict:
@@ -69,8 +75,12 @@ def check_parity(model: nn.Module, torchscript_path: Path, onnx_path: Path, imag
         torchscript_logits = batched(lambda x: scripted(torch.from_numpy(x)).numpy(), images01)
     session = onnx_session(onnx_path)
     onnx_logits = batched(lambda x: session.run(None, {"images": x})[0], images01)
-    result = {"images": int(len(images01)), "atol": atol,
-              "torchscript": parity(reference, torchscript_logits), "onnx": parity(reference, onnx_logits)}
+    result = {
+        "images": int(len(images01)),
+        "atol": atol,
+        "torchscript": parity(reference, torchscript_logits),
+        "onnx": parity(reference, onnx_logits),
+    }
     for runtime in ("torchscript", "onnx"):
         check = result[runtime]
         if check["max_abs_logit_diff"] > atol or not check["same_predictions"]:

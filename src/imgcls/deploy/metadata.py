@@ -14,13 +14,20 @@ FORMAT_VERSION = 1
 
 def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: bool) -> dict:
     arguments = checkpoint["arguments"]
-    return {"format_version": FORMAT_VERSION, "class_names": list(checkpoint["class_names"]),
-            "image_size": int(arguments["image_size"]), "channels": int(arguments["in_channels"]),
-            "input": "float32 (N, C, H, W) in [0, 1]; normalization is inside the graph",
-            "mean": list(arguments["mean"]), "std": list(arguments["std"]),
-            "start": checkpoint.get("extra", {}).get("start"),
-            "dataset": dataset, "architecture": checkpoint["architecture"], "test_accuracy": test_accuracy,
-            "tta": tta}
+    return {
+        "format_version": FORMAT_VERSION,
+        "class_names": list(checkpoint["class_names"]),
+        "image_size": int(arguments["image_size"]),
+        "channels": int(arguments["in_channels"]),
+        "input": "float32 (N, C, H, W) in [0, 1]; normalization is inside the graph",
+        "mean": list(arguments["mean"]),
+        "std": list(arguments["std"]),
+        "start": checkpoint.get("extra", {}).get("start"),
+        "dataset": dataset,
+        "architecture": checkpoint["architecture"],
+        "test_accuracy": test_accuracy,
+        "tta": tta,
+    }
 
 
 def add_onnx_metadata(path: Path, facts: dict) -> None:

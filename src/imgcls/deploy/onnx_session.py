@@ -26,8 +26,9 @@ def onnx_session(path: Path, threads: int | None = None, *, memory_cap_bytes: in
         if not _registered_cap:
             info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
             # arena_extend_strategy 1 (same as requested): grow by what is asked, so the cap is reached exactly.
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": int(memory_cap_bytes),
-                                                                     "arena_extend_strategy": 1}))
+            ort.create_and_register_allocator(
+                info, ort.OrtArenaCfg({"max_mem": int(memory_cap_bytes), "arena_extend_strategy": 1})
+            )
             _registered_cap.append(int(memory_cap_bytes))
         options.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -38,7 +38,7 @@ def quantize_int8(onnx_path: Path, int8_path: Path, calibration_images01: np.nda
             start = next(self.pending, None)
             if start is None:
                 return None
-            batch = calibration_images01[start:start + CALIBRATION_BATCH]
+            batch = calibration_images01[start : start + CALIBRATION_BATCH]
             return {"images": np.ascontiguousarray(batch, dtype=np.float32)}
 
     logging.getLogger("root").setLevel(logging.ERROR)  # the quantizer logs every node it skips
@@ -49,9 +49,16 @@ def quantize_int8(onnx_path: Path, int8_path: Path, calibration_images01: np.nda
         # CalibStridedMinMax: collect one batch at a time and merge its min/max ranges into the running ones
         # instead of keeping every intermediate tensor of every calibration image (3 GB at 128 pixels); the
         # ranges come out the same. (CalibMaxIntermediateOutputs would drop the collected batches.)
-        quantize_static(str(prepared), str(int8_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibStridedMinMax": 1})
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            Batches(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"CalibStridedMinMax": 1},
+        )
 
 
 def onnx_logits(path: Path, images, threads: int | None = None) -> np.ndarray:
@@ -60,6 +67,6 @@ def onnx_logits(path: Path, images, threads: int | None = None) -> np.ndarray:
     batch_size = batch_for(images.shape[2:])
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start:start + batch_size], dtype=np.float32) / 255
+        batch = np.asarray(images[start : start + batch_size], dtype=np.float32) / 255
         outputs.append(session.run(None, {"images": batch})[0])
     return np.concatenate(outputs)

@@ -28,9 +28,10 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Callable, Iterator
+from typing import IO
 
 from ..errors import DataError
 
@@ -81,8 +82,10 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 def _check_header_size(info: tarfile.TarInfo) -> None:
     if info.size > MAX_TAR_HEADER_BYTES:
-        raise _Refused(f"a tar header (long name or PAX record) of {info.size:,} bytes, over {MAX_TAR_HEADER_BYTES:,}; "
-                       "the archive is malformed or hostile")
+        raise _Refused(
+            f"a tar header (long name or PAX record) of {info.size:,} bytes, over {MAX_TAR_HEADER_BYTES:,}; "
+            "the archive is malformed or hostile"
+        )
 
 
 def is_archive(name: str) -> bool:
@@ -112,30 +115,38 @@ def _check_member_path(name: str) -> PurePosixPath:
     if ".." in member.parts:
         raise _Refused(f"refusing member {name!r}: '..' would escape the target")
     if len(member.parts) > MAX_MEMBER_DEPTH:  # shown cut short: such a name can be thousands of characters
-        raise _Refused(f"refusing member {name[:80]!r}...: nested {len(member.parts)} levels deep, over "
-                       f"{MAX_MEMBER_DEPTH} (image archives are a few levels deep; walking and removing such trees "
-                       "overflows Python's recursion)")
+        raise _Refused(
+            f"refusing member {name[:80]!r}...: nested {len(member.parts)} levels deep, over "
+            f"{MAX_MEMBER_DEPTH} (image archives are a few levels deep; walking and removing such trees "
+            "overflows Python's recursion)"
+        )
     return member
 
 
 def _check_member_count(count: int, limits: ArchiveLimits) -> None:
     if count > limits.max_members:
-        raise _Refused(f"it holds more than {limits.max_members:,} members; split it into smaller archives, or "
-                       "extract it yourself and give the folder instead")
+        raise _Refused(
+            f"it holds more than {limits.max_members:,} members; split it into smaller archives, or "
+            "extract it yourself and give the folder instead"
+        )
 
 
 def _check_total(total: int, limits: ArchiveLimits) -> None:
     if total > limits.max_bytes:
-        raise _Refused(f"it would unpack to {total / 2**30:.2f} GiB, over the limit of "
-                       f"{limits.max_bytes / 2**30:.2f} GiB (data.max_extract_gb); raise the limit if the "
-                       "data set really is that large")
+        raise _Refused(
+            f"it would unpack to {total / 2**30:.2f} GiB, over the limit of "
+            f"{limits.max_bytes / 2**30:.2f} GiB (data.max_extract_gb); raise the limit if the "
+            "data set really is that large"
+        )
 
 
 def _check_sizes(total: int, limits: ArchiveLimits, compressed: int) -> None:
     _check_total(total, limits)
     if total > RATIO_EXEMPT_BYTES and compressed and total / compressed > limits.max_ratio:
-        raise _Refused(f"it would unpack {compressed:,} bytes into {total:,} "
-                       f"(ratio {total / compressed:.0f}:1, limit {limits.max_ratio:.0f}:1): a decompression bomb")
+        raise _Refused(
+            f"it would unpack {compressed:,} bytes into {total:,} "
+            f"(ratio {total / compressed:.0f}:1, limit {limits.max_ratio:.0f}:1): a decompression bomb"
+        )
 
 
 def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> int:
@@ -156,8 +167,10 @@ def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> int:
         ) from None
     except (OSError, ValueError, RuntimeError, NotImplementedError, UnicodeDecodeError, IndexError) as error:
         # Names this system cannot create (too long, NUL bytes), encrypted or unsupported compression, ...
-        raise DataError(f"archive {archive.name} cannot be extracted ({type(error).__name__}: {error}); it is damaged, "
-                        "encrypted, uses an unsupported compression or names paths this system cannot create") from None
+        raise DataError(
+            f"archive {archive.name} cannot be extracted ({type(error).__name__}: {error}); it is damaged, "
+            "encrypted, uses an unsupported compression or names paths this system cannot create"
+        ) from None
 
 
 def _copy_counted(source: IO[bytes], dest: Path, budget: int, archive: Path, name: str) -> int:
@@ -167,8 +180,10 @@ def _copy_counted(source: IO[bytes], dest: Path, budget: int, archive: Path, nam
         while chunk := source.read(COPY_CHUNK_BYTES):
             written += len(chunk)
             if written > budget:
-                raise DataError(f"archive {archive.name}: member {name!r} holds more data than its header "
-                                "declares, or the archive passes data.max_extract_gb; extraction stopped")
+                raise DataError(
+                    f"archive {archive.name}: member {name!r} holds more data than its header "
+                    "declares, or the archive passes data.max_extract_gb; extraction stopped"
+                )
             out.write(chunk)
     return written
 
@@ -179,8 +194,10 @@ def _named(archive: Path, name: str) -> Iterator[None]:
     try:
         yield
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
-        raise DataError(f"archive {archive.name}: member {name!r} collides with another member "
-                        f"({type(error).__name__}); the archive is malformed") from None
+        raise DataError(
+            f"archive {archive.name}: member {name!r} collides with another member "
+            f"({type(error).__name__}); the archive is malformed"
+        ) from None
 
 
 class _CountingReader:
@@ -215,13 +232,17 @@ class _MeteredTarStream:
         chunk = self._source.read(size)
         self.bytes_read += len(chunk)
         if self.bytes_read > self.bytes_allowed:
-            raise _Refused(f"its tar stream runs past {self.bytes_allowed:,} bytes, more than its members' data and "
-                           "headers account for; the archive is malformed or hostile")
+            raise _Refused(
+                f"its tar stream runs past {self.bytes_allowed:,} bytes, more than its members' data and "
+                "headers account for; the archive is malformed or hostile"
+            )
         compressed = self._archive_bytes.bytes_read
         if self._compressed and self.bytes_read > RATIO_EXEMPT_BYTES and self.bytes_read > self._max_ratio * compressed:
             ratio = math.ceil(self.bytes_read / max(compressed, 1))  # up: 200.1 is over a limit of 200
-            raise _Refused(f"its first {compressed:,} compressed bytes unpack to {self.bytes_read:,} and counting "
-                           f"(ratio {ratio}:1, limit {self._max_ratio:.0f}:1): a decompression bomb")
+            raise _Refused(
+                f"its first {compressed:,} compressed bytes unpack to {self.bytes_read:,} and counting "
+                f"(ratio {ratio}:1, limit {self._max_ratio:.0f}:1): a decompression bomb"
+            )
         return chunk
 
 
@@ -260,8 +281,10 @@ def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
     try:
         return _read_tar(archive, limits, target)
     except _Refused as refused:  # pass 1 accepted it: the file changed in between
-        raise DataError(f"archive {archive.name}: {refused}; the file changed while it was being extracted, and "
-                        f"{target} holds part of it") from None
+        raise DataError(
+            f"archive {archive.name}: {refused}; the file changed while it was being extracted, and "
+            f"{target} holds part of it"
+        ) from None
 
 
 def _read_tar(archive: Path, limits: ArchiveLimits, target: Path | None) -> int:
@@ -282,9 +305,11 @@ def _read_tar(archive: Path, limits: ArchiveLimits, target: Path | None) -> int:
             members += 1
             _check_member_count(members, limits)
             if members > MEMBER_DENSITY_EXEMPT and archive_bytes.bytes_read < members * MIN_COMPRESSED_BYTES_PER_MEMBER:
-                raise _Refused(f"{members:,} members in its first {archive_bytes.bytes_read:,} bytes (under "
-                               f"{MIN_COMPRESSED_BYTES_PER_MEMBER} bytes each): empty or identical files, not images; "
-                               "if it is genuine, extract it yourself and give the folder instead")
+                raise _Refused(
+                    f"{members:,} members in its first {archive_bytes.bytes_read:,} bytes (under "
+                    f"{MIN_COMPRESSED_BYTES_PER_MEMBER} bytes each): empty or identical files, not images; "
+                    "if it is genuine, extract it yourself and give the folder instead"
+                )
             member = _check_tar_member(info)
             if info.isfile():
                 total += info.size
@@ -321,9 +346,11 @@ def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> int:
             if mode and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
                 raise _Refused(f"refusing device or FIFO member {info.filename!r}")
             if info.file_size > RATIO_EXEMPT_BYTES and info.file_size > limits.max_ratio * max(info.compress_size, 1):
-                raise _Refused(f"refusing member {info.filename!r}: {info.compress_size:,} bytes would unpack "
-                               f"to {info.file_size:,} (ratio {info.file_size / max(info.compress_size, 1):.0f}:1, "
-                               f"limit {limits.max_ratio:.0f}:1): a decompression bomb")
+                raise _Refused(
+                    f"refusing member {info.filename!r}: {info.compress_size:,} bytes would unpack "
+                    f"to {info.file_size:,} (ratio {info.file_size / max(info.compress_size, 1):.0f}:1, "
+                    f"limit {limits.max_ratio:.0f}:1): a decompression bomb"
+                )
             total += info.file_size
         _check_sizes(total, limits, archive.stat().st_size)  # many small members add up too
         written, budget = 0, limits.max_bytes

@@ -14,9 +14,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import DataError, PermanentFetchError
 
@@ -79,11 +79,17 @@ def digest_file(path: Path) -> Digest:
 def _too_large(url: str, size: str, max_bytes: int) -> PermanentFetchError:
     return PermanentFetchError(
         f"{url} is {size}, over the {max_bytes / 2**30:.3g} GiB (data.max_extract_gb) a download may write; "
-        "raise data.max_extract_gb if that is the right file, or point data.source at another copy")
+        "raise data.max_extract_gb if that is the right file, or point data.source at another copy"
+    )
 
 
-def _download_once(url: str, dest: Path, timeout_s: float, progress: Callable[[int, int | None], None] | None,
-                   max_bytes: int | None = None) -> None:
+def _download_once(
+    url: str,
+    dest: Path,
+    timeout_s: float,
+    progress: Callable[[int, int | None], None] | None,
+    max_bytes: int | None = None,
+) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "imgcls"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
@@ -105,9 +111,7 @@ def _download_once(url: str, dest: Path, timeout_s: float, progress: Callable[[i
                 if progress:
                     progress(received, expected_bytes)
             if expected_bytes is not None and received != expected_bytes:
-                raise DataError(
-                    f"connection to {url} dropped after {received} of {expected_bytes} bytes"
-                )
+                raise DataError(f"connection to {url} dropped after {received} of {expected_bytes} bytes")
     except urllib.error.HTTPError as error:
         if 400 <= error.code < 500 and error.code not in (408, 429):
             raise PermanentFetchError(f"HTTP {error.code} {error.reason} for {url}") from None

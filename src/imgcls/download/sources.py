@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .. import datasets
 from ..datasets import CIFAR10_ARCHIVE, gunzip
@@ -62,11 +62,13 @@ def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, 
             log(f"download: {location} failed; trying the next location")
     hint = {
         "fashion-mnist": "set data.source to a folder holding the four .gz files, or install Debian's package "
-                         "(apt-get install dataset-fashion-mnist) which puts them in /usr/share/datasets/fashion-mnist",
+        "(apt-get install dataset-fashion-mnist) which puts them in /usr/share/datasets/fashion-mnist",
         "cifar10": f"download {CIFAR10_ARCHIVE} where you have a network and set data.source to that file",
         "imagefolder": "set data.source to a folder or a .tar/.tar.gz/.zip archive laid out as train/<class>/*",
     }[dataset]
-    raise DataError(f"could not get {dataset} from data.source={source!r}:\n" + "\n".join(failures) + f"\nNext step: {hint}")
+    raise DataError(
+        f"could not get {dataset} from data.source={source!r}:\n" + "\n".join(failures) + f"\nNext step: {hint}"
+    )
 
 
 def _get_fashion_mnist(location: str, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
@@ -75,8 +77,14 @@ def _get_fashion_mnist(location: str, raw_dir: Path, options: FetchOptions, *, l
     files = {}
     for name, expected in datasets.FASHION_MNIST_FILES.items():
         dest = raw_dir / name
-        fetch_file(join_location(location, name), dest, retries=options.retries, timeout_s=options.timeout_s, log=log,
-                   max_bytes=options.max_download_bytes)
+        fetch_file(
+            join_location(location, name),
+            dest,
+            retries=options.retries,
+            timeout_s=options.timeout_s,
+            log=log,
+            max_bytes=options.max_download_bytes,
+        )
         content = gunzip(dest)
         actual = hashlib.sha256(content).hexdigest()
         if len(content) != expected.content_bytes or actual != expected.content_sha256:
@@ -95,8 +103,14 @@ def _get_cifar10(location: str, raw_dir: Path, options: FetchOptions, *, log: Lo
     else:
         url = str(Path(location) / CIFAR10_ARCHIVE) if Path(location).is_dir() else location
     archive = raw_dir / CIFAR10_ARCHIVE
-    fetch_file(url, archive, retries=options.retries, timeout_s=options.timeout_s, log=log,
-               max_bytes=options.max_download_bytes)
+    fetch_file(
+        url,
+        archive,
+        retries=options.retries,
+        timeout_s=options.timeout_s,
+        log=log,
+        max_bytes=options.max_download_bytes,
+    )
     digest = digest_file(archive)
     if digest.md5 != datasets.CIFAR10_ARCHIVE_MD5:
         raise DataError(
@@ -118,8 +132,14 @@ def _get_image_folder(location: str, raw_dir: Path, options: FetchOptions, *, lo
         raise PermanentFetchError("expected a folder or a .tar, .tar.gz, .tgz or .zip archive")
     name = Path(location.split("?", 1)[0].rstrip("/")).name  # keep the name: messages mention it
     archive = raw_dir / name
-    fetch_file(location, archive, retries=options.retries, timeout_s=options.timeout_s, log=log,
-               max_bytes=options.max_download_bytes)
+    fetch_file(
+        location,
+        archive,
+        retries=options.retries,
+        timeout_s=options.timeout_s,
+        log=log,
+        max_bytes=options.max_download_bytes,
+    )
     digest = digest_file(archive)
     images_dir.mkdir()
     count = extract_archive(archive, images_dir, options.limits)
@@ -136,8 +156,10 @@ def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
     ``on_bad_link`` is "skip". Returns the number of files copied."""
     root = source.resolve()
     if dest.resolve().is_relative_to(root):
-        raise PermanentFetchError(f"{source} contains the project's data folder ({dest.parent}); point data.source "
-                                  "at the folder of images, not at the project")
+        raise PermanentFetchError(
+            f"{source} contains the project's data folder ({dest.parent}); point data.source "
+            "at the folder of images, not at the project"
+        )
     bad: list[tuple[Path, str]] = []
     copied = 0
 
@@ -180,8 +202,10 @@ def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
         if on_bad_link != "skip":
             raise PermanentFetchError(
                 f"{len(bad)} file(s) in {source} cannot be copied safely:\n{listed}{more}\n"
-                "replace links with the files themselves, or set data.on_bad_image: skip to leave them out")
-        log(f"download: skipped {len(bad)} file(s) that cannot be copied safely (data.on_bad_image: skip):\n{listed}{more}")
+                "replace links with the files themselves, or set data.on_bad_image: skip to leave them out"
+            )
+        log(
+            f"download: skipped {len(bad)} file(s) that cannot be copied safely "
+            f"(data.on_bad_image: skip):\n{listed}{more}"
+        )
     return copied
-
-

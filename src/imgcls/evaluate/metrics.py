@@ -78,16 +78,24 @@ def plot_confusion_matrix(path: Path, confusion: np.ndarray, class_names: list[s
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if row_share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(confusion[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if row_share[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     with atomic_path(path, clean_stale=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
-def plot_misclassified(path: Path, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                       class_names: list[str], limit: int) -> int:
+def plot_misclassified(
+    path: Path, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, class_names: list[str], limit: int
+) -> int:
     """Grid of misclassified images (uint8 (N, C, H, W)) titled 'true -> predicted'; returns how many."""
     import matplotlib
 
@@ -100,7 +108,7 @@ def plot_misclassified(path: Path, images: np.ndarray, labels: np.ndarray, predi
     fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, index in zip(axes.flat, wrong):
+    for ax, index in zip(axes.flat, wrong, strict=False):
         image = images[index].transpose(1, 2, 0)  # (H, W, C)
         ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray" if image.shape[2] == 1 else None)
         ax.set_title(f"{class_names[labels[index]]}\n-> {class_names[predictions[index]]}", fontsize=8)

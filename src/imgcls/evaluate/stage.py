@@ -14,8 +14,14 @@ from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import resolve_device, resolve_precision, set_threads
 from ..stats import wilson_interval
-from .metrics import (confusion_matrix, per_class_metrics, plot_confusion_matrix, plot_misclassified,
-                      write_per_class_csv, write_predictions_csv)
+from .metrics import (
+    confusion_matrix,
+    per_class_metrics,
+    plot_confusion_matrix,
+    plot_misclassified,
+    write_per_class_csv,
+    write_predictions_csv,
+)
 
 
 def evaluate(params: Params, paths: ProjectPaths) -> None:
@@ -31,31 +37,49 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
     images, labels = prepared.splits["test"]
     class_names = checkpoint["class_names"]
     # images: an NpyReader, read batch by batch (memory holds a batch, not the test split)
-    result = evaluate_model(model, images, torch.from_numpy(labels), batch_size=config.batch_size,
-                            device=device, precision=precision)
+    result = evaluate_model(
+        model, images, torch.from_numpy(labels), batch_size=config.batch_size, device=device, precision=precision
+    )
     predictions = result["predictions"].cpu().numpy()
     confusion = confusion_matrix(labels, predictions, len(class_names))
     per_class = per_class_metrics(confusion, class_names)
     metrics_dir = paths.metrics_dir
     correct = int((predictions == labels).sum())
     low, high = wilson_interval(correct, len(labels))
-    write_json(metrics_dir / "eval.json", {
-        "test": {"accuracy": result["accuracy"], "ci95_low": low, "ci95_high": high, "loss": result["loss"],
-                 "images": int(len(labels)), "correct": correct},
-        "per_class": per_class,
-        "tta": config.tta, "precision": precision,
-    })
+    write_json(
+        metrics_dir / "eval.json",
+        {
+            "test": {
+                "accuracy": result["accuracy"],
+                "ci95_low": low,
+                "ci95_high": high,
+                "loss": result["loss"],
+                "images": int(len(labels)),
+                "correct": correct,
+            },
+            "per_class": per_class,
+            "tta": config.tta,
+            "precision": precision,
+        },
+    )
     write_per_class_csv(metrics_dir / "per_class.csv", per_class)
     write_predictions_csv(metrics_dir / "test_predictions.csv", labels, predictions, class_names)
-    plot_confusion_matrix(metrics_dir / "confusion_matrix.png", confusion, class_names,
-                          title=f"{prepared.meta['dataset']} test, accuracy {result['accuracy']:.4f}")
-    shown = plot_misclassified(metrics_dir / "misclassified.png", images, labels, predictions, class_names,
-                               config.misclassified_images)
+    plot_confusion_matrix(
+        metrics_dir / "confusion_matrix.png",
+        confusion,
+        class_names,
+        title=f"{prepared.meta['dataset']} test, accuracy {result['accuracy']:.4f}",
+    )
+    shown = plot_misclassified(
+        metrics_dir / "misclassified.png", images, labels, predictions, class_names, config.misclassified_images
+    )
     missing = [name for name, values in per_class.items() if values["images"] == 0]
     if missing:
         emit(f"no test images of class(es) {missing}: their accuracy is reported as null, not 0")
     scored = {name: values for name, values in per_class.items() if values["images"]}
     worst = min(scored, key=lambda n: scored[n]["accuracy"])
-    emit(f"test accuracy {result['accuracy']:.4f} (95% interval {low:.4f}..{high:.4f}), loss {result['loss']:.4f} "
-         f"on {len(labels)} images; "
-         f"weakest class {worst!r} ({per_class[worst]['accuracy']:.3f}); {shown} misclassified images drawn")
+    emit(
+        f"test accuracy {result['accuracy']:.4f} (95% interval {low:.4f}..{high:.4f}), loss {result['loss']:.4f} "
+        f"on {len(labels)} images; "
+        f"weakest class {worst!r} ({per_class[worst]['accuracy']:.3f}); {shown} misclassified images drawn"
+    )

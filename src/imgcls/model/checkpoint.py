@@ -25,7 +25,7 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/D
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside torch.compile and DataParallel/DistributedDataParallel wrappers."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+        model = getattr(model, "_orig_mod", None) or model.module
     return model
 
 
@@ -36,14 +36,23 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
         state[name] = tensor.detach().cpu().clone()
     return state
 
 
-def save_checkpoint(path: Path, model: nn.Module, *, architecture: str, arguments: dict[str, Any],
-                    class_names: list[str], mean: list[float], std: list[float], params: dict,
-                    extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    *,
+    architecture: str,
+    arguments: dict[str, Any],
+    class_names: list[str],
+    mean: list[float],
+    std: list[float],
+    params: dict,
+    extra: dict | None = None,
+) -> None:
     payload = {
         "format_version": FORMAT_VERSION,
         "state_dict": plain_state_dict(model),
@@ -97,8 +106,9 @@ def first_unusual_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
 
 
 def _bad(path: Path, problem: str) -> CheckpointError:
-    return CheckpointError(f"{path}: {problem}; it is damaged or was not written by this pipeline. "
-                           f"Rebuild it with: dvc repro -f train")
+    return CheckpointError(
+        f"{path}: {problem}; it is damaged or was not written by this pipeline. Rebuild it with: dvc repro -f train"
+    )
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -127,19 +137,32 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         arguments = ModelArguments.model_validate(checkpoint["arguments"])
     except ValidationError as error:
         first = error.errors()[0]
-        raise _bad(path, f"arguments.{'.'.join(map(str, first['loc']))} = {first.get('input')!r}: {first['msg']}") from None
+        raise _bad(
+            path, f"arguments.{'.'.join(map(str, first['loc']))} = {first.get('input')!r}: {first['msg']}"
+        ) from None
     class_names = checkpoint["class_names"]
-    if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)
-            and len(class_names) == arguments.num_classes and len(set(class_names)) == len(class_names)):
-        raise _bad(path, f"class_names {class_names!r} do not match the head's {arguments.num_classes} distinct classes")
+    if not (
+        isinstance(class_names, list)
+        and all(isinstance(n, str) for n in class_names)
+        and len(class_names) == arguments.num_classes
+        and len(set(class_names)) == len(class_names)
+    ):
+        raise _bad(
+            path, f"class_names {class_names!r} do not match the head's {arguments.num_classes} distinct classes"
+        )
     channels = normalized_channels(architecture, arguments.in_channels)
     if len(arguments.mean) != channels or len(arguments.std) != channels:
         raise _bad(path, f"mean/std need {channels} value(s), one per channel")
     if arguments.image_size < MIN_IMAGE_SIZE[architecture]:
-        raise _bad(path, f"{architecture} needs images of at least {MIN_IMAGE_SIZE[architecture]} pixels, "
-                         f"arguments say {arguments.image_size}")
+        raise _bad(
+            path,
+            f"{architecture} needs images of at least {MIN_IMAGE_SIZE[architecture]} pixels, "
+            f"arguments say {arguments.image_size}",
+        )
     state = checkpoint["state_dict"]
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
         raise _bad(path, "state_dict is not a mapping of names to tensors")
     unusual = first_unusual_tensor(state)
     if unusual:

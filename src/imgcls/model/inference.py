@@ -17,22 +17,28 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images_uint8, *, batch_size: int, device: torch.device,
-            precision: str) -> torch.Tensor:
+def predict(model: nn.Module, images_uint8, *, batch_size: int, device: torch.device, precision: str) -> torch.Tensor:
     """Float32 logits (N, classes) for uint8 images, in eval mode. ``images_uint8`` is a tensor, an array
     or anything sliced into arrays (an NpyReader: each batch is read from disk as it is needed)."""
     model.eval()
     outputs = []
     for start in range(0, len(images_uint8), batch_size):
-        batch = images_uint8[start:start + batch_size]
+        batch = images_uint8[start : start + batch_size]
         batch = to_float_images((torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch).to(device))
         with autocast(device, precision):
             outputs.append(model(batch).float())
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
-def evaluate_model(model: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-             device: torch.device, precision: str) -> dict:
+def evaluate_model(
+    model: nn.Module,
+    images_uint8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> dict:
     """Mean cross-entropy loss, accuracy and predicted classes on a labelled set."""
     logits = predict(model, images_uint8, batch_size=batch_size, device=device, precision=precision)
     labels = labels.to(logits.device)
@@ -42,5 +48,3 @@ def evaluate_model(model: nn.Module, images_uint8: torch.Tensor, labels: torch.T
         "logits": logits,
         "predictions": logits.argmax(1),
     }
-
-

@@ -85,7 +85,9 @@ class TutorialCNN(Network):
             channels = width
         self.features = nn.Sequential(*layers)
         side = image_size // 8
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(self.normalize(x)))
@@ -134,16 +136,26 @@ class ConvNet(Network):
     a bias-free head scaled by 1/9. convnet: a learnable 3x3 stem conv and ordinary BatchNorm.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, mean: list[float], std: list[float],
-                 widths: tuple[int, int, int], fast: bool, whiten_bias_epochs: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        widths: tuple[int, int, int],
+        fast: bool,
+        whiten_bias_epochs: float = 0.0,
+    ):
         super().__init__()
         self.fast = fast
         self.whiten_bias_epochs = whiten_bias_epochs  # fast: the whitening stem's bias trains this long
         # Larger images give more patches each: take fewer of them, so memory stays that of 5,000 CIFAR-10
         # images (5,000 x 127 x 127 patches of 128-pixel images would be 3.9 GB of float32, copied twice).
         patches_per_image = (image_size - 1) ** 2
-        self.init_images = (min(self.WHITENING_IMAGES, max(1, self.WHITENING_PATCHES // patches_per_image))
-                            if fast else 0)
+        self.init_images = (
+            min(self.WHITENING_IMAGES, max(1, self.WHITENING_PATCHES // patches_per_image)) if fast else 0
+        )
         self.normalize = Normalize(mean, std)
         if fast:
             stem_width = 2 * in_channels * 2 * 2  # each 2x2 patch eigenvector, positive and negated
@@ -155,7 +167,8 @@ class ConvNet(Network):
             self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=3, padding=1, bias=False)
             self.stem_post = nn.Sequential(nn.BatchNorm2d(stem_width), nn.GELU())
         self.groups = nn.Sequential(
-            ConvGroup(stem_width, widths[0], fast), ConvGroup(widths[0], widths[1], fast),
+            ConvGroup(stem_width, widths[0], fast),
+            ConvGroup(widths[0], widths[1], fast),
             ConvGroup(widths[1], widths[2], fast),
         )
         self.head = nn.Linear(widths[2], num_classes, bias=not fast)
@@ -173,7 +186,7 @@ class ConvNet(Network):
 
     def initialize_from_data(self, images: torch.Tensor) -> None:
         if self.fast:
-            self.init_whitening(images[:self.init_images].float() / 255)
+            self.init_whitening(images[: self.init_images].float() / 255)
 
     def start_epoch(self, epochs_done: int) -> None:
         if self.fast and epochs_done >= self.whiten_bias_epochs:
@@ -205,8 +218,15 @@ class TorchvisionNet(Network):
 
     HEADS = {"resnet18": "fc", "mobilenet_v3_small": "classifier.3"}
 
-    def __init__(self, architecture: str, in_channels: int, num_classes: int, image_size: int, mean: list[float],
-                 std: list[float]):
+    def __init__(
+        self,
+        architecture: str,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+    ):
         super().__init__()
         import torchvision
 
@@ -237,8 +257,9 @@ def build_model(name: str, *, width: int = 32, whiten_bias_epochs: float = 0.0, 
         "lenet": lambda: LeNet(**arguments),
         "tutorial_cnn": lambda: TutorialCNN(**arguments),
         "convnet": lambda: ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False),
-        "fast": lambda: ConvNet(**arguments, widths=(width, 4 * width, 4 * width), fast=True,
-                                whiten_bias_epochs=whiten_bias_epochs),
+        "fast": lambda: ConvNet(
+            **arguments, widths=(width, 4 * width, 4 * width), fast=True, whiten_bias_epochs=whiten_bias_epochs
+        ),
         **{name: (lambda name=name: TorchvisionNet(name, **arguments)) for name in TORCHVISION_MODELS},
     }
     if name not in builders:
@@ -257,6 +278,6 @@ class TTAModel(nn.Module):
         n, h, w = x.shape[0], x.shape[2], x.shape[3]
         both = torch.cat([x, torch.flip(x, dims=[3])])  # (2N, C, H, W): image and mirror
         padded = F.pad(both, (1, 1, 1, 1), mode="reflect")
-        views = torch.cat([both, padded[:, :, 0:h, 0:w], padded[:, :, 2:h + 2, 2:w + 2]])  # (6N, C, H, W)
+        views = torch.cat([both, padded[:, :, 0:h, 0:w], padded[:, :, 2 : h + 2, 2 : w + 2]])  # (6N, C, H, W)
         logits = self.model(views).view(3, 2, n, -1)  # (view, mirror, N, classes)
         return 0.5 * logits[0].mean(dim=0) + 0.5 * logits[1:].mean(dim=(0, 1))

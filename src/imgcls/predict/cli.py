@@ -22,8 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -53,23 +54,42 @@ def printable(text: str) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="imgcls predict", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="*", metavar="SOURCE",
-                        help="image files, folders, glob patterns, .tar/.tar.gz/.zip archives, video files")
+    parser = argparse.ArgumentParser(
+        prog="imgcls predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="image files, folders, glob patterns, .tar/.tar.gz/.zip archives, video files",
+    )
     parser.add_argument("--camera", type=int, metavar="N", help="read camera N (/dev/videoN) instead of files")
     parser.add_argument("--frames", type=int, metavar="N", help="with --camera: stop after N predictions")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=f"model file: .onnx (default {DEFAULT_MODEL}), .torchscript.pt or checkpoint.pt")
-    parser.add_argument("--trust-model", action="store_true",
-                        help="allow a TorchScript or checkpoint (.pt) model: such files can run code when loaded, "
-                             "so only for files from someone you trust; ONNX needs no trust")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help=f"model file: .onnx (default {DEFAULT_MODEL}), .torchscript.pt or checkpoint.pt",
+    )
+    parser.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="allow a TorchScript or checkpoint (.pt) model: such files can run code when loaded, "
+        "so only for files from someone you trust; ONNX needs no trust",
+    )
     parser.add_argument("--int8", action="store_true", help="use the int8 ONNX model beside --model (model.int8.onnx)")
     parser.add_argument("--top-k", type=int, default=1, metavar="K", help="classes reported per image (default 1)")
     parser.add_argument("--output", type=Path, metavar="FILE", help="write results to FILE (.csv, .json or .jsonl)")
     parser.add_argument("--every", type=int, default=1, metavar="N", help="videos and camera: every Nth frame")
-    parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="inference threads (default: all cores); image decoding uses as many processes")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="inference threads (default: all cores); image decoding uses as many processes",
+    )
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per inference call")
     parser.add_argument("--skip-bad", action="store_true", help="exit 0 even when some images could not be read")
     parser.add_argument("--quiet", action="store_true", help="no table, only the summary line")
@@ -151,16 +171,23 @@ class ResultWriter:
         self.k = k
         if self.suffix == ".csv":
             self.csv = csv.writer(self.file)
-            self.csv.writerow(["source"] + [f"{f}_{i}" for i in range(1, k + 1) for f in ("class", "probability")]
-                              + ["true_class", "error"])
+            self.csv.writerow(
+                ["source"]
+                + [f"{f}_{i}" for i in range(1, k + 1) for f in ("class", "probability")]
+                + ["true_class", "error"]
+            )
         elif self.suffix == ".json":
             self.file.write("[")
 
     def write(self, row: dict) -> None:
         if self.suffix == ".csv":
             top = [v for t in row.get("top", []) for v in (t["class"], t["probability"])]
-            self.csv.writerow([row["source"]] + top + [""] * (2 * self.k - len(top))
-                              + [row.get("true_class", ""), row.get("error", "")])
+            self.csv.writerow(
+                [row["source"]]
+                + top
+                + [""] * (2 * self.k - len(top))
+                + [row.get("true_class", ""), row.get("error", "")]
+            )
         elif self.suffix == ".json":
             self.file.write(("," if self.rows else "") + "\n " + json.dumps(row))
         else:
@@ -214,8 +241,12 @@ def predict_main(args: argparse.Namespace) -> int:
             return run_predictions(args, threads, writer)
         except (UserError, KeyboardInterrupt, Terminated):
             if writer is not None and writer.rows:
-                print(f"predict: kept the {writer.rows} result(s) finished before the stop in "
-                      f"{printable(str(args.output))}", file=sys.stderr, flush=True)
+                print(
+                    f"predict: kept the {writer.rows} result(s) finished before the stop in "
+                    f"{printable(str(args.output))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise
     raise AssertionError("unreachable")
 
@@ -229,9 +260,11 @@ def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter
     correct, seen_labelled = np.zeros(len(model.class_names)), np.zeros(len(model.class_names))
     quiet = args.quiet
     if not quiet:
-        print(f"model {printable(str(model.path))} ({model.kind}{', int8' if args.int8 else ''}): "
-              f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}",
-              flush=True)
+        print(
+            f"model {printable(str(model.path))} ({model.kind}{', int8' if args.int8 else ''}): "
+            f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}",
+            flush=True,
+        )
     started = time.perf_counter()
     bar = _progress(None)
     with tempfile.TemporaryDirectory(prefix="imgcls-predict-") as scratch:
@@ -239,14 +272,16 @@ def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter
             good = [item for item in batch if item.image is not None]
             probabilities = iter(model.probabilities(np.stack([i.image for i in good])) if good else [])
             for item in batch:
-                row = result_row(item, next(probabilities) if item.image is not None else None,
-                                 model.class_names, k)
+                row = result_row(item, next(probabilities) if item.image is not None else None, model.class_names, k)
                 if writer is not None:
                     writer.write(row)
                 if item.image is None:
                     bad += 1
-                    print(f"predict: cannot read {printable(item.name)}: {printable(str(item.error))}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"predict: cannot read {printable(item.name)}: {printable(str(item.error))}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     continue
                 predicted += 1
                 if item.label is not None:
@@ -266,13 +301,20 @@ def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter
         bar.close()
     output = printable(str(args.output)) if args.output is not None else None
     if not quiet and predicted > printed:
-        print(f"... and {predicted - printed} more" + (f" (all in {output})" if output else
-                                                       " (use --output FILE to keep them all)"))
+        print(
+            f"... and {predicted - printed} more"
+            + (f" (all in {output})" if output else " (use --output FILE to keep them all)")
+        )
     summary = f"predict: {predicted} images in {seconds:.2f} s ({predicted / max(seconds, 1e-9):,.0f} images/s)"
     if seen_labelled.sum():
-        summary += f"; labelled folder: accuracy {correct.sum() / seen_labelled.sum():.4f} on {int(seen_labelled.sum())}"
-        per_class = [f"{printable(name)} {correct[i] / seen_labelled[i]:.3f}" for i, name in enumerate(model.class_names)
-                     if seen_labelled[i]]
+        summary += (
+            f"; labelled folder: accuracy {correct.sum() / seen_labelled.sum():.4f} on {int(seen_labelled.sum())}"
+        )
+        per_class = [
+            f"{printable(name)} {correct[i] / seen_labelled[i]:.3f}"
+            for i, name in enumerate(model.class_names)
+            if seen_labelled[i]
+        ]
         summary += " (" + ", ".join(per_class) + ")"
     if bad:
         summary += f"; {bad} unreadable" + ("" if args.skip_bad else " (exit status 1; --skip-bad to ignore)")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,8 +42,10 @@ PROBE_SECONDS = 60.0  # two images through any real classifier take well under a
 # A call may take this many times the probe's time per image (timings vary), and never less than the floor.
 CALL_SECONDS_PER_PROBE = 100
 CALL_SECONDS_FLOOR = 60.0
-TRUST_HINT = ("pass --trust-model only if you trust whoever made the file, or use the ONNX export "
-              "(model.onnx), which predict loads as data")
+TRUST_HINT = (
+    "pass --trust-model only if you trust whoever made the file, or use the ONNX export "
+    "(model.onnx), which predict loads as data"
+)
 
 
 @dataclass
@@ -59,9 +61,11 @@ class LoadedModel:
     def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
         logits = np.asarray(self.logits(images_uint8.astype(np.float32) / 255))
         if logits.shape != (len(images_uint8), len(self.class_names)):
-            raise UserError(f"{self.path}: the model answered {len(images_uint8)} image(s) with logits of shape "
-                            f"{tuple(logits.shape)}, not ({len(images_uint8)}, {len(self.class_names)}); the file is "
-                            "damaged or its metadata does not describe its graph")
+            raise UserError(
+                f"{self.path}: the model answered {len(images_uint8)} image(s) with logits of shape "
+                f"{tuple(logits.shape)}, not ({len(images_uint8)}, {len(self.class_names)}); the file is "
+                "damaged or its metadata does not describe its graph"
+            )
         if not np.isfinite(logits).all():  # NaN probabilities would also make the JSON output invalid
             raise UserError(f"{self.path}: the model answered NaN or infinite logits; the file is damaged")
         logits = logits - logits.max(axis=1, keepdims=True)
@@ -84,12 +88,17 @@ def check_facts(path: Path, facts: object) -> dict:
     names, size, channels = facts["class_names"], facts["image_size"], facts["channels"]
     if not (isinstance(names, list) and 2 <= len(names) <= MAX_CLASSES):
         raise UserError(f"{path}: metadata field class_names must be a list of 2..{MAX_CLASSES:,} names; {redo}")
-    if not all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME_CHARS for n in names) or len(set(names)) != len(names):
-        raise UserError(f"{path}: metadata field class_names must hold distinct names of 1..{MAX_CLASS_NAME_CHARS} "
-                        f"characters; {redo}")
+    if not all(isinstance(n, str) and 0 < len(n) <= MAX_CLASS_NAME_CHARS for n in names) or len(set(names)) != len(
+        names
+    ):
+        raise UserError(
+            f"{path}: metadata field class_names must hold distinct names of 1..{MAX_CLASS_NAME_CHARS} "
+            f"characters; {redo}"
+        )
     if not (_is_int(size) and 1 <= size <= MAX_IMAGE_SIZE):
-        raise UserError(f"{path}: metadata field image_size = {str(size)[:40]} is not an integer in 1..{MAX_IMAGE_SIZE}; "
-                        f"{redo}")
+        raise UserError(
+            f"{path}: metadata field image_size = {str(size)[:40]} is not an integer in 1..{MAX_IMAGE_SIZE}; {redo}"
+        )
     if not (_is_int(channels) and channels in (1, 3)):
         raise UserError(f"{path}: metadata field channels = {str(channels)[:40]} is not 1 or 3; {redo}")
     return facts
@@ -97,8 +106,10 @@ def check_facts(path: Path, facts: object) -> dict:
 
 def _parse_facts(path: Path, text: str | bytes) -> dict:
     if len(text) > MAX_METADATA_BYTES:
-        raise UserError(f"{path}: its imgcls metadata is {len(text):,} bytes, over {MAX_METADATA_BYTES:,}; "
-                        "re-export it (dvc repro -f export)")
+        raise UserError(
+            f"{path}: its imgcls metadata is {len(text):,} bytes, over {MAX_METADATA_BYTES:,}; "
+            "re-export it (dvc repro -f export)"
+        )
     try:
         return check_facts(path, json.loads(text))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -114,18 +125,25 @@ def _check_declared_shapes(path: Path, facts: dict, inputs: list, outputs: list)
         raise UserError(f"{path}: the graph has no outputs")
     declared_in, declared_out = inputs[0].shape, outputs[0].shape
     if inputs[0].type != "tensor(float)" or len(declared_in) != 4:
-        raise UserError(f"{path}: the graph's input is {inputs[0].type} of shape {declared_in}; an imgcls model takes "
-                        "float images (N, C, H, W)")
-    expected = {"channels": (declared_in[1], facts["channels"]), "image_size": (declared_in[2], facts["image_size"]),
-                "image_size (width)": (declared_in[3], facts["image_size"])}
+        raise UserError(
+            f"{path}: the graph's input is {inputs[0].type} of shape {declared_in}; an imgcls model takes "
+            "float images (N, C, H, W)"
+        )
+    expected = {
+        "channels": (declared_in[1], facts["channels"]),
+        "image_size": (declared_in[2], facts["image_size"]),
+        "image_size (width)": (declared_in[3], facts["image_size"]),
+    }
     if len(declared_out) == 2:
         expected["class_names (count)"] = (declared_out[1], len(facts["class_names"]))
     else:
         raise UserError(f"{path}: the graph's output has shape {declared_out}; an imgcls model answers (N, classes)")
     for field, (graph, meta) in expected.items():
         if isinstance(graph, int) and graph != meta:
-            raise UserError(f"{path}: metadata field {field.split(' ')[0]} says {meta} but the graph declares {graph}; "
-                            "the file's metadata does not describe its graph; re-export it (dvc repro -f export)")
+            raise UserError(
+                f"{path}: metadata field {field.split(' ')[0]} says {meta} but the graph declares {graph}; "
+                "the file's metadata does not describe its graph; re-export it (dvc repro -f export)"
+            )
 
 
 def _probe(model: LoadedModel) -> float:
@@ -137,9 +155,11 @@ def _probe(model: LoadedModel) -> float:
     except UserError:
         raise
     except Exception as error:  # the runtime's own errors for a graph that cannot take its declared input
-        raise UserError(f"{model.path}: the model fails on {PROBE_IMAGES} {model.channels}x{model.image_size}x"
-                        f"{model.image_size} images, the input its metadata declares ({type(error).__name__}: "
-                        f"{str(error)[:200]})") from None
+        raise UserError(
+            f"{model.path}: the model fails on {PROBE_IMAGES} {model.channels}x{model.image_size}x"
+            f"{model.image_size} images, the input its metadata declares ({type(error).__name__}: "
+            f"{str(error)[:200]})"
+        ) from None
     return (time.perf_counter() - started) / PROBE_IMAGES
 
 
@@ -169,8 +189,10 @@ def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.
     try:
         while not finished.wait(0.05):
             if time.monotonic() > deadline:
-                raise UserError(f"{path}: one inference call ran longer than {seconds:.0f} s and was stopped; the graph "
-                                "loops without end or does far more work than a classifier (a damaged or hostile file)")
+                raise UserError(
+                    f"{path}: one inference call ran longer than {seconds:.0f} s and was stopped; the graph "
+                    "loops without end or does far more work than a classifier (a damaged or hostile file)"
+                )
     finally:
         if not finished.is_set():
             options.terminate = True
@@ -182,18 +204,24 @@ def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.
             from ..deploy.onnx_session import registered_memory_cap
 
             cap = registered_memory_cap() or 0
-            raise UserError(f"{path}: the graph asked for more memory than the {cap / 2**30:.1f} GiB predict lets ONNX "
-                            f"Runtime use ({ONNX_MEMORY_SHARE:.0%} of what was available); lower --batch-size, or the "
-                            "file is hostile") from None
-        raise UserError(f"{path}: ONNX Runtime failed on a batch of {len(next(iter(feed.values())))} "
-                        f"({type(error).__name__}: {text[:200]})") from None
+            raise UserError(
+                f"{path}: the graph asked for more memory than the {cap / 2**30:.1f} GiB predict lets ONNX "
+                f"Runtime use ({ONNX_MEMORY_SHARE:.0%} of what was available); lower --batch-size, or the "
+                "file is hostile"
+            ) from None
+        raise UserError(
+            f"{path}: ONNX Runtime failed on a batch of {len(next(iter(feed.values())))} "
+            f"({type(error).__name__}: {text[:200]})"
+        ) from None
     return outcome["logits"]
 
 
 def _missing(path: Path) -> UserError:
-    return UserError(f"no model at {path}: run `dvc repro` to train and export one, or `dvc pull` to fetch the "
-                     "committed run's files from the DVC remote, or pass --model FILE "
-                     "(.onnx, .torchscript.pt or checkpoint.pt)")
+    return UserError(
+        f"no model at {path}: run `dvc repro` to train and export one, or `dvc pull` to fetch the "
+        "committed run's files from the DVC remote, or pass --model FILE "
+        "(.onnx, .torchscript.pt or checkpoint.pt)"
+    )
 
 
 def load_onnx(path: Path, threads: int) -> LoadedModel:
@@ -205,16 +233,17 @@ def load_onnx(path: Path, threads: int) -> LoadedModel:
         raise UserError(f"{path}: not a loadable ONNX model ({type(error).__name__}: {str(error)[:200]})") from None
     metadata = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in metadata:
-        raise UserError(f"{path}: an ONNX model without imgcls metadata (class names, input size); export it with "
-                        "this pipeline (dvc repro export) or pass the checkpoint with --model data/model/checkpoint.pt")
+        raise UserError(
+            f"{path}: an ONNX model without imgcls metadata (class names, input size); export it with "
+            "this pipeline (dvc repro export) or pass the checkpoint with --model data/model/checkpoint.pt"
+        )
     facts = _parse_facts(path, metadata[METADATA_KEY])
     _check_declared_shapes(path, facts, session.get_inputs(), session.get_outputs())
     input_name = session.get_inputs()[0].name
     probed: list[float] = []  # seconds per image, once the probe has measured it
 
     def logits(images: np.ndarray) -> np.ndarray:
-        limit = (max(CALL_SECONDS_FLOOR, CALL_SECONDS_PER_PROBE * probed[0] * len(images)) if probed
-                 else PROBE_SECONDS)
+        limit = max(CALL_SECONDS_FLOOR, CALL_SECONDS_PER_PROBE * probed[0] * len(images)) if probed else PROBE_SECONDS
         return run_interruptibly(session, {input_name: images}, seconds=limit, path=path)
 
     model = LoadedModel(path, "onnx", facts["class_names"], facts["image_size"], facts["channels"], facts, logits)
@@ -230,7 +259,9 @@ def load_torchscript(path: Path, threads: int) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
     except Exception as error:  # any damaged or foreign file (the user trusts its maker, not its integrity)
-        raise UserError(f"{path}: not a loadable TorchScript file ({type(error).__name__}: {str(error)[:200]})") from None
+        raise UserError(
+            f"{path}: not a loadable TorchScript file ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     if not extra[TORCHSCRIPT_EXTRA_FILE]:
         raise UserError(f"{path}: a TorchScript file without {TORCHSCRIPT_EXTRA_FILE}; export it with this pipeline")
     facts = _parse_facts(path, extra[TORCHSCRIPT_EXTRA_FILE])
@@ -242,8 +273,9 @@ def load_torchscript(path: Path, threads: int) -> LoadedModel:
             raise UserError(f"{path}: the model returned {type(output).__name__}, not a tensor of logits")
         return output.float().numpy()
 
-    model = LoadedModel(path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"], facts,
-                        logits)
+    model = LoadedModel(
+        path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"], facts, logits
+    )
     _probe(model)
     return model
 
@@ -256,15 +288,18 @@ def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:
     torch.set_num_threads(threads)
     model, checkpoint = load_checkpoint(path, "cpu")
     arguments = checkpoint["arguments"]
-    facts = {"class_names": checkpoint["class_names"], "image_size": arguments["image_size"],
-             "channels": arguments["in_channels"], "architecture": checkpoint["architecture"]}
+    facts = {
+        "class_names": checkpoint["class_names"],
+        "image_size": arguments["image_size"],
+        "channels": arguments["in_channels"],
+        "architecture": checkpoint["architecture"],
+    }
 
     def logits(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return model(torch.from_numpy(images)).float().numpy()
 
-    return LoadedModel(path, "checkpoint", facts["class_names"], facts["image_size"], facts["channels"], facts,
-                       logits)
+    return LoadedModel(path, "checkpoint", facts["class_names"], facts["image_size"], facts["channels"], facts, logits)
 
 
 def load_model(path: Path, *, threads: int, int8: bool = False, trust: bool = False) -> LoadedModel:
@@ -275,19 +310,22 @@ def load_model(path: Path, *, threads: int, int8: bool = False, trust: bool = Fa
     if int8 and not path.name.endswith(".int8.onnx"):
         if path.suffix != ".onnx":
             raise UserError(f"--int8 needs an ONNX model; {path} is not one")
-        path = path.with_name(path.name[:-len(".onnx")] + ".int8.onnx")
+        path = path.with_name(path.name[: -len(".onnx")] + ".int8.onnx")
     if not path.is_file():
         raise _missing(path)
     if path.suffix == ".onnx":
         return load_onnx(path, threads)
     if path.name.endswith(".torchscript.pt"):
         if not trust:
-            raise UserError(f"{path}: a TorchScript file is a program: loading it runs code stored in it; "
-                            + TRUST_HINT)
+            raise UserError(
+                f"{path}: a TorchScript file is a program: loading it runs code stored in it; " + TRUST_HINT
+            )
         return load_torchscript(path, threads)
     if path.suffix == ".pt":
         if not trust:
-            raise UserError(f"{path}: a checkpoint is a pickle, a format made to run code, read through torch's "
-                            "restricted loader; " + TRUST_HINT)
+            raise UserError(
+                f"{path}: a checkpoint is a pickle, a format made to run code, read through torch's "
+                "restricted loader; " + TRUST_HINT
+            )
         return load_checkpoint_model(path, threads)
     raise UserError(f"{path}: not a model file this tool reads (.onnx, .torchscript.pt or checkpoint.pt)")

@@ -5,7 +5,8 @@ Each source yields ``Item``s: a name (a path, ``video.mp4#frame=120``, ``archive
 true class where a labelled folder (``<class>/<images>``) says it, and either the model input or the
 reason it could not be read. Only regular files are opened (a FIFO named ``p.png`` would block forever);
 links to folders are never followed inside a folder or a ``**`` pattern (a link to an ancestor makes the
-walk endless), and each one skipped is reported as an item, as is a folder that cannot be listed. Pictures become model input through the preprocess stage's own functions
+walk endless), and each one skipped is reported as an item, as is a folder that cannot be listed.
+Pictures become model input through the preprocess stage's own functions
 (``decode_image`` for files, ``prepare_image`` for decoded frames), so predict sees what training saw."""
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import os
 import signal
 import stat
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -28,8 +29,8 @@ from PIL import Image
 from ..datasets import IMAGE_SUFFIXES
 from ..download.archives import ArchiveLimits, extract_archive, is_archive
 from ..errors import DataError, UserError
-from ..preprocess.images import DECODE_ERRORS, decode_image, prepare_image
 from ..preprocess.imagefolder import is_hidden
+from ..preprocess.images import DECODE_ERRORS, decode_image, prepare_image
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 # FFmpeg picks a demuxer by content, not by name: a ".mp4" that is a concat script or an HLS playlist would make
@@ -60,6 +61,7 @@ class FileJob:
 @dataclass
 class Skipped:
     """Something found while expanding a source that is not read: reported like an unreadable image."""
+
     name: str
     reason: str
 
@@ -91,8 +93,9 @@ def walk_folders(top: Path, skipped: list[Skipped]) -> Iterator[tuple[Path, list
             if entry.is_dir(follow_symlinks=False):
                 subfolders.append(Path(entry.path))
             elif entry.is_symlink() and entry.is_dir():
-                skipped.append(Skipped(entry.path, "a link to a folder: not followed (give the folder it points to "
-                                                   "as a SOURCE)"))
+                skipped.append(
+                    Skipped(entry.path, "a link to a folder: not followed (give the folder it points to as a SOURCE)")
+                )
             else:
                 files.append(entry.name)
         yield folder, files
@@ -105,13 +108,18 @@ def walk_folders(top: Path, skipped: list[Skipped]) -> Iterator[tuple[Path, list
 def _walk_images(folder: Path) -> tuple[list[Path], list[Skipped]]:
     """Image files under ``folder`` (sorted, hidden names left out), and what was skipped."""
     skipped: list[Skipped] = []
-    files = [root / name for root, names in walk_folders(folder, skipped) for name in names
-             if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        root / name
+        for root, names in walk_folders(folder, skipped)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES
+    ]
     return files, skipped
 
 
-def _folder_jobs(folder: Path, class_names: list[str],
-                 shown_as: str | None = None) -> tuple[list[FileJob], list[Skipped]]:
+def _folder_jobs(
+    folder: Path, class_names: list[str], shown_as: str | None = None
+) -> tuple[list[FileJob], list[Skipped]]:
     """Every image under ``folder``; labelled when each top-level subfolder is one of the model's classes."""
     try:
         subfolders = [d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name)]
@@ -152,8 +160,11 @@ def glob_images(pattern: str) -> list[Path]:
                     names = sorted(os.listdir(base))
                 except OSError:
                     continue
-                matched += [base / n for n in names if fnmatch.fnmatchcase(n, part)
-                            and (part.startswith(".") or not n.startswith("."))]
+                matched += [
+                    base / n
+                    for n in names
+                    if fnmatch.fnmatchcase(n, part) and (part.startswith(".") or not n.startswith("."))
+                ]
             elif (base / part).exists() or (base / part).is_symlink():
                 matched.append(base / part)
         bases = list(dict.fromkeys(matched))  # "**/**" would list a folder twice
@@ -173,9 +184,14 @@ def plan_sources(sources: list[str], class_names: list[str], scratch: Path) -> l
         if path.is_dir():
             jobs, skipped = _folder_jobs(path, class_names)
             if not jobs:
-                raise UserError(f"{source}: a folder without images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-                                + (f"; {len(skipped)} link(s) or unreadable folder(s) skipped, first {skipped[0].name}"
-                                   if skipped else ""))
+                raise UserError(
+                    f"{source}: a folder without images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+                    + (
+                        f"; {len(skipped)} link(s) or unreadable folder(s) skipped, first {skipped[0].name}"
+                        if skipped
+                        else ""
+                    )
+                )
             planned += skipped + jobs
         elif path.exists() and not is_regular_file(path):
             raise UserError(f"{source}: not a regular file (a FIFO, device or socket); give image files or folders")
@@ -210,8 +226,9 @@ def _decode_files(jobs: list[tuple[str, str, int | None]], image_size: int, chan
             items.append(Item(name, label, None, "not a regular file (a FIFO, device or socket, or gone)"))
             continue
         try:
-            items.append(Item(name, label, decode_image(path, image_size=image_size, channels=channels,
-                                                        max_pixels=MAX_PIXELS)))
+            items.append(
+                Item(name, label, decode_image(path, image_size=image_size, channels=channels, max_pixels=MAX_PIXELS))
+            )
         except DECODE_ERRORS as error:
             items.append(Item(name, label, None, f"{type(error).__name__}: {error}"))
     return items
@@ -228,8 +245,10 @@ def _worker_start() -> None:
 def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers: int) -> Iterator[Item]:
     """Decode image files in order; with ``workers`` > 1 on a process pool (no more processes than tasks
     or cores), a few tasks ahead."""
-    tasks = [[(str(j.path), j.name, j.label) for j in jobs[i:i + FILES_PER_TASK]]
-             for i in range(0, len(jobs), FILES_PER_TASK)]
+    tasks = [
+        [(str(j.path), j.name, j.label) for j in jobs[i : i + FILES_PER_TASK]]
+        for i in range(0, len(jobs), FILES_PER_TASK)
+    ]
     workers = min(workers, len(tasks), os.cpu_count() or 1)
     if workers <= 1:
         for task in tasks:
@@ -245,8 +264,10 @@ def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers:
         for future in pending:
             yield from future.result()
     except BrokenProcessPool:
-        raise UserError(f"an image-decoding worker process died (killed by a signal, or out of memory) while "
-                        f"decoding the images from {jobs[0].name} on; nothing after that was predicted") from None
+        raise UserError(
+            f"an image-decoding worker process died (killed by a signal, or out of memory) while "
+            f"decoding the images from {jobs[0].name} on; nothing after that was predicted"
+        ) from None
     finally:  # an error or a stop: drop the queued work instead of decoding it first
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -264,8 +285,9 @@ def video_frames(path: Path, *, image_size: int, channels: int, every: int, thre
     try:
         container = av.open(str(path), options=VIDEO_OPEN_OPTIONS)
     except (av.error.FFmpegError, OSError) as error:
-        raise UserError(f"{path}: not a readable video ({error}); predict reads MP4/MOV, Matroska/WebM and AVI "
-                        "files") from None
+        raise UserError(
+            f"{path}: not a readable video ({error}); predict reads MP4/MOV, Matroska/WebM and AVI files"
+        ) from None
     with container:
         if not container.streams.video:
             raise UserError(f"{path}: has no video stream")
@@ -294,8 +316,10 @@ def camera_frames(camera: int, *, image_size: int, channels: int, every: int, li
     device = f"/dev/video{camera}"
     if not os.path.exists(device):
         present = sorted(glob.glob("/dev/video*"))
-        raise UserError(f"camera {camera} ({device}) does not exist on this machine; "
-                        + (f"cameras found: {', '.join(present)}" if present else "no camera was found (no /dev/video*)"))
+        raise UserError(
+            f"camera {camera} ({device}) does not exist on this machine; "
+            + (f"cameras found: {', '.join(present)}" if present else "no camera was found (no /dev/video*)")
+        )
     try:
         container = av.open(device, format="v4l2")
     except (av.error.FFmpegError, OSError) as error:
@@ -305,5 +329,8 @@ def camera_frames(camera: int, *, image_size: int, channels: int, every: int, li
             if limit is not None and index >= limit * every:
                 break
             if index % every == 0:
-                yield Item(f"camera{camera}#frame={index}", None,
-                           prepare_image(_picture(frame), image_size=image_size, channels=channels))
+                yield Item(
+                    f"camera{camera}#frame={index}",
+                    None,
+                    prepare_image(_picture(frame), image_size=image_size, channels=channels),
+                )

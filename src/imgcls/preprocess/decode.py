@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import DataError
 from .formats import DecodedDataset, decode_cifar10, decode_fashion_mnist
 from .imagefolder import decode_image_folder, is_hidden
 
 
-def decode(dataset: str, raw_dir: Path, *, image_size: int, channels: int, on_bad_image: str, max_image_pixels: int,
-           workdir: Path, log: Callable[[str], None] = print) -> DecodedDataset:
+def decode(
+    dataset: str,
+    raw_dir: Path,
+    *,
+    image_size: int,
+    channels: int,
+    on_bad_image: str,
+    max_image_pixels: int,
+    workdir: Path,
+    log: Callable[[str], None] = print,
+) -> DecodedDataset:
     """Fashion-MNIST and CIFAR-10 (fixed, small) decode in memory; image folders stream into ``workdir``."""
     if dataset == "fashion-mnist":
         return decode_fashion_mnist(raw_dir)
     if dataset == "cifar10":
         return decode_cifar10(raw_dir)
-    return decode_image_folder(find_image_root(raw_dir / "images"), image_size=image_size, channels=channels,
-                               on_bad_image=on_bad_image, max_pixels=max_image_pixels, workdir=workdir, log=log)
+    return decode_image_folder(
+        find_image_root(raw_dir / "images"),
+        image_size=image_size,
+        channels=channels,
+        on_bad_image=on_bad_image,
+        max_pixels=max_image_pixels,
+        workdir=workdir,
+        log=log,
+    )
 
 
 def find_image_root(images_dir: Path) -> Path:

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import datasets
-from ..datasets import CIFAR10_FOLDER, CIFAR10_RECORD_BYTES, CIFAR10_TEST_FILES, CIFAR10_TRAIN_FILES, FASHION_MNIST_CLASSES, gunzip
+from ..datasets import (
+    CIFAR10_FOLDER,
+    CIFAR10_RECORD_BYTES,
+    CIFAR10_TEST_FILES,
+    CIFAR10_TRAIN_FILES,
+    FASHION_MNIST_CLASSES,
+    gunzip,
+)
 from ..errors import DataError
 
 
@@ -29,7 +36,7 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{name}: IDX header is truncated ({len(data)} bytes)")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(data) != expected:
         raise DataError(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -24,8 +24,9 @@ CHUNK_FILES = 2000
 CHUNK_BYTES = 32 << 20
 
 
-def _decode_chunk(paths: list[str], image_size: int, channels: int,
-                  max_pixels: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def _decode_chunk(
+    paths: list[str], image_size: int, channels: int, max_pixels: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Decode a chunk; returns the stacked images of the good files, the mask of good files and
     (path, reason) for the bad ones."""
     images = np.zeros((len(paths), channels, image_size, image_size), dtype=np.uint8)
@@ -73,7 +74,8 @@ def list_split(split_dir: Path, class_names: list[str] | None) -> SplitListing:
         ignored += len(visible) - len(images)
         if not images:
             raise DataError(
-                f"class folder {split_dir.name}/{name} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                f"class folder {split_dir.name}/{name} holds no images "
+                f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
                 "add images or remove the folder"
             )
         paths += images
@@ -88,13 +90,21 @@ def _chunk_files(image_size: int, channels: int) -> int:
     return max(1, min(CHUNK_FILES, CHUNK_BYTES // (channels * image_size * image_size)))
 
 
-def _decode_split(pool: ProcessPoolExecutor, paths: list[Path], destination: Path, *, image_size: int, channels: int,
-                  max_pixels: int, workers: int) -> tuple[NpyReader, np.ndarray, list[tuple[str, str]]]:
+def _decode_split(
+    pool: ProcessPoolExecutor,
+    paths: list[Path],
+    destination: Path,
+    *,
+    image_size: int,
+    channels: int,
+    max_pixels: int,
+    workers: int,
+) -> tuple[NpyReader, np.ndarray, list[tuple[str, str]]]:
     """Decode ``paths`` in chunks on the pool, writing the good images in order into ``destination`` as they
     arrive. At most two chunks per worker are in flight, so memory stays bounded by chunks, not the split.
     Returns the written images (a reader over the good rows), the mask of good files and the bad ones."""
     per_chunk = _chunk_files(image_size, channels)
-    chunks = [[str(p) for p in paths[i:i + per_chunk]] for i in range(0, len(paths), per_chunk)]
+    chunks = [[str(p) for p in paths[i : i + per_chunk]] for i in range(0, len(paths), per_chunk)]
     good = np.zeros(len(paths), dtype=bool)
     bad: list[tuple[str, str]] = []
     written = 0
@@ -107,7 +117,7 @@ def _decode_split(pool: ProcessPoolExecutor, paths: list[Path], destination: Pat
             images, ok, chunk_bad = future.result()
             writer.write(written, images)
             written += len(images)
-            good[number * per_chunk: number * per_chunk + len(ok)] = ok
+            good[number * per_chunk : number * per_chunk + len(ok)] = ok
             bad += chunk_bad
 
         for number, chunk in enumerate(chunks):
@@ -119,8 +129,17 @@ def _decode_split(pool: ProcessPoolExecutor, paths: list[Path], destination: Pat
     return NpyReader(destination, rows=written), good, bad
 
 
-def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_image: str, max_pixels: int,
-                        workdir: Path, log: Callable[[str], None] = print, workers: int | None = None) -> DecodedDataset:
+def decode_image_folder(
+    root: Path,
+    *,
+    image_size: int,
+    channels: int,
+    on_bad_image: str,
+    max_pixels: int,
+    workdir: Path,
+    log: Callable[[str], None] = print,
+    workers: int | None = None,
+) -> DecodedDataset:
     """Decode every split folder under ``root`` into ``workdir/<split>.npy`` (uint8 (N, C, H, W), streamed:
     memory is bounded by a few chunks per worker); the result's images are readers over those files."""
     listings = {"train": list_split(root / "train", None)}  # walk each split's folders once
@@ -139,8 +158,15 @@ def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_im
             listing = listings.get(split) or list_split(root / split, class_names)
             ignored_total += listing.ignored
             hidden_total += listing.hidden
-            images, good, bad = _decode_split(pool, listing.paths, workdir / f"{split}.npy", image_size=image_size,
-                                              channels=channels, max_pixels=max_pixels, workers=workers)
+            images, good, bad = _decode_split(
+                pool,
+                listing.paths,
+                workdir / f"{split}.npy",
+                image_size=image_size,
+                channels=channels,
+                max_pixels=max_pixels,
+                workers=workers,
+            )
             if bad and on_bad_image == "error":
                 path, reason = bad[0]
                 raise DataError(
@@ -152,8 +178,10 @@ def decode_image_folder(root: Path, *, image_size: int, channels: int, on_bad_im
     if ignored_total:
         log(f"preprocess: ignored {ignored_total} file(s) that are not images (by extension)")
     if hidden_total:
-        log(f"preprocess: ignored {hidden_total} hidden file(s) (dot-names such as ._name.jpg, .ipynb_checkpoints/, "
-            "__MACOSX/)")
+        log(
+            f"preprocess: ignored {hidden_total} hidden file(s) (dot-names such as ._name.jpg, .ipynb_checkpoints/, "
+            "__MACOSX/)"
+        )
     if bad_total:
         listed = "\n".join(f"  - {p}: {r}" for p, r in bad_total[:20])
         more = f"\n  ... and {len(bad_total) - 20} more" if len(bad_total) > 20 else ""

@@ -21,9 +21,22 @@ from ..errors import DataError
 # What Pillow raises on a damaged or unsupported file; the caller counts these as unreadable images.
 # Pillow's parsers (EXIF, TIFF tags, PNG chunks) can also fail on hostile bytes with KeyError, TypeError,
 # IndexError, struct.error or ZeroDivisionError: a file that breaks the decoder is an unreadable file too.
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, DataError,
-                 KeyError, TypeError, IndexError, ZeroDivisionError, struct.error, MemoryError, NotImplementedError,
-                 AttributeError)
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    DataError,
+    KeyError,
+    TypeError,
+    IndexError,
+    ZeroDivisionError,
+    struct.error,
+    MemoryError,
+    NotImplementedError,
+    AttributeError,
+)
 
 HIGH_BIT_INTEGER_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 BITS_PER_SAMPLE_TAG = 258  # TIFF: 16 or 32 for integer images
@@ -66,15 +79,18 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 def _check_pixels(opened: Image.Image, max_pixels: int) -> None:
     width, height = opened.size
     if width * height > max_pixels:
-        raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels "
-                            f"({max_pixels:,}); not decoded")
+        raise ImageTooLarge(
+            f"{width}x{height} = {width * height:,} pixels, over data.max_image_pixels ({max_pixels:,}); not decoded"
+        )
     if opened.format == "TIFF":  # a small image can declare one enormous tile or strip
         tags = opened.tag_v2
         tile = tags.get(TIFF_TILE_WIDTH, 0) * tags.get(TIFF_TILE_LENGTH, 0)
         strip = width * tags.get(TIFF_ROWS_PER_STRIP, 0)
         if max(tile, strip) > max_pixels:
-            raise ImageTooLarge(f"a TIFF tile or strip of {max(tile, strip):,} pixels, over data.max_image_pixels "
-                                f"({max_pixels:,}); not decoded")
+            raise ImageTooLarge(
+                f"a TIFF tile or strip of {max(tile, strip):,} pixels, over data.max_image_pixels "
+                f"({max_pixels:,}); not decoded"
+            )
 
 
 def prepare_image(image: Image.Image, *, image_size: int, channels: int) -> np.ndarray:

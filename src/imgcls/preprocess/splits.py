@@ -63,8 +63,15 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 SplitPlan = dict[str, tuple[str, np.ndarray]]  # final split -> (decoded split it comes from, sorted row indices)
 
 
-def plan_splits(labels: dict[str, np.ndarray], *, val_fraction: float, test_fraction: float, limit: int,
-                seed: int, val_folder: str = "test") -> SplitPlan:
+def plan_splits(
+    labels: dict[str, np.ndarray],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    limit: int,
+    seed: int,
+    val_folder: str = "test",
+) -> SplitPlan:
     """Which decoded rows make train/val/test. A decoded val split without a test split (the ants/bees
     layout) is the test split when ``val_folder`` is "test"; then test (if still absent) and val are carved
     out of train, and limit applies. Works on labels only, so the images stay on disk until copied once."""
@@ -97,17 +104,39 @@ def gather(images, rows: np.ndarray) -> np.ndarray:
     return images.take(rows) if isinstance(images, NpyReader) else images[rows]
 
 
-def make_splits(decoded: DecodedDataset, *, val_fraction: float, test_fraction: float, limit: int,
-                seed: int, val_folder: str = "test") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_splits(
+    decoded: DecodedDataset,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    limit: int,
+    seed: int,
+    val_folder: str = "test",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The planned splits as in-memory arrays (small data; the stage streams them: write.py)."""
-    plan = plan_splits({name: labels for name, (_, labels) in decoded.splits.items()}, val_fraction=val_fraction,
-                       test_fraction=test_fraction, limit=limit, seed=seed, val_folder=val_folder)
-    return {name: (gather(decoded.splits[source][0], rows), decoded.splits[source][1][rows])
-            for name, (source, rows) in plan.items()}
+    plan = plan_splits(
+        {name: labels for name, (_, labels) in decoded.splits.items()},
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        limit=limit,
+        seed=seed,
+        val_folder=val_folder,
+    )
+    return {
+        name: (gather(decoded.splits[source][0], rows), decoded.splits[source][1][rows])
+        for name, (source, rows) in plan.items()
+    }
 
 
-def build_meta(*, dataset: str, class_names: list[str], image_shape: list[int], labels: dict[str, np.ndarray],
-               mean: list[float], std: list[float]) -> dict:
+def build_meta(
+    *,
+    dataset: str,
+    class_names: list[str],
+    image_shape: list[int],
+    labels: dict[str, np.ndarray],
+    mean: list[float],
+    std: list[float],
+) -> dict:
     if min(std) == 0:
         raise DataError("training images have zero variance in a channel; the data set is empty or constant")
     return {

@@ -24,18 +24,34 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
         raise DataError(f"{source_json} is missing; run the download stage first (dvc repro download)")
     provenance = json.loads(source_json.read_text())
     if provenance.get("dataset") != data.dataset:
-        raise DataError(f"data/raw holds {provenance.get('dataset')} but data.dataset is {data.dataset}; "
-                        "run the download stage again (dvc repro)")
+        raise DataError(
+            f"data/raw holds {provenance.get('dataset')} but data.dataset is {data.dataset}; "
+            "run the download stage again (dvc repro)"
+        )
     with atomic_dir(paths.prepared_dir, clean_stale=True) as tmp:
         scratch = tmp / ".decoded"  # inside the temporary folder: a killed run leaves nothing behind for good
-        decoded = decode(data.dataset, paths.raw_dir, image_size=data.image_size, channels=data.channels,
-                         on_bad_image=data.on_bad_image, max_image_pixels=data.max_image_pixels, workdir=scratch,
-                         log=emit)
-        plan = plan_splits({name: labels for name, (_, labels) in decoded.splits.items()},
-                           val_fraction=params.preprocess.val_fraction, test_fraction=data.test_fraction,
-                           limit=data.limit, seed=params.base.seed, val_folder=data.val_folder)
+        decoded = decode(
+            data.dataset,
+            paths.raw_dir,
+            image_size=data.image_size,
+            channels=data.channels,
+            on_bad_image=data.on_bad_image,
+            max_image_pixels=data.max_image_pixels,
+            workdir=scratch,
+            log=emit,
+        )
+        plan = plan_splits(
+            {name: labels for name, (_, labels) in decoded.splits.items()},
+            val_fraction=params.preprocess.val_fraction,
+            test_fraction=data.test_fraction,
+            limit=data.limit,
+            seed=params.base.seed,
+            val_folder=data.val_folder,
+        )
         meta = write_splits(tmp, decoded, plan, dataset=data.dataset, source=provenance)
         shutil.rmtree(scratch, ignore_errors=True)
-    counts = ", ".join(f"{split} {len(rows)}" + (f" (from {source}/)" if source != split else "")
-                       for split, (source, rows) in plan.items())
+    counts = ", ".join(
+        f"{split} {len(rows)}" + (f" (from {source}/)" if source != split else "")
+        for split, (source, rows) in plan.items()
+    )
     emit(f"{data.dataset}: {len(decoded.class_names)} classes, image shape {meta['image_shape']}, {counts}")

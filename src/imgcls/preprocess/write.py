@@ -28,15 +28,16 @@ def write_splits(directory: Path, decoded: DecodedDataset, plan: SplitPlan, *, d
         images, origin_labels = decoded.splits[origin]
         with NpyWriter(images_file(directory, split), (len(rows), *image_shape), np.uint8) as writer:
             for start in range(0, len(rows), per_chunk):
-                chunk = gather(images, rows[start:start + per_chunk])
+                chunk = gather(images, rows[start : start + per_chunk])
                 writer.write(start, chunk)
                 if split == "train":
                     stats.update(chunk)
         labels[split] = origin_labels[rows]
         save_labels(directory, split, labels[split])
     mean, std = stats.result()
-    meta = build_meta(dataset=dataset, class_names=decoded.class_names, image_shape=image_shape, labels=labels,
-                      mean=mean, std=std)
+    meta = build_meta(
+        dataset=dataset, class_names=decoded.class_names, image_shape=image_shape, labels=labels, mean=mean, std=std
+    )
     meta["source"] = source
     save_meta(directory, meta)
     return meta

@@ -8,9 +8,9 @@ Both give the same batches for the same seed: only where the pixels come from di
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -71,7 +71,9 @@ class StreamedImages:
 ImageSource = ResidentImages | StreamedImages
 
 
-def batch_flip(images: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+def batch_flip(
+    images: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mirror a random half of the batch (or the images selected by ``mask``) left-right."""
     if mask is None:
         mask = torch.rand(len(images), generator=generator, device="cpu") < 0.5
@@ -98,8 +100,12 @@ def random_offsets(n: int, pad: int, generator: torch.Generator) -> tuple[torch.
     return dy, dx
 
 
-def batch_crop(padded: torch.Tensor, pad: int, generator: torch.Generator | None = None,
-               offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def batch_crop(
+    padded: torch.Tensor,
+    pad: int,
+    generator: torch.Generator | None = None,
+    offsets: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """A random (H, W) window of each padded image (or the window at ``offsets``): a translation by up to
     ``pad`` pixels each way. One slice copy per distinct offset (at most (2 pad + 1)^2) instead of a
     per-pixel gather."""
@@ -111,12 +117,16 @@ def batch_crop(padded: torch.Tensor, pad: int, generator: torch.Generator | None
     for y in range(2 * pad + 1):
         for x in range(2 * pad + 1):
             chosen = (dy == y) & (dx == x)
-            out[chosen] = padded[chosen, :, y:y + h, x:x + w]
+            out[chosen] = padded[chosen, :, y : y + h, x : x + w]
     return out
 
 
-def batch_translate(images: torch.Tensor, pad: int, generator: torch.Generator | None = None,
-                    offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def batch_translate(
+    images: torch.Tensor,
+    pad: int,
+    generator: torch.Generator | None = None,
+    offsets: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Random crop after reflect-padding by ``pad`` pixels: each image moves by up to ``pad`` each way."""
     return images if pad == 0 else batch_crop(reflect_pad(images, pad), pad, generator, offsets)
 
@@ -144,9 +154,16 @@ def _batch_reads(images: ImageSource, indices: list[torch.Tensor]) -> Iterator[t
 
 
 def iterate_batches(
-    images: ImageSource | torch.Tensor, labels: torch.Tensor, batch_size: int, *, generator: torch.Generator,
-    augmentation: Augmentation | None = None, epoch: int = 0, flip_halves: torch.Tensor | None = None,
-    drop_last: bool = True, shard: tuple[int, int] = (0, 1),
+    images: ImageSource | torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    *,
+    generator: torch.Generator,
+    augmentation: Augmentation | None = None,
+    epoch: int = 0,
+    flip_halves: torch.Tensor | None = None,
+    drop_last: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled, augmented float batches; ``labels`` are on the training device.
 
@@ -163,10 +180,11 @@ def iterate_batches(
     order = torch.randperm(len(images), generator=generator)
     end = len(images) - (len(images) % batch_size if drop_last and len(images) >= batch_size else 0)
     translate = augmentation.translate if augmentation is not None else 0
-    batches = [order[start:start + batch_size] for start in range(0, end, batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, end, batch_size)]
     mine = [slice(rank * len(b) // world, (rank + 1) * len(b) // world) for b in batches]
-    indices = [b[part] for b, part in zip(batches, mine)]
-    for whole, part, index, batch in zip(batches, mine, indices, _batch_reads(images, indices)):  # uint8 (B, C, H, W)
+    indices = [b[part] for b, part in zip(batches, mine, strict=False)]
+    for whole, part, index, batch in zip(batches, mine, indices, _batch_reads(images, indices), strict=True):
+        # batch: uint8 (B, C, H, W)
         if augmentation is not None and augmentation.flip:
             if augmentation.alternate_flip and flip_halves is not None:
                 mask = flip_halves[index] ^ bool(epoch % 2)

@@ -22,10 +22,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed
@@ -82,9 +83,11 @@ def world_from_env() -> World | None:
     found = ", ".join(f"{name}={os.environ[name]!r}" for name in PLACE_VARIABLES if name in os.environ)
     unset = "unset " + " ".join(name for name in PLACE_VARIABLES if name in os.environ)
     if TORCHRUN_MARK not in os.environ:
-        raise LaunchError(f"{found} in the environment, but this process was not started by torchrun "
-                          f"({TORCHRUN_MARK} is not set): run `{unset}` and run again (train.processes starts "
-                          "torchrun itself; several machines: start torchrun on each, README \"Scale out\")")
+        raise LaunchError(
+            f"{found} in the environment, but this process was not started by torchrun "
+            f"({TORCHRUN_MARK} is not set): run `{unset}` and run again (train.processes starts "
+            'torchrun itself; several machines: start torchrun on each, README "Scale out")'
+        )
     try:
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -92,30 +95,37 @@ def world_from_env() -> World | None:
     except (KeyError, ValueError):
         rank = size = local_rank = local_size = -1
     if not (size >= 1 and 0 <= rank < size and 1 <= local_size <= size and 0 <= local_rank < local_size):
-        raise LaunchError(f"{found} is not a place in a torchrun job (expected 0 <= RANK < WORLD_SIZE and "
-                          "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE); these are torchrun's to set: "
-                          f"run `{unset}` and start the stage with train.processes, or with torchrun")
+        raise LaunchError(
+            f"{found} is not a place in a torchrun job (expected 0 <= RANK < WORLD_SIZE and "
+            "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE); these are torchrun's to set: "
+            f"run `{unset}` and start the stage with train.processes, or with torchrun"
+        )
     if size > 1:
         # init_process_group (env://) meets its peers at MASTER_ADDR:MASTER_PORT, which torchrun always sets;
         # without them it fails deep in torch.distributed ("MASTER_ADDR expected").
         address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
         if not address or not (port.isdigit() and 1 <= int(port) <= 65535):
             rendezvous = f"MASTER_ADDR={address or '(unset)'} MASTER_PORT={port or '(unset)'}"
-            raise LaunchError(f"{found} but {rendezvous}: the {size} processes of a torchrun job meet at "
-                              "MASTER_ADDR:MASTER_PORT (a host, and a port in 1..65535), which torchrun sets; run "
-                              f"`{unset}` and start the stage with train.processes, or with torchrun")
+            raise LaunchError(
+                f"{found} but {rendezvous}: the {size} processes of a torchrun job meet at "
+                "MASTER_ADDR:MASTER_PORT (a host, and a port in 1..65535), which torchrun sets; run "
+                f"`{unset}` and start the stage with train.processes, or with torchrun"
+            )
     return World(rank, size, local_rank, local_size)
 
 
-def check_processes(processes: int, *, cores: int, available_bytes: int, data_bytes: int, gpus: int | None,
-                    emit: Callable[[str], None]) -> None:
+def check_processes(
+    processes: int, *, cores: int, available_bytes: int, data_bytes: int, gpus: int | None, emit: Callable[[str], None]
+) -> None:
     """Before starting ``processes`` (train.processes) on this machine: refuse what cannot run (more
     processes than GPUs; more memory than is available: each process holds PROCESS_BYTES, plus its own copy
     of ``data_bytes`` of images kept in memory), warn where the cores are shared out too thinly.
     ``gpus``: the visible GPUs when training on CUDA, None on the CPU."""
     if gpus is not None and processes > gpus:
-        raise LaunchError(f"train.processes = {processes} but {gpus} GPU(s) are visible: each process trains on "
-                          f"a GPU of its own; set train.processes to at most {gpus}")
+        raise LaunchError(
+            f"train.processes = {processes} but {gpus} GPU(s) are visible: each process trains on "
+            f"a GPU of its own; set train.processes to at most {gpus}"
+        )
     required = processes * (PROCESS_BYTES + data_bytes) + TORCHRUN_BYTES
     if required > available_bytes:
         fits = max(1, (available_bytes - TORCHRUN_BYTES) // (PROCESS_BYTES + data_bytes))
@@ -124,10 +134,13 @@ def check_processes(processes: int, *, cores: int, available_bytes: int, data_by
             f"train.processes = {processes} needs about {required / 2**30:.1f} GiB ({processes} processes x "
             f"{PROCESS_BYTES >> 20} MiB for PyTorch{images}, and {TORCHRUN_BYTES >> 20} MiB for torchrun) but "
             f"{available_bytes / 2**30:.1f} GiB are available; set train.processes to at most {fits}"
-            + (" or train.in_memory: never" if data_bytes else ""))
+            + (" or train.in_memory: never" if data_bytes else "")
+        )
     if processes > cores:
-        emit(f"warning: train.processes = {processes} on {cores} core(s): the processes take turns on the cores, "
-             f"which is slower than {cores}; set train.processes to at most {cores}")
+        emit(
+            f"warning: train.processes = {processes} on {cores} core(s): the processes take turns on the cores, "
+            f"which is slower than {cores}; set train.processes to at most {cores}"
+        )
 
 
 def threads_per_process(requested: int, world: World) -> int:
@@ -139,12 +152,23 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
     """Run the train stage in ``processes`` processes on this machine under torch.distributed.run and wait.
     Raises TrainingError naming the failed rank and its message when any of them fails."""
     with tempfile.TemporaryDirectory(prefix="imgcls-ranks-") as errors:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                   f"--nproc-per-node={processes}", "--max-restarts=0", "--module", "imgcls.train"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            f"--nproc-per-node={processes}",
+            "--max-restarts=0",
+            "--module",
+            "imgcls.train",
+        ]
         per_process = threads_per_process(threads, World(size=processes, local_size=processes))
         env = dict(os.environ, **{RANK_ERRORS_ENV: errors, "OMP_NUM_THREADS": str(per_process)})
-        emit(f"starting {processes} processes x {per_process} thread(s) with torchrun (train.processes: {processes}): "
-             + " ".join(command[1:]))
+        emit(
+            f"starting {processes} processes x {per_process} thread(s) with torchrun (train.processes: {processes}): "
+            + " ".join(command[1:])
+        )
         process = subprocess.Popen(command, env=env, preexec_fn=_end_with_parent)
         received = []
 
@@ -172,11 +196,16 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
         if causes:
             rank, text = causes[0]
             raise TrainingError(f"rank {rank} of {processes} failed: {text}")
-        raise TrainingError(f"a training process of {processes} ended without a message (torchrun exit status "
-                            f"{status}): it was killed (out of memory, or a signal); torchrun's \"Root Cause\" "
-                            "above names its rank and signal"
-                            + (f". The others then lost their connection to it (rank {messages[0][0]}: "
-                               f"{messages[0][1][:200]})" if messages else ""))
+        raise TrainingError(
+            f"a training process of {processes} ended without a message (torchrun exit status "
+            f'{status}): it was killed (out of memory, or a signal); torchrun\'s "Root Cause" '
+            "above names its rank and signal"
+            + (
+                f". The others then lost their connection to it (rank {messages[0][0]}: {messages[0][1][:200]})"
+                if messages
+                else ""
+            )
+        )
 
 
 def _end_with_parent() -> None:
@@ -194,8 +223,11 @@ def report_failure(world: World, error: BaseException) -> None:
     """Leave this rank's message for the launching stage (first failure wins: it has the oldest file)."""
     folder = os.environ.get(RANK_ERRORS_ENV)
     if folder and world.size > 1 and not isinstance(error, (KeyboardInterrupt, SystemExit)):
-        message = str(error) if isinstance(error, TrainingError) or type(error).__module__.startswith("imgcls") \
+        message = (
+            str(error)
+            if isinstance(error, TrainingError) or type(error).__module__.startswith("imgcls")
             else f"{type(error).__name__}: {error}"
+        )
         try:
             (Path(folder) / f"rank-{world.rank}.txt").write_text(message)
         except OSError:
@@ -206,8 +238,13 @@ def init_process_group(world: World, device: torch.device) -> None:
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    dist.init_process_group(
+        backend,
+        rank=world.rank,
+        world_size=world.size,
+        timeout=COLLECTIVE_TIMEOUT,
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ..runtime import autocast
 from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
 from .distributed import SINGLE, World, all_reduce_sum, wrap
 from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer, run_length
-from .resume import random_states, resume_state_problem, restore_random_states
+from .resume import random_states, restore_random_states, resume_state_problem
 
 VALIDATION_BATCH_SIZE = 1000
 
@@ -45,39 +45,80 @@ class TrainingSetup:
     lookahead: Lookahead | None
 
 
-def make_training_setup(model: nn.Module, images: ImageSource | torch.Tensor, *, config: TrainParams,
-                        generator: torch.Generator, fine_tune: bool = False, processes: int = 1) -> TrainingSetup:
+def make_training_setup(
+    model: nn.Module,
+    images: ImageSource | torch.Tensor,
+    *,
+    config: TrainParams,
+    generator: torch.Generator,
+    fine_tune: bool = False,
+    processes: int = 1,
+) -> TrainingSetup:
     """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``.
     ``fine_tune``: the model starts from loaded weights; its head and backbone get their own rates."""
     length = run_length(len(images), config, processes)
     batch_size, steps_per_epoch = length.batch_size, length.steps_per_epoch
     total_steps = length.total_steps
     # A warm-up longer than the run (train.epochs: 1 with the default warm-up) ends with the run.
-    plan = StepPlan(total_steps=total_steps, warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps),
-                    schedule=config.schedule)
+    plan = StepPlan(
+        total_steps=total_steps,
+        warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps),
+        schedule=config.schedule,
+    )
     lr = config.lr * batch_size / REFERENCE_BATCH_SIZE
-    optimizer = make_optimizer(model, name=config.optimizer, lr=lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay,
-                               bias_lr_scale=config.bias_lr_scale,
-                               head=model.head_parameter_names() if fine_tune else None,
-                               backbone_lr_scale=config.backbone_lr_scale)
+    optimizer = make_optimizer(
+        model,
+        name=config.optimizer,
+        lr=lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        bias_lr_scale=config.bias_lr_scale,
+        head=model.head_parameter_names() if fine_tune else None,
+        backbone_lr_scale=config.backbone_lr_scale,
+    )
     augment = config.augment
     return TrainingSetup(
-        batch_size=batch_size, steps_per_epoch=steps_per_epoch, epochs=length.epochs,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        epochs=length.epochs,
         # freeze_backbone_epochs >= train.epochs: the head alone, for the whole run (however long min_steps makes it)
-        frozen_epochs=(0 if not fine_tune else length.epochs if config.freeze_backbone_epochs >= config.epochs
-                       else config.freeze_backbone_epochs), plan=plan, optimizer=optimizer,
+        frozen_epochs=(
+            0
+            if not fine_tune
+            else length.epochs
+            if config.freeze_backbone_epochs >= config.epochs
+            else config.freeze_backbone_epochs
+        ),
+        plan=plan,
+        optimizer=optimizer,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
-        augmentation=Augmentation(flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip),
+        augmentation=Augmentation(
+            flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip
+        ),
         flip_halves=torch.rand(len(images), generator=generator) < 0.5,
         lookahead=Lookahead(model, config.ema) if config.ema > 0 else None,
     )
 
 
-def epoch_batches(setup: TrainingSetup, images: ImageSource | torch.Tensor, labels: torch.Tensor, epoch: int,
-                  generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    return iterate_batches(images, labels, setup.batch_size, generator=generator, augmentation=setup.augmentation,
-                           epoch=epoch, flip_halves=setup.flip_halves, shard=shard)
+def epoch_batches(
+    setup: TrainingSetup,
+    images: ImageSource | torch.Tensor,
+    labels: torch.Tensor,
+    epoch: int,
+    generator: torch.Generator,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    return iterate_batches(
+        images,
+        labels,
+        setup.batch_size,
+        generator=generator,
+        augmentation=setup.augmentation,
+        epoch=epoch,
+        flip_halves=setup.flip_halves,
+        shard=shard,
+    )
 
 
 def set_rate(optimizer: torch.optim.Optimizer, factor: float, backbone_factor: float = 1.0) -> None:
@@ -86,8 +127,14 @@ def set_rate(optimizer: torch.optim.Optimizer, factor: float, backbone_factor: f
         group["lr"] = group["base_lr"] * factor * (backbone_factor if group.get("backbone") else 1.0)
 
 
-def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
-                 device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    device: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, classes) and the mean loss, under autocast where the precision asks for it."""
     with autocast(device, precision):
         logits = model(images)
@@ -99,8 +146,9 @@ def backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def apply_update(optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, model: nn.Module, step: int,
-                 factor: float) -> None:
+def apply_update(
+    optimizer: torch.optim.Optimizer, lookahead: Lookahead | None, model: nn.Module, step: int, factor: float
+) -> None:
     optimizer.step()
     if lookahead is not None:
         lookahead.update(model, step, factor)
@@ -120,8 +168,15 @@ class StepMemory:
 PROBE_IMAGES = 2  # the smallest batch every model takes in training mode (BatchNorm over a 1x1 map needs two)
 
 
-def estimate_step_memory(model: nn.Module, image_shape: tuple[int, int, int], *, config: TrainParams,
-                         device: torch.device, precision: str, processes: int = 1) -> StepMemory:
+def estimate_step_memory(
+    model: nn.Module,
+    image_shape: tuple[int, int, int],
+    *,
+    config: TrainParams,
+    device: torch.device,
+    precision: str,
+    processes: int = 1,
+) -> StepMemory:
     """What a step of ``model`` on (C, H, W) images needs: one forward pass of PROBE_IMAGES zero images on a
     copy of the model (``model``, its BatchNorm statistics and every random generator are left as they were),
     counting the bytes of the tensors autograd saves for the backward pass (saved_tensors_hooks), per image;
@@ -149,10 +204,14 @@ def estimate_step_memory(model: nn.Module, image_shape: tuple[int, int, int], *,
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     buffers_per_weight = {"adamw": 2, "sgd": 1 if config.momentum > 0 else 0}[config.optimizer]
     copies = 1 + buffers_per_weight + (1 if processes > 1 else 0)  # the gradient, optimizer, DDP's buckets
-    lookahead = sum(v.numel() * v.element_size() for v in model.state_dict().values()
-                    if v.is_floating_point()) if config.ema > 0 else 0
-    return StepMemory(activation_bytes_per_image=-(-sum(saved.values()) // PROBE_IMAGES),
-                      state_bytes=copies * trainable + lookahead)
+    lookahead = (
+        sum(v.numel() * v.element_size() for v in model.state_dict().values() if v.is_floating_point())
+        if config.ema > 0
+        else 0
+    )
+    return StepMemory(
+        activation_bytes_per_image=-(-sum(saved.values()) // PROBE_IMAGES), state_bytes=copies * trainable + lookahead
+    )
 
 
 class StopRequested(Exception):
@@ -164,9 +223,17 @@ class StopRequested(Exception):
 
 
 def train_one_epoch(
-    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], setup: TrainingSetup, *,
-    device: torch.device, precision: str, first_step: int, progress_label: str = "",
-    done: dict | None = None, should_stop: Callable[[], bool] = lambda: False, backbone_factor: float = 1.0,
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    setup: TrainingSetup,
+    *,
+    device: torch.device,
+    precision: str,
+    first_step: int,
+    progress_label: str = "",
+    done: dict | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    backbone_factor: float = 1.0,
     world: World = SINGLE,
 ) -> dict:
     """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number.
@@ -199,15 +266,28 @@ def train_one_epoch(
         if should_stop():
             if bar is not None:
                 bar.close()
-            raise StopRequested({"batches_done": index + 1, "step": step, "loss": float(total_loss),
-                                 "correct": float(correct), "seen": seen, "seconds": time.perf_counter() - started})
+            raise StopRequested(
+                {
+                    "batches_done": index + 1,
+                    "step": step,
+                    "loss": float(total_loss),
+                    "correct": float(correct),
+                    "seen": seen,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
     if bar is not None:
         bar.close()
     # Every rank's sums: the epoch's loss and accuracy over the whole global batch, on every rank.
     loss_sum, correct_sum, seen = all_reduce_sum([float(total_loss), float(correct), float(seen)], device, world)
     seconds = time.perf_counter() - started
-    return {"loss": loss_sum / max(seen, 1), "accuracy": correct_sum / max(seen, 1), "images": int(seen),
-            "seconds": seconds, "next_step": step}
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "accuracy": correct_sum / max(seen, 1),
+        "images": int(seen),
+        "seconds": seconds,
+        "next_step": step,
+    }
 
 
 def _progress_bar(total: int, label: str):
@@ -219,11 +299,20 @@ def _progress_bar(total: int, label: str):
 
 
 def fit(
-    model: Network, train: tuple[ImageSource | torch.Tensor, torch.Tensor], val: tuple | None, *,
-    config: TrainParams, device: torch.device, precision: str, generator: torch.Generator,
+    model: Network,
+    train: tuple[ImageSource | torch.Tensor, torch.Tensor],
+    val: tuple | None,
+    *,
+    config: TrainParams,
+    device: torch.device,
+    precision: str,
+    generator: torch.Generator,
     on_epoch: Callable[[dict], None] = lambda record: None,
-    resume_from: dict | None = None, save_state: Callable[[dict], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False, fine_tune: bool = False, world: World = SINGLE,
+    resume_from: dict | None = None,
+    save_state: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    fine_tune: bool = False,
+    world: World = SINGLE,
     on_resume: Callable[[str | None], None] = lambda problem: None,
 ) -> list[dict]:
     """Train ``model`` (on ``device``) for ``config.epochs`` (or more: train.min_steps); returns one record
@@ -254,16 +343,22 @@ def fit(
         images = ResidentImages(images)
     if model.init_images and not fine_tune:
         model.initialize_from_data(images.first(model.init_images))
-    setup = make_training_setup(model, images, config=config, generator=generator, fine_tune=fine_tune,
-                                processes=world.size)
+    setup = make_training_setup(
+        model, images, config=config, generator=generator, fine_tune=fine_tune, processes=world.size
+    )
     epochs = setup.epochs
     records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None
     if resume_from is not None:
         # Nothing is applied until all of it is known to fit: a half-applied state would train neither the
         # resumed run nor a fresh one. The set-up above drew from the generator, but a fresh run draws the same.
-        problem = resume_state_problem(resume_from, model=model, optimizer=setup.optimizer,
-                                       lookahead_state=setup.lookahead.state if setup.lookahead is not None else None,
-                                       steps_per_epoch=setup.steps_per_epoch, epochs=epochs)
+        problem = resume_state_problem(
+            resume_from,
+            model=model,
+            optimizer=setup.optimizer,
+            lookahead_state=setup.lookahead.state if setup.lookahead is not None else None,
+            steps_per_epoch=setup.steps_per_epoch,
+            epochs=epochs,
+        )
         on_resume(problem)
         if problem is not None:
             resume_from = None
@@ -297,10 +392,17 @@ def fit(
     started = time.perf_counter() - elapsed_before
 
     def state(epochs_done: int, random: dict, epoch_progress: dict | None) -> dict:
-        return {"epoch": epochs_done, "step": step, "epoch_progress": epoch_progress, "model": plain_state_dict(model),
-                "optimizer": setup.optimizer.state_dict(),
-                "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
-                "random": random, "records": records, "elapsed_seconds": time.perf_counter() - started}
+        return {
+            "epoch": epochs_done,
+            "step": step,
+            "epoch_progress": epoch_progress,
+            "model": plain_state_dict(model),
+            "optimizer": setup.optimizer.state_dict(),
+            "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
+            "random": random,
+            "records": records,
+            "elapsed_seconds": time.perf_counter() - started,
+        }
 
     for epoch in range(first_epoch, epochs + 1):
         model.start_epoch(epoch - 1)
@@ -309,11 +411,19 @@ def fit(
         # The generators as the epoch starts: a stop inside it restarts the epoch's draws from here.
         epoch_start = random_states(generator) if save_state is not None else None
         try:
-            result = train_one_epoch(step_model, epoch_batches(setup, images, labels, epoch, generator, world.shard), setup,
-                                     device=device, precision=precision, first_step=step,
-                                     progress_label=f"epoch {epoch}/{epochs}", done=done,
-                                     should_stop=should_stop, backbone_factor=0.0 if epoch <= setup.frozen_epochs else 1.0,
-                                     world=world)
+            result = train_one_epoch(
+                step_model,
+                epoch_batches(setup, images, labels, epoch, generator, world.shard),
+                setup,
+                device=device,
+                precision=precision,
+                first_step=step,
+                progress_label=f"epoch {epoch}/{epochs}",
+                done=done,
+                should_stop=should_stop,
+                backbone_factor=0.0 if epoch <= setup.frozen_epochs else 1.0,
+                world=world,
+            )
         except StopRequested as stop:
             step = stop.progress["step"]
             if save_state is not None:
@@ -323,20 +433,31 @@ def fit(
         step = result.pop("next_step")
         if setup.lookahead is not None and epoch == epochs:
             setup.lookahead.finish(model)
-        record = {"epoch": epoch, "train_loss": result["loss"], "train_accuracy": result["accuracy"],
-                  "images_per_second": result["images"] / result["seconds"], "epoch_seconds": result["seconds"]}
+        record = {
+            "epoch": epoch,
+            "train_loss": result["loss"],
+            "train_accuracy": result["accuracy"],
+            "images_per_second": result["images"] / result["seconds"],
+            "epoch_seconds": result["seconds"],
+        }
         if val is not None and len(val[0]) and world.is_main:
-            metrics = evaluate_model(model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=device,
-                                     precision=precision)
+            metrics = evaluate_model(
+                model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=device, precision=precision
+            )
             record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
         record["elapsed_seconds"] = time.perf_counter() - started
         if not math.isfinite(record["train_loss"]):
             raise TrainingError(
                 f"the training loss became {record['train_loss']} in epoch {epoch}: the run diverged and its model "
                 f"would be useless. Lower train.lr ({config.lr}) or raise train.batch_size ({config.batch_size}"
-                + (f"; this run's batch of {setup.batch_size} was cut by train.min_batches_per_epoch"
-                   if setup.batch_size < config.batch_size else "") + "); "
-                "images with (nearly) no variation inside them also whiten badly with train.model: fast")
+                + (
+                    f"; this run's batch of {setup.batch_size} was cut by train.min_batches_per_epoch"
+                    if setup.batch_size < config.batch_size
+                    else ""
+                )
+                + "); "
+                "images with (nearly) no variation inside them also whiten badly with train.model: fast"
+            )
         records.append(record)
         on_epoch(record)
         if save_state is not None and epoch < epochs:

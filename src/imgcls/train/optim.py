@@ -38,26 +38,36 @@ def run_length(images: int, config, processes: int = 1) -> RunLength:
     notes, warnings = [], []
     batch_size = max(1, min(config.batch_size, images // config.min_batches_per_epoch))
     if batch_size < config.batch_size:
-        notes.append(f"batch size {batch_size} instead of train.batch_size {config.batch_size}: {images} training "
-                     f"images give train.min_batches_per_epoch = {config.min_batches_per_epoch} steps an epoch "
-                     f"(the rate scales with it: {config.lr} at batch {REFERENCE_BATCH_SIZE})")
+        notes.append(
+            f"batch size {batch_size} instead of train.batch_size {config.batch_size}: {images} training "
+            f"images give train.min_batches_per_epoch = {config.min_batches_per_epoch} steps an epoch "
+            f"(the rate scales with it: {config.lr} at batch {REFERENCE_BATCH_SIZE})"
+        )
     if processes > 1 and (batch_size % processes or batch_size < 2 * processes):
         # Each process takes an equal share of at least 2 images (BatchNorm needs two to normalize over).
         batch_size = max(2 * processes, batch_size - batch_size % processes)
         if batch_size > images:
-            raise TrainingError(f"{images} training images cannot give each of train.processes = {processes} "
-                                "processes two images a step; use fewer processes")
-        notes.append(f"batch size {batch_size}: a multiple of the {processes} processes, each taking "
-                     f"{batch_size // processes} images of every batch")
+            raise TrainingError(
+                f"{images} training images cannot give each of train.processes = {processes} "
+                "processes two images a step; use fewer processes"
+            )
+        notes.append(
+            f"batch size {batch_size}: a multiple of the {processes} processes, each taking "
+            f"{batch_size // processes} images of every batch"
+        )
     steps_per_epoch = max(1, images // batch_size)
     epochs = max(config.epochs, -(-config.min_steps // steps_per_epoch))
     if epochs > config.epochs:
-        notes.append(f"{epochs} epochs instead of train.epochs {config.epochs}: {steps_per_epoch} steps an epoch "
-                     f"reach train.min_steps = {config.min_steps} only then")
+        notes.append(
+            f"{epochs} epochs instead of train.epochs {config.epochs}: {steps_per_epoch} steps an epoch "
+            f"reach train.min_steps = {config.min_steps} only then"
+        )
     if steps_per_epoch * epochs < SHORT_RUN_STEPS:
-        warnings.append(f"warning: this run has only {steps_per_epoch * epochs} optimizer steps ({epochs} epochs x "
-                        f"{steps_per_epoch} batches of {batch_size}); under {SHORT_RUN_STEPS} steps a network rarely "
-                        "learns much. Raise train.min_steps or train.epochs, or lower train.batch_size")
+        warnings.append(
+            f"warning: this run has only {steps_per_epoch * epochs} optimizer steps ({epochs} epochs x "
+            f"{steps_per_epoch} batches of {batch_size}); under {SHORT_RUN_STEPS} steps a network rarely "
+            "learns much. Raise train.min_steps or train.epochs, or lower train.batch_size"
+        )
     return RunLength(batch_size, steps_per_epoch, epochs, notes, warnings)
 
 
@@ -80,9 +90,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return max(0.0, 1.0 - progress)
 
 
-def make_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, nesterov: bool,
-                   weight_decay: float, bias_lr_scale: float, head: set[str] | None = None,
-                   backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    bias_lr_scale: float,
+    head: set[str] | None = None,
+    backbone_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
     """Two groups: BatchNorm biases (rate x bias_lr_scale, decay / bias_lr_scale so the decay per step is
     unchanged, as in airbench) and everything else. Frozen parameters are left out.
 
@@ -90,7 +109,7 @@ def make_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, n
     head's and the loaded backbone's, whose rate is x ``backbone_lr_scale`` (groups marked "backbone", so
     set_rate can also hold them at 0 while the backbone is frozen)."""
     groups = []
-    for in_backbone in ((False,) if head is None else (True, False)):
+    for in_backbone in (False,) if head is None else (True, False):
         norm_biases, others = [], []
         for module_name, module in model.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
@@ -102,13 +121,19 @@ def make_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, n
         rate = lr * (backbone_lr_scale if in_backbone else 1.0)
         groups += [
             {"params": others, "lr": rate, "weight_decay": weight_decay, "base_lr": rate, "backbone": in_backbone},
-            {"params": norm_biases, "lr": rate * bias_lr_scale, "weight_decay": weight_decay / bias_lr_scale,
-             "base_lr": rate * bias_lr_scale, "backbone": in_backbone},
+            {
+                "params": norm_biases,
+                "lr": rate * bias_lr_scale,
+                "weight_decay": weight_decay / bias_lr_scale,
+                "base_lr": rate * bias_lr_scale,
+                "backbone": in_backbone,
+            },
         ]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                           weight_decay=weight_decay)
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay
+    )
 
 
 class Lookahead:
@@ -117,7 +142,7 @@ class Lookahead:
 
     def __init__(self, model: nn.Module, decay_per_step: float, every: int = 5):
         self.every = every
-        self.decay = decay_per_step ** every
+        self.decay = decay_per_step**every
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
@@ -137,5 +162,3 @@ class Lookahead:
         for name, value in model.state_dict().items():
             if name in self.state:
                 value.copy_(self.state[name])
-
-

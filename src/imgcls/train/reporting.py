@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-HEADER = f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} {'images/s':>9} {'elapsed_s':>9}"
+HEADER = (
+    f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'val_loss':>8} {'val_acc':>7} {'images/s':>9} {'elapsed_s':>9}"
+)
 
 
 def format_epoch(record: dict) -> str:
     val_loss = f"{record['val_loss']:8.4f}" if "val_loss" in record else f"{'-':>8}"
     val_acc = f"{record['val_accuracy']:7.4f}" if "val_accuracy" in record else f"{'-':>7}"
-    return (f"{record['epoch']:>5} {record['train_loss']:10.4f} {record['train_accuracy']:9.4f} {val_loss} {val_acc} "
-            f"{record['images_per_second']:9.0f} {record['elapsed_seconds']:9.1f}")
+    return (
+        f"{record['epoch']:>5} {record['train_loss']:10.4f} {record['train_accuracy']:9.4f} {val_loss} {val_acc} "
+        f"{record['images_per_second']:9.0f} {record['elapsed_seconds']:9.1f}"
+    )
 
 
 class EpochReporter:
     """Console + dvclive + TensorBoard, fed one epoch record at a time."""
 
-    SCALARS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy",
-               "val_loss": "val/loss", "val_accuracy": "val/accuracy"}
+    SCALARS = {
+        "train_loss": "train/loss",
+        "train_accuracy": "train/accuracy",
+        "val_loss": "val/loss",
+        "val_accuracy": "val/accuracy",
+    }
 
     def __init__(self, dvclive_dir: Path, tensorboard_dir: Path, print_line: Callable[[str], None] = print):
         from dvclive import Live

@@ -17,8 +17,8 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,8 +29,17 @@ from ..model.checkpoint import unusual_tensor
 from ..params import Params, as_dict
 
 FORMAT_VERSION = 1
-STATE_KEYS = ("epoch", "step", "epoch_progress", "model", "optimizer", "lookahead", "random", "records",
-              "elapsed_seconds")  # what fit() saves, next to format_version and digest
+STATE_KEYS = (
+    "epoch",
+    "step",
+    "epoch_progress",
+    "model",
+    "optimizer",
+    "lookahead",
+    "random",
+    "records",
+    "elapsed_seconds",
+)  # what fit() saves, next to format_version and digest
 PROGRESS_KEYS = ("batches_done", "step", "loss", "correct", "seen", "seconds")  # StopRequested.progress
 RECORD_KEYS = ("epoch", "train_loss", "train_accuracy", "images_per_second", "epoch_seconds", "elapsed_seconds")
 LIBRARY_ROOT = Path(__file__).resolve().parents[1]  # src/imgcls: a code change makes old state unusable
@@ -57,9 +66,12 @@ def run_digest(params: Params, prepared_dir: Path, extra: str = "") -> str:
 def random_states(generator: torch.Generator) -> dict:
     """Every generator a run may draw from, as plain tensors and numbers (loadable with weights_only)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
-    return {"batches": generator.get_state(), "torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-            "python": random.getstate()}
+    return {
+        "batches": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "python": random.getstate(),
+    }
 
 
 def restore_random_states(states: dict, generator: torch.Generator) -> None:
@@ -93,10 +105,12 @@ class ResumeStateWriter:
             self.saved = False
             if not self.warned:
                 self.warned = True
-                self.log(f"warning: cannot save the resume state to {self.path} ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200] if str(error) else 'no message'}); training goes on, "
-                         f"but a stopped run cannot resume from this epoch. Free disk space, or make "
-                         f"{self.path.parent} a writable folder")
+                self.log(
+                    f"warning: cannot save the resume state to {self.path} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200] if str(error) else 'no message'}); training goes on, "
+                    f"but a stopped run cannot resume from this epoch. Free disk space, or make "
+                    f"{self.path.parent} a writable folder"
+                )
 
 
 def discard_resume_state(path: Path) -> None:
@@ -136,8 +150,9 @@ def _is_number(value: object) -> bool:
 
 def _tensors_problem(what: str, found: object, expected: dict[str, torch.Tensor]) -> str | None:
     """Why ``found`` is not a mapping with ``expected``'s names, shapes and dtypes and finite values, or None."""
-    if not (isinstance(found, dict)
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in found.items())):
+    if not (
+        isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in found.items())
+    ):
         return f"its {what} is not a mapping of names to tensors"
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -147,8 +162,10 @@ def _tensors_problem(what: str, found: object, expected: dict[str, torch.Tensor]
         if kind:
             return f"its {what} {name} is {kind}, not a plain dense one"
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
-            return (f"its {what} {name} is {tensor.dtype} {list(tensor.shape)}, this model's is "
-                    f"{expected[name].dtype} {list(expected[name].shape)}")
+            return (
+                f"its {what} {name} is {tensor.dtype} {list(tensor.shape)}, this model's is "
+                f"{expected[name].dtype} {list(expected[name].shape)}"
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return f"its {what} {name} holds NaN or infinite values"
     return None
@@ -170,10 +187,11 @@ def _expected_entry_keys(optimizer: torch.optim.Optimizer, group: dict) -> tuple
 def _setting_problem(index: int, key: str, value: object, ours: object, our_group: dict) -> str | None:
     """Why the saved group setting ``value`` cannot stand in for this run's ``ours``, or None.
 
-    Every setting but lr follows from the params and the data (which the digest covers) and torch's defaults,
-    so it must equal what this run's fresh optimizer has: a NaN momentum or a changed weight decay would otherwise train (and diverge,
-    blaming train.lr) on every rerun. lr is the schedule's, rewritten from base_lr before every step
-    (loop.set_rate, a factor in 0..1): it only has to be a rate that schedule could have set."""
+        Every setting but lr follows from the params and the data (which the digest covers) and torch's defaults,
+        so it must equal what this run's fresh optimizer has: a NaN momentum or a changed weight decay would otherwise
+    train (and diverge,
+        blaming train.lr) on every rerun. lr is the schedule's, rewritten from base_lr before every step
+        (loop.set_rate, a factor in 0..1): it only has to be a rate that schedule could have set."""
     if key == "lr":
         ceiling = our_group.get("base_lr", ours)
         if _is_number(value) and math.isfinite(value) and 0 <= value <= ceiling:
@@ -196,13 +214,19 @@ def _buffer_problem(index: object, key: str, value: object, parameter: torch.Ten
         return f"{where} is {kind}, not a plain dense one"
     if key in SCALAR_OPTIMIZER_STATE:
         # The count of steps this parameter took part in: Adam's bias correction divides by 1 - beta ** step.
-        if (value.dim() or not value.is_floating_point() or not bool(torch.isfinite(value))
-                or not 0 <= float(value) <= max_step or float(value) != int(float(value))):
+        if (
+            value.dim()
+            or not value.is_floating_point()
+            or not bool(torch.isfinite(value))
+            or not 0 <= float(value) <= max_step
+            or float(value) != int(float(value))
+        ):
             return f"{where} is {value.tolist()!r}, not a step count in 0..{max_step}"
         return None
     if value.shape != parameter.shape or value.dtype != parameter.dtype:
-        return (f"{where} is {value.dtype} {list(value.shape)}, the parameter is {parameter.dtype} "
-                f"{list(parameter.shape)}")
+        return (
+            f"{where} is {value.dtype} {list(value.shape)}, the parameter is {parameter.dtype} {list(parameter.shape)}"
+        )
     if not bool(torch.isfinite(value).all()):
         return f"{where} holds NaN or infinite values"
     return None
@@ -211,15 +235,16 @@ def _buffer_problem(index: object, key: str, value: object, parameter: torch.Ten
 def _optimizer_problem(found: object, optimizer: torch.optim.Optimizer, step: int) -> str | None:
     """Why ``found`` cannot be loaded into ``optimizer`` (a fresh one: groups, parameters, per-parameter state)
     after ``step`` steps, or None."""
-    if not (isinstance(found, dict) and isinstance(found.get("state"), dict)
-            and isinstance(found.get("param_groups"), list)):
+    if not (
+        isinstance(found, dict) and isinstance(found.get("state"), dict) and isinstance(found.get("param_groups"), list)
+    ):
         return "its optimizer state is not a torch optimizer state_dict"
     ours = optimizer.state_dict()["param_groups"]
     groups = found["param_groups"]
     if len(groups) != len(ours) or not all(isinstance(g, dict) for g in groups):
         return f"its optimizer has {len(groups)} parameter groups, this run's has {len(ours)}"
     parameters = {}  # the saved index of each parameter -> (this run's parameter, its group's expected keys)
-    for index, (group, our_group, live_group) in enumerate(zip(groups, ours, optimizer.param_groups)):
+    for index, (group, our_group, live_group) in enumerate(zip(groups, ours, optimizer.param_groups, strict=False)):
         if set(group) != set(our_group):
             return f"its optimizer group {index} has settings {sorted(group)}, this run's {sorted(our_group)}"
         if group["params"] != our_group["params"]:
@@ -229,14 +254,18 @@ def _optimizer_problem(found: object, optimizer: torch.optim.Optimizer, step: in
             if problem:
                 return problem
         keys = _expected_entry_keys(optimizer, our_group)
-        parameters.update((saved, (live, keys)) for saved, live in zip(group["params"], live_group["params"]))
+        parameters.update(
+            (saved, (live, keys)) for saved, live in zip(group["params"], live_group["params"], strict=True)
+        )
     for index, entry in found["state"].items():
         if index not in parameters or not isinstance(entry, dict):
             return f"its optimizer state names parameter {index!r}, which this run does not have"
         parameter, keys = parameters[index]
         if entry and keys is not None and not (keys[0] <= set(entry) <= keys[1]):
-            return (f"its optimizer state of parameter {index} holds {sorted(entry)}, this optimizer keeps "
-                    f"{sorted(keys[1])}")
+            return (
+                f"its optimizer state of parameter {index} holds {sorted(entry)}, this optimizer keeps "
+                f"{sorted(keys[1])}"
+            )
         for key, value in entry.items():
             if value is None and key == "momentum_buffer":  # SGD starts a buffer where it finds None
                 continue
@@ -270,19 +299,35 @@ def _random_problem(states: object) -> str | None:
 def _progress_problem(progress: object, steps_per_epoch: int) -> str | None:
     if progress is None:
         return None
-    if not (isinstance(progress, dict) and set(progress) == set(PROGRESS_KEYS)
-            and all(_is_number(progress[key]) for key in PROGRESS_KEYS)):
+    if not (
+        isinstance(progress, dict)
+        and set(progress) == set(PROGRESS_KEYS)
+        and all(_is_number(progress[key]) for key in PROGRESS_KEYS)
+    ):
         return f"its epoch_progress is not a mapping of {', '.join(PROGRESS_KEYS)} to numbers"
-    if not (_is_int(progress["batches_done"]) and 0 <= progress["batches_done"] <= steps_per_epoch
-            and _is_int(progress["seen"]) and progress["seen"] >= 0 and progress["seconds"] >= 0):
-        return (f"its epoch_progress ({progress['batches_done']} batches done) does not fit an epoch of "
-                f"{steps_per_epoch} batches")
+    if not (
+        _is_int(progress["batches_done"])
+        and 0 <= progress["batches_done"] <= steps_per_epoch
+        and _is_int(progress["seen"])
+        and progress["seen"] >= 0
+        and progress["seconds"] >= 0
+    ):
+        return (
+            f"its epoch_progress ({progress['batches_done']} batches done) does not fit an epoch of "
+            f"{steps_per_epoch} batches"
+        )
     return None
 
 
-def resume_state_problem(state: dict, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         lookahead_state: dict[str, torch.Tensor] | None, steps_per_epoch: int,
-                         epochs: int) -> str | None:
+def resume_state_problem(
+    state: dict,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lookahead_state: dict[str, torch.Tensor] | None,
+    steps_per_epoch: int,
+    epochs: int,
+) -> str | None:
     """Why ``state`` (as load_resume_state returns it) cannot continue this run, or None when it can: every
     part is checked like a checkpoint (keys, types, tensor shapes against the model's state_dict and the
     optimizer, random states restorable, epoch and step in range) before fit() applies any of it."""
@@ -304,12 +349,21 @@ def resume_state_problem(state: dict, *, model: nn.Module, optimizer: torch.opti
     if not (_is_number(elapsed) and math.isfinite(elapsed) and elapsed >= 0):
         return f"its elapsed_seconds {elapsed!r} is not a time"
     records = state["records"]
-    if not (isinstance(records, list) and len(records) == epoch
-            and all(isinstance(r, dict) and set(RECORD_KEYS) <= set(r) and r["epoch"] == i + 1
-                    and all(_is_number(v) for v in r.values()) for i, r in enumerate(records))):
+    if not (
+        isinstance(records, list)
+        and len(records) == epoch
+        and all(
+            isinstance(r, dict)
+            and set(RECORD_KEYS) <= set(r)
+            and r["epoch"] == i + 1
+            and all(_is_number(v) for v in r.values())
+            for i, r in enumerate(records)
+        )
+    ):
         return f"its records are not the {epoch} finished epochs' metrics"
-    problem = (_tensors_problem("model", state["model"], model.state_dict())
-               or _optimizer_problem(state["optimizer"], optimizer, step))
+    problem = _tensors_problem("model", state["model"], model.state_dict()) or _optimizer_problem(
+        state["optimizer"], optimizer, step
+    )
     if problem:
         return problem
     if (state["lookahead"] is None) != (lookahead_state is None):

@@ -11,9 +11,9 @@ import hashlib
 import re
 import sys
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,8 +53,11 @@ def torch_cache_file(weights) -> Path:
 
 
 def _tensor_dict(state: object, where: str) -> dict[str, torch.Tensor]:
-    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                      for k, v in state.items())):
+    if not (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
         raise TransferError(f"{where} does not hold a state_dict (a mapping of names to tensors)")
     return state
 
@@ -64,13 +67,16 @@ def _check_trusted(path: Path, expected_prefix: str, trust: bool, advice: str) -
     file's official name) or when the user trusts it (train.trust_weights_file): checked before it is opened."""
     if trust or file_sha256(path).startswith(expected_prefix):
         return
-    raise TransferError(f"{path} is not torchvision's published file (its sha256 does not start with {expected_prefix}), "
-                        f"and a .pth file is a pickle, a format made to run code; {advice}, or set "
-                        "train.trust_weights_file: true if you trust whoever made it")
+    raise TransferError(
+        f"{path} is not torchvision's published file (its sha256 does not start with {expected_prefix}), "
+        f"and a .pth file is a pickle, a format made to run code; {advice}, or set "
+        "train.trust_weights_file: true if you trust whoever made it"
+    )
 
 
-def load_pretrained(architecture: str, source: str, emit: Callable[[str], None], *,
-                    trust: bool = False) -> StartingWeights:
+def load_pretrained(
+    architecture: str, source: str, emit: Callable[[str], None], *, trust: bool = False
+) -> StartingWeights:
     """torchvision's ImageNet weights for ``architecture``: ``source`` is ``imagenet`` (torch's cache, else a
     download through torchvision's weights API with its hash check) or the path of the weights file. A file
     that is not torchvision's published one (by sha256) loads only with ``trust``."""
@@ -88,87 +94,140 @@ def load_pretrained(architecture: str, source: str, emit: Callable[[str], None],
             raise TransferError(
                 f"could not download {weights.url} ({error}). Without a network, copy torchvision's file "
                 f"{cache_file.name} into {cache_file.parent}/ (torch's cache; TORCH_HOME moves it) or set "
-                "train.pretrained to the file's path") from None
+                "train.pretrained to the file's path"
+            ) from None
         except Exception as error:  # a truncated or foreign file in the cache, or a failed hash check
             where = f"the cached file {cache_file}" if was_cached else f"the download of {weights.url}"
-            raise TransferError(f"{where} is not readable weights ({type(error).__name__}: {str(error)[:300]}); "
-                                "delete it and run again to download it afresh") from None
+            raise TransferError(
+                f"{where} is not readable weights ({type(error).__name__}: {str(error)[:300]}); "
+                "delete it and run again to download it afresh"
+            ) from None
         path = cache_file
     else:
         path = Path(source)
         if not path.is_file():
-            raise TransferError(f"train.pretrained = {source!r}: no such file; name torchvision's {architecture} "
-                                f"weights file ({cache_file.name}), or use imagenet or none")
-        _check_trusted(path, expected_prefix, trust, f"name torchvision's {architecture} weights file ({cache_file.name})")
+            raise TransferError(
+                f"train.pretrained = {source!r}: no such file; name torchvision's {architecture} "
+                f"weights file ({cache_file.name}), or use imagenet or none"
+            )
+        _check_trusted(
+            path, expected_prefix, trust, f"name torchvision's {architecture} weights file ({cache_file.name})"
+        )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise TransferError(f"train.pretrained = {source!r} is not a readable weights file "
-                                f"({type(error).__name__}: {str(error)[:300]})") from None
+            raise TransferError(
+                f"train.pretrained = {source!r} is not a readable weights file "
+                f"({type(error).__name__}: {str(error)[:300]})"
+            ) from None
     state = _tensor_dict(state, str(path))
-    advice = ("delete it and run again to download it afresh" if source == "imagenet"
-              else "it is damaged: name torchvision's file, or use imagenet")
+    advice = (
+        "delete it and run again to download it afresh"
+        if source == "imagenet"
+        else "it is damaged: name torchvision's file, or use imagenet"
+    )
     unusual = first_unusual_tensor(state)
     if unusual:  # torchvision's files hold plain tensors only, and the finiteness check below would raise on it
         raise TransferError(f"train.pretrained = {source!r}: in {path}, weight {unusual}; {advice}")
-    broken = [name for name, value in state.items()
-              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    broken = [
+        name for name, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
     if broken:  # trained on, they make the first loss NaN, and the run would blame train.lr
-        raise TransferError(f"train.pretrained = {source!r}: {path} holds NaN or infinite weights "
-                            f"({', '.join(broken[:3])}{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); "
-                            f"{advice}")
+        raise TransferError(
+            f"train.pretrained = {source!r}: {path} holds NaN or infinite weights "
+            f"({', '.join(broken[:3])}{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); "
+            f"{advice}"
+        )
     sha256 = file_sha256(path)
     official = sha256.startswith(expected_prefix)
     if not official:
-        emit(f"warning: {path} is not torchvision's published file (its sha256 starts {sha256[:8]}, torchvision's "
-             f"{expected_prefix}); using it as {architecture} weights")
+        emit(
+            f"warning: {path} is not torchvision's published file (its sha256 starts {sha256[:8]}, torchvision's "
+            f"{expected_prefix}); using it as {architecture} weights"
+        )
     transforms = weights.transforms()
-    normalization = {"normalize.mean": torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1),
-                     "normalize.std": torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1)}
+    normalization = {
+        "normalize.mean": torch.tensor(transforms.mean, dtype=torch.float32).view(1, -1, 1, 1),
+        "normalize.std": torch.tensor(transforms.std, dtype=torch.float32).view(1, -1, 1, 1),
+    }
     return StartingWeights(
         state={**normalization, **{f"backbone.{name}": value for name, value in state.items()}},
-        mean=[float(m) for m in transforms.mean], std=[float(s) for s in transforms.std], head_replaced=True,
-        provenance={"kind": "pretrained", "weights": str(weights), "file": str(path), "sha256": sha256,
-                    "official_file": official, "head": "replaced", "trained_image_size": int(transforms.crop_size[0]),
-                    "mean": list(transforms.mean), "std": list(transforms.std)})
+        mean=[float(m) for m in transforms.mean],
+        std=[float(s) for s in transforms.std],
+        head_replaced=True,
+        provenance={
+            "kind": "pretrained",
+            "weights": str(weights),
+            "file": str(path),
+            "sha256": sha256,
+            "official_file": official,
+            "head": "replaced",
+            "trained_image_size": int(transforms.crop_size[0]),
+            "mean": list(transforms.mean),
+            "std": list(transforms.std),
+        },
+    )
 
 
-def load_init_checkpoint(path: str, *, architecture: str, in_channels: int, width: int,
-                         class_names: list[str]) -> StartingWeights:
+def load_init_checkpoint(
+    path: str, *, architecture: str, in_channels: int, width: int, class_names: list[str]
+) -> StartingWeights:
     """A checkpoint this pipeline wrote, checked like any checkpoint (weights_only, structure, finite weights),
     as starting weights: everything but the head, and the head too when the classes are the same."""
     if not Path(path).is_file() and Path(path).resolve() == (Path.cwd() / "data" / "model" / "checkpoint.pt").resolve():
-        raise TransferError(f"train.init_from = {path!r} is the train stage's own output, which DVC removes before the "
-                            "stage runs: copy the checkpoint elsewhere first (cp data/model/checkpoint.pt "
-                            "pretrained.pt) and set train.init_from to the copy")
+        raise TransferError(
+            f"train.init_from = {path!r} is the train stage's own output, which DVC removes before the "
+            "stage runs: copy the checkpoint elsewhere first (cp data/model/checkpoint.pt "
+            "pretrained.pt) and set train.init_from to the copy"
+        )
     try:
         source_model, checkpoint = load_checkpoint(Path(path))
     except CheckpointError as error:  # its advice (retrain the pipeline's own checkpoint) is not for this file
-        problem = re.sub(r"(; it is damaged or was not written by this pipeline)?[;.] (Rebuild it with|run the train "
-                         r"stage first|Retrain with).*$", "", str(error), flags=re.S)
+        problem = re.sub(
+            r"(; it is damaged or was not written by this pipeline)?[;.] (Rebuild it with|run the train "
+            r"stage first|Retrain with).*$",
+            "",
+            str(error),
+            flags=re.S,
+        )
         raise TransferError(f"train.init_from: {problem}; name a checkpoint.pt this pipeline wrote") from None
     source_arch, arguments = checkpoint["architecture"], checkpoint["arguments"]
     if source_arch != architecture:
-        raise TransferError(f"train.init_from = {path!r} holds a {source_arch} model but train.model is "
-                            f"{architecture!r}; set train.model: {source_arch}")
+        raise TransferError(
+            f"train.init_from = {path!r} holds a {source_arch} model but train.model is "
+            f"{architecture!r}; set train.model: {source_arch}"
+        )
     if arguments["in_channels"] != in_channels:
-        raise TransferError(f"train.init_from = {path!r} was trained on {arguments['in_channels']}-channel images, "
-                            f"this data has {in_channels}; use data of that many channels (data.channels: "
-                            f"{arguments['in_channels']} for an image folder)")
+        raise TransferError(
+            f"train.init_from = {path!r} was trained on {arguments['in_channels']}-channel images, "
+            f"this data has {in_channels}; use data of that many channels (data.channels: "
+            f"{arguments['in_channels']} for an image folder)"
+        )
     if architecture in ("convnet", "fast") and arguments.get("width", 32) != width:
-        raise TransferError(f"train.init_from = {path!r} has width {arguments.get('width', 32)}, train.width is "
-                            f"{width}; set train.width: {arguments.get('width', 32)}")
+        raise TransferError(
+            f"train.init_from = {path!r} has width {arguments.get('width', 32)}, train.width is "
+            f"{width}; set train.width: {arguments.get('width', 32)}"
+        )
     same_classes = list(checkpoint["class_names"]) == list(class_names)
     state = plain_state_dict(source_model)
     if not same_classes:
         head = source_model.head_parameter_names() if isinstance(source_model, Network) else set()
         state = {name: value for name, value in state.items() if name not in head}
     return StartingWeights(
-        state=state, mean=list(arguments["mean"]), std=list(arguments["std"]), head_replaced=not same_classes,
-        provenance={"kind": "checkpoint", "file": str(path), "sha256": file_sha256(Path(path)),
-                    "dataset": checkpoint.get("params", {}).get("data", {}).get("dataset"),
-                    "classes": list(checkpoint["class_names"]), "head": "replaced" if not same_classes else "kept",
-                    "image_size": arguments["image_size"]})
+        state=state,
+        mean=list(arguments["mean"]),
+        std=list(arguments["std"]),
+        head_replaced=not same_classes,
+        provenance={
+            "kind": "checkpoint",
+            "file": str(path),
+            "sha256": file_sha256(Path(path)),
+            "dataset": checkpoint.get("params", {}).get("data", {}).get("dataset"),
+            "classes": list(checkpoint["class_names"]),
+            "head": "replaced" if not same_classes else "kept",
+            "image_size": arguments["image_size"],
+        },
+    )
 
 
 def apply_starting_weights(model: Network, start: StartingWeights, where: str) -> None:
@@ -179,10 +238,13 @@ def apply_starting_weights(model: Network, start: StartingWeights, where: str) -
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # tensors of other shapes: another input size for lenet, another network
         problem = str(error).split("\n\t", 1)[-1].replace("\n\t", "; ")[:500]
-        raise TransferError(f"{where}: its weights do not fit this model ({problem}); lenet and tutorial_cnn "
-                            "layers depend on the image size: use images of the size it was trained on "
-                            "(data.image_size for an image folder)") from None
+        raise TransferError(
+            f"{where}: its weights do not fit this model ({problem}); lenet and tutorial_cnn "
+            "layers depend on the image size: use images of the size it was trained on "
+            "(data.image_size for an image folder)"
+        ) from None
     missing = sorted(set(missing) - head)
     if missing or unexpected:
-        raise TransferError(f"{where} does not hold this model's weights: missing {missing[:4]}, "
-                            f"unexpected {sorted(unexpected)[:4]}")
+        raise TransferError(
+            f"{where} does not hold this model's weights: missing {missing[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
