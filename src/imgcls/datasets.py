@@ -1,5 +1,10 @@
-"""Facts about the data sets: file names, checksums, class names, record sizes. Both the download stage
-(which verifies files) and the preprocess stage (which parses them) read them from here."""
+"""The data set table and the facts behind it: file names, checksums, class names, record sizes. params
+validate ``data.dataset`` against ``DATASETS``; the download stage (which verifies files) and the preprocess
+stage (which parses them) read everything else from here.
+
+Adding a data set is one ``DatasetSpec`` entry plus a fetch function (``download/sources.py``, ``FETCHERS``)
+and a decode function (``preprocess/decode.py``, ``DECODERS``); tests/test_project_structure.py fails,
+naming the missing one, while any of the three lacks the others."""
 
 from __future__ import annotations
 
@@ -9,7 +14,14 @@ from pathlib import Path
 
 from .errors import DataError
 
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One registered data set."""
+
+    image_size: int | None  # its fixed side in pixels; None: data.image_size sets it (image folders)
+    offline_advice: str  # the next step when no location in data.source could be fetched
+
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -64,3 +76,20 @@ def gunzip(path: Path) -> bytes:
         return gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as error:
         raise DataError(f"{path.name} is not a valid gzip file ({error}); the copy is truncated or corrupt") from None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        image_size=28,
+        offline_advice="set data.source to a folder holding the four .gz files, or install Debian's package "
+        "(apt-get install dataset-fashion-mnist) which puts them in /usr/share/datasets/fashion-mnist",
+    ),
+    "cifar10": DatasetSpec(
+        image_size=32,
+        offline_advice=f"download {CIFAR10_ARCHIVE} where you have a network and set data.source to that file",
+    ),
+    "imagefolder": DatasetSpec(
+        image_size=None,
+        offline_advice="set data.source to a folder or a .tar/.tar.gz/.zip archive laid out as train/<class>/*",
+    ),
+}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import datasets
-from ..datasets import CIFAR10_ARCHIVE, gunzip
+from ..datasets import CIFAR10_ARCHIVE, DATASETS, gunzip
 from ..errors import DataError, PermanentFetchError
 from .archives import ArchiveLimits, extract_archive, is_archive
 from .fetch import digest_file, expand_source, fetch_file, is_url, join_location
@@ -45,7 +45,7 @@ class FetchOptions:
 def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, log: Log = print) -> dict:
     """Fill the empty folder ``raw_dir`` with verified files of ``dataset``; returns provenance for source.json."""
     locations = expand_source(source)
-    getter = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "imagefolder": _get_image_folder}[dataset]
+    getter = FETCHERS[dataset]
     failures = []
     for location in locations:
         try:
@@ -60,12 +60,7 @@ def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, 
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         if len(locations) > 1:
             log(f"download: {location} failed; trying the next location")
-    hint = {
-        "fashion-mnist": "set data.source to a folder holding the four .gz files, or install Debian's package "
-        "(apt-get install dataset-fashion-mnist) which puts them in /usr/share/datasets/fashion-mnist",
-        "cifar10": f"download {CIFAR10_ARCHIVE} where you have a network and set data.source to that file",
-        "imagefolder": "set data.source to a folder or a .tar/.tar.gz/.zip archive laid out as train/<class>/*",
-    }[dataset]
+    hint = DATASETS[dataset].offline_advice
     raise DataError(
         f"could not get {dataset} from data.source={source!r}:\n" + "\n".join(failures) + f"\nNext step: {hint}"
     )
@@ -146,6 +141,10 @@ def _get_image_folder(location: str, raw_dir: Path, options: FetchOptions, *, lo
     archive.unlink()
     log(f"download: extracted {count} files from {name}")
     return {"files": {name: {"sha256": digest.sha256, "bytes": digest.size}}}
+
+
+# How each data set in datasets.DATASETS is fetched into data/raw (one entry per data set, a test checks).
+FETCHERS = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "imagefolder": _get_image_folder}
 
 
 def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:

@@ -1,15 +1,12 @@
-"""The model registry. Every model takes float images in [0, 1], shape (N, C, H, W), and normalizes
-them itself, so TorchScript/ONNX exports and the evaluate stage feed the same input as training."""
+"""The networks. Every model takes float images in [0, 1], shape (N, C, H, W), and normalizes them itself,
+so TorchScript/ONNX exports and the evaluate stage feed the same input as training. Which names build which
+network, and what the pipeline knows about each, is the table in registry.py."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..params import MIN_IMAGE_SIZE, TORCHVISION_MODELS
 
 
 class Normalize(nn.Module):
@@ -129,7 +126,7 @@ class ConvGroup(nn.Module):
 
 
 class ConvNet(Network):
-    """The BatchNorm CNN behind ``convnet`` (default) and ``fast`` (the airbench recipe's network).
+    """The BatchNorm CNN behind ``convnet`` and ``fast`` (the default) (the airbench recipe's network).
 
     fast: a 2x2 first conv whose weights are set from the eigenvectors of training-image patches
     (whitening, after tysam-code/hlb-cifar10 and airbench), BatchNorm with frozen scale, dirac init,
@@ -216,11 +213,10 @@ class TorchvisionNet(Network):
     images are repeated to three channels before normalization, so ImageNet's RGB weights apply unchanged;
     mean and std therefore always have three values (ImageNet's when its weights are loaded)."""
 
-    HEADS = {"resnet18": "fc", "mobilenet_v3_small": "classifier.3"}
-
     def __init__(
         self,
         architecture: str,
+        head: str,
         in_channels: int,
         num_classes: int,
         image_size: int,
@@ -232,39 +228,13 @@ class TorchvisionNet(Network):
 
         self.in_channels = in_channels
         self.normalize = Normalize(mean, std)
-        self.backbone = getattr(torchvision.models, architecture)(weights=None, num_classes=num_classes)
-        self.HEAD = "backbone." + self.HEADS[architecture]
+        self.backbone = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+        self.HEAD = "backbone." + head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.backbone(self.normalize(x))
-
-
-def normalized_channels(architecture: str, in_channels: int) -> int:
-    """How many mean/std values a model's normalization holds: torchvision networks always see RGB."""
-    return 3 if architecture in TORCHVISION_MODELS else in_channels
-
-
-MODEL_NAMES = tuple(MIN_IMAGE_SIZE)  # the registry below builds each of them
-
-
-def build_model(name: str, *, width: int = 32, whiten_bias_epochs: float = 0.0, **arguments: Any) -> Network:
-    """Build a registered model; the keyword arguments are what the checkpoint stores to rebuild it.
-    ``arguments``: in_channels, num_classes, image_size, mean, std. LeNet, TutorialCNN and the torchvision
-    networks have fixed widths (``width`` is ignored)."""
-    builders = {
-        "lenet": lambda: LeNet(**arguments),
-        "tutorial_cnn": lambda: TutorialCNN(**arguments),
-        "convnet": lambda: ConvNet(**arguments, widths=(width, 2 * width, 4 * width), fast=False),
-        "fast": lambda: ConvNet(
-            **arguments, widths=(width, 4 * width, 4 * width), fast=True, whiten_bias_epochs=whiten_bias_epochs
-        ),
-        **{name: (lambda name=name: TorchvisionNet(name, **arguments)) for name in TORCHVISION_MODELS},
-    }
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_NAMES)}")
-    return builders[name]()
 
 
 class TTAModel(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 from .formats import DecodedDataset, decode_cifar10, decode_fashion_mnist
@@ -22,19 +23,35 @@ def decode(
     log: Callable[[str], None] = print,
 ) -> DecodedDataset:
     """Fashion-MNIST and CIFAR-10 (fixed, small) decode in memory; image folders stream into ``workdir``."""
-    if dataset == "fashion-mnist":
-        return decode_fashion_mnist(raw_dir)
-    if dataset == "cifar10":
-        return decode_cifar10(raw_dir)
-    return decode_image_folder(
-        find_image_root(raw_dir / "images"),
+    return DECODERS[dataset](
+        raw_dir,
         image_size=image_size,
         channels=channels,
         on_bad_image=on_bad_image,
-        max_pixels=max_image_pixels,
+        max_image_pixels=max_image_pixels,
         workdir=workdir,
         log=log,
     )
+
+
+def _decode_images(raw_dir: Path, **options: Any) -> DecodedDataset:
+    return decode_image_folder(
+        find_image_root(raw_dir / "images"),
+        image_size=options["image_size"],
+        channels=options["channels"],
+        on_bad_image=options["on_bad_image"],
+        max_pixels=options["max_image_pixels"],
+        workdir=options["workdir"],
+        log=options["log"],
+    )
+
+
+# How each data set in datasets.DATASETS is decoded from data/raw (one entry per data set, a test checks).
+DECODERS: dict[str, Callable[..., DecodedDataset]] = {
+    "fashion-mnist": lambda raw_dir, **_: decode_fashion_mnist(raw_dir),
+    "cifar10": lambda raw_dir, **_: decode_cifar10(raw_dir),
+    "imagefolder": _decode_images,
+}
 
 
 def find_image_root(images_dir: Path) -> Path:
