@@ -29,6 +29,7 @@ from PIL import Image
 from ..datasets import IMAGE_SUFFIXES
 from ..download.archives import ArchiveLimits, extract_archive, is_archive
 from ..errors import DataError, UserError
+from ..prefetch import prefetched
 from ..preprocess.imagefolder import is_hidden
 from ..preprocess.images import DECODE_ERRORS, decode_image, prepare_image
 
@@ -256,13 +257,9 @@ def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers:
         return
     pool = ProcessPoolExecutor(workers, initializer=_worker_start)
     try:
-        pending = []
-        for task in tasks:
-            pending.append(pool.submit(_decode_files, task, image_size, channels))
-            if len(pending) > 2 * workers:
-                yield from pending.pop(0).result()
-        for future in pending:
-            yield from future.result()
+        arguments = ((task, image_size, channels) for task in tasks)
+        for items in prefetched(pool, _decode_files, arguments, ahead=2 * workers):
+            yield from items
     except BrokenProcessPool:
         raise UserError(
             f"an image-decoding worker process died (killed by a signal, or out of memory) while "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ import numpy as np
 from ..arrays import NpyReader, NpyWriter
 from ..datasets import IMAGE_SUFFIXES, SPLIT_NAMES
 from ..errors import DataError
+from ..prefetch import prefetched
+from ..report import bullet_list
 from .formats import DecodedDataset
 from .images import DECODE_ERRORS, decode_image
 
@@ -104,28 +105,20 @@ def _decode_split(
     arrive. At most two chunks per worker are in flight, so memory stays bounded by chunks, not the split.
     Returns the written images (a reader over the good rows), the mask of good files and the bad ones."""
     per_chunk = _chunk_files(image_size, channels)
-    chunks = [[str(p) for p in paths[i : i + per_chunk]] for i in range(0, len(paths), per_chunk)]
+    tasks = (
+        ([str(p) for p in paths[i : i + per_chunk]], image_size, channels, max_pixels)
+        for i in range(0, len(paths), per_chunk)
+    )
     good = np.zeros(len(paths), dtype=bool)
     bad: list[tuple[str, str]] = []
     written = 0
-    pending: deque = deque()  # (chunk number, future), oldest first
     with NpyWriter(destination, (len(paths), channels, image_size, image_size), np.uint8) as writer:
-
-        def finish_oldest() -> None:
-            nonlocal written, bad
-            number, future = pending.popleft()
-            images, ok, chunk_bad = future.result()
+        chunks = prefetched(pool, _decode_chunk, tasks, ahead=2 * workers)
+        for number, (images, ok, chunk_bad) in enumerate(chunks):
             writer.write(written, images)
             written += len(images)
             good[number * per_chunk : number * per_chunk + len(ok)] = ok
             bad += chunk_bad
-
-        for number, chunk in enumerate(chunks):
-            pending.append((number, pool.submit(_decode_chunk, chunk, image_size, channels, max_pixels)))
-            if len(pending) >= 2 * workers:
-                finish_oldest()
-        while pending:
-            finish_oldest()
     return NpyReader(destination, rows=written), good, bad
 
 
@@ -142,23 +135,18 @@ def decode_image_folder(
 ) -> DecodedDataset:
     """Decode every split folder under ``root`` into ``workdir/<split>.npy`` (uint8 (N, C, H, W), streamed:
     memory is bounded by a few chunks per worker); the result's images are readers over those files."""
-    listings = {"train": list_split(root / "train", None)}  # walk each split's folders once
-    class_names = listings["train"].class_names
-    if len(class_names) < 2:
-        raise DataError(
-            f"{root / 'train'} has {len(class_names)} class folder(s) {class_names}; a classifier needs at least two"
-        )
+    train = _list_train(root)  # walk each split's folders once
+    class_names = train.class_names
     workers = workers or min(4, os.cpu_count() or 1)
     workdir.mkdir(parents=True, exist_ok=True)
-    splits, ignored_total, hidden_total, bad_total = {}, 0, 0, []
+    splits, listings, bad = {}, [], []
     with ProcessPoolExecutor(workers) as pool:
         for split in SPLIT_NAMES:
             if not (root / split).is_dir():
                 continue
-            listing = listings.get(split) or list_split(root / split, class_names)
-            ignored_total += listing.ignored
-            hidden_total += listing.hidden
-            images, good, bad = _decode_split(
+            listing = train if split == "train" else list_split(root / split, class_names)
+            listings.append(listing)
+            images, good, split_bad = _decode_split(
                 pool,
                 listing.paths,
                 workdir / f"{split}.npy",
@@ -167,27 +155,52 @@ def decode_image_folder(
                 max_pixels=max_pixels,
                 workers=workers,
             )
-            if bad and on_bad_image == "error":
-                path, reason = bad[0]
-                raise DataError(
-                    f"{len(bad)} unreadable image file(s) in {split}/, first {path} ({reason}); "
-                    "remove or replace them, or set data.on_bad_image: skip"
-                )
+            if split_bad and on_bad_image == "error":
+                raise _unreadable_error(split, split_bad)
             splits[split] = (images, np.asarray(listing.labels, dtype=np.int64)[good])
-            bad_total += bad
-    if ignored_total:
-        log(f"preprocess: ignored {ignored_total} file(s) that are not images (by extension)")
-    if hidden_total:
+            bad += split_bad
+    _log_left_out(listings, bad, log)
+    _require_every_class(splits, class_names)
+    return DecodedDataset(splits, class_names)
+
+
+def _list_train(root: Path) -> SplitListing:
+    """The train split's listing, which names the classes every other split must have."""
+    listing = list_split(root / "train", None)
+    if len(listing.class_names) < 2:
+        raise DataError(
+            f"{root / 'train'} has {len(listing.class_names)} class folder(s) {listing.class_names}; "
+            "a classifier needs at least two"
+        )
+    return listing
+
+
+def _unreadable_error(split: str, bad: list[tuple[str, str]]) -> DataError:
+    path, reason = bad[0]
+    return DataError(
+        f"{len(bad)} unreadable image file(s) in {split}/, first {path} ({reason}); "
+        "remove or replace them, or set data.on_bad_image: skip"
+    )
+
+
+def _log_left_out(listings: list[SplitListing], bad: list[tuple[str, str]], log: Callable[[str], None]) -> None:
+    """One line each for the files left out: not images, hidden, unreadable (listed by name)."""
+    ignored = sum(listing.ignored for listing in listings)
+    hidden = sum(listing.hidden for listing in listings)
+    if ignored:
+        log(f"preprocess: ignored {ignored} file(s) that are not images (by extension)")
+    if hidden:
         log(
-            f"preprocess: ignored {hidden_total} hidden file(s) (dot-names such as ._name.jpg, .ipynb_checkpoints/, "
+            f"preprocess: ignored {hidden} hidden file(s) (dot-names such as ._name.jpg, .ipynb_checkpoints/, "
             "__MACOSX/)"
         )
-    if bad_total:
-        listed = "\n".join(f"  - {p}: {r}" for p, r in bad_total[:20])
-        more = f"\n  ... and {len(bad_total) - 20} more" if len(bad_total) > 20 else ""
-        log(f"preprocess: skipped {len(bad_total)} unreadable image file(s) (data.on_bad_image: skip):\n{listed}{more}")
+    if bad:
+        listed = bullet_list([f"{path}: {reason}" for path, reason in bad])
+        log(f"preprocess: skipped {len(bad)} unreadable image file(s) (data.on_bad_image: skip):\n{listed}")
+
+
+def _require_every_class(splits: dict[str, tuple[NpyReader, np.ndarray]], class_names: list[str]) -> None:
     for split, (_, labels) in splits.items():
         empty = [class_names[c] for c in range(len(class_names)) if not (labels == c).any()]
         if empty:
             raise DataError(f"after skipping unreadable files, {split}/ has no images of class(es) {empty}")
-    return DecodedDataset(splits, class_names)
