@@ -106,7 +106,7 @@ def training_flops_per_image(
     architecture: str, *, width: int, image_shape: list[int], num_classes: int, precision: str
 ) -> float:
     """FLOPs (forward + backward) one training image costs in ``architecture`` at ``width``."""
-    from imgcls.model.networks import build_model, normalized_channels
+    from imgcls.model.registry import build_model, normalized_channels
 
     channels, size = image_shape[0], image_shape[1]
     norm = normalized_channels(architecture, channels)

@@ -145,8 +145,9 @@ def untrained_checkpoint(project: Path) -> None:
     """A checkpoint of freshly initialised weights for the prepared data (evaluate/export memory and speed)."""
     sys.path.insert(0, str(REPO_ROOT / "src"))
     from imgcls.model.checkpoint import save_checkpoint
-    from imgcls.model.networks import build_model
-    from imgcls.params import as_dict, load_params
+    from imgcls.model.registry import build_model
+    from imgcls.params.core import as_dict
+    from imgcls.params.project import load_params
 
     meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
     params = load_params(project / "params.yaml")

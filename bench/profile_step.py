@@ -26,8 +26,10 @@ from flops import PEAK_SIZE, cpu_features, matmul_peak, nominal_peak, step_flops
 from run import WORK, recipe_data, recipe_dataset
 
 from imgcls.model.inference import predict
-from imgcls.model.networks import TTAModel, build_model
-from imgcls.params import parse_params, read_yaml
+from imgcls.model.networks import TTAModel
+from imgcls.model.registry import build_model
+from imgcls.params.core import read_yaml
+from imgcls.params.project import parse_params
 from imgcls.runtime import resolve_precision, seed_everything
 from imgcls.train.loop import apply_update, backward, epoch_batches, forward_loss, make_training_setup, set_rate
 

@@ -2,7 +2,8 @@
 imgcls.validate.validate through the shared error boundary."""
 
 from imgcls.cli import run_stage
+from imgcls.params.project import Params
 from imgcls.validate import validate
 
 if __name__ == "__main__":
-    run_stage("validate", validate)
+    run_stage("validate", validate, Params)

@@ -29,7 +29,7 @@ def merge(raw: dict, sections: dict) -> dict:
 
 
 def committed_params_raw() -> dict:
-    from imgcls.params import read_yaml
+    from imgcls.params.core import read_yaml
 
     return read_yaml(REPO_ROOT / "params.yaml")
 
@@ -37,7 +37,7 @@ def committed_params_raw() -> dict:
 def real_params(**sections):
     """The committed params.yaml, shrunk or changed by ``sections``, validated like a stage validates it:
     tests train on the project's real recipe, not on defaults of their own."""
-    from imgcls.params import parse_params
+    from imgcls.params.project import parse_params
 
     return parse_params(merge(committed_params_raw(), sections))
 

@@ -105,7 +105,8 @@ def test_every_benchmark_recipe_is_valid_params():
     """A misspelt key in bench/recipes.yaml would otherwise surface only deep into `make bench`."""
     import yaml
 
-    from imgcls.params import parse_params, read_yaml
+    from imgcls.params.core import read_yaml
+    from imgcls.params.project import parse_params
 
     recipes = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())
     assert recipes

@@ -6,7 +6,7 @@ from conftest import REPO_ROOT, committed_params_raw, merge
 from pydantic import BaseModel
 
 from imgcls.errors import ParamsError
-from imgcls.params import Params, load_params, parse_params
+from imgcls.params.project import Params, load_params, parse_params
 
 
 def test_committed_params_parse():
@@ -170,3 +170,35 @@ def test_hostile_params_files_are_params_errors_not_tracebacks(tmp_path, content
     assert fragment in str(caught.value)
     with pytest.raises(ParamsError, match="is not a UTF-8 text file"):
         load_params(tmp_path)  # a folder where the file should be
+
+
+def test_the_sections_every_stage_accepts_are_the_whole_schemas_sections():
+    from imgcls.params.core import SECTIONS
+
+    assert tuple(Params.model_fields) == SECTIONS
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        "data.DownloadStageParams",
+        "preprocess.PreprocessStageParams",
+        "train.TrainStageParams",
+        "evaluate.EvaluateStageParams",
+        "export.ExportStageParams",
+    ],
+)
+def test_a_stage_reads_only_its_sections_but_refuses_unknown_ones(view):
+    import importlib
+
+    from imgcls.params.core import parse_params as parse_sections
+
+    module, name = view.split(".")
+    model = getattr(importlib.import_module(f"imgcls.params.{module}"), name)
+    raw = committed_params_raw()
+    parsed = parse_sections(raw, model)
+    assert set(type(parsed).model_fields) <= set(raw)
+    broken = {**raw, "export": {**raw["export"], "opset": "x"}} if "export" not in model.model_fields else raw
+    parse_sections(broken, model)  # a section the stage does not read is the validate stage's to check
+    with pytest.raises(ParamsError, match="unknown key 'trian'"):
+        parse_sections({**raw, "trian": {"lr": 1}}, model)

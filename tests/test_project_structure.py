@@ -151,7 +151,13 @@ def test_data_stages_do_not_depend_on_training_code():
     closures = {name: import_closure(entry) for name, entry in stage_entrypoints(committed_dvc_yaml()).items()}
     for stage in ("validate", "download", "preprocess"):
         touched = {p.relative_to(SRC / PACKAGE).parts[0] for p in closures[stage]}
-        assert not touched & {"model", "train", "evaluate", "deploy", "runtime.py"}, (stage, touched)
+        # validate checks train.model against the model table (src/imgcls/model); its output is a constant
+        # stamp, so a model change reruns validate alone, never the data stages after it.
+        allowed = {"model"} if stage == "validate" else set()
+        assert not (touched - allowed) & {"model", "train", "evaluate", "deploy", "runtime.py"}, (stage, touched)
+    for stage in ("download", "preprocess"):
+        params_files = {p.name for p in closures[stage] if p.parent.name == "params"}
+        assert params_files <= {"__init__.py", "core.py", "base.py", "data.py", "preprocess.py"}, (stage, params_files)
 
 
 def test_dvc_yaml_paths_agree_with_the_paths_module():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
-from .params import Params, load_params
+from .params.core import StageParams, load_params
 from .paths import ProjectPaths
 
 
@@ -16,11 +17,12 @@ def project_root() -> Path:
     return Path.cwd()
 
 
-def run_stage(name: str, body: Callable[[Params, ProjectPaths], None]) -> None:
-    """Validate all params before any work, run ``body``, and turn user errors into one clear line + exit 1."""
+def run_stage(name: str, body: Callable[[Any, ProjectPaths], None], model: type[StageParams]) -> None:
+    """Validate the params sections the stage reads (``model``) before any work, run ``body``, and turn user
+    errors into one clear line + exit 1."""
     root = project_root()
     try:
-        params = load_params(root / "params.yaml")
+        params = load_params(root / "params.yaml", model)
         body(params, ProjectPaths(root))
     except UserError as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)

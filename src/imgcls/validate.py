@@ -4,7 +4,7 @@ its stamp, so a bad value stops `dvc repro` / `dvc exp run` here, before DVC del
 from __future__ import annotations
 
 from .fileio import write_text
-from .params import Params
+from .params.project import Params
 from .paths import ProjectPaths
 
 # Constant content: DVC sees the same hash after every successful validation, so a params change reruns

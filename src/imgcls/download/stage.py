@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..cli import log
 from ..fileio import atomic_dir
-from ..params import Params
+from ..params.data import DownloadStageParams as Params
 from ..paths import ProjectPaths
 from .archives import ArchiveLimits
 from .sources import FetchOptions, acquire

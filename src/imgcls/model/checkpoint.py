@@ -15,8 +15,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import atomic_path
-from ..params import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-from .networks import MODEL_NAMES, build_model, normalized_channels
+from ..params.core import MAX_IMAGE_SIZE
+from .registry import MODELS, build_model, normalized_channels
 
 FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP
@@ -131,8 +131,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     if missing:
         raise _bad(path, f"missing {', '.join(missing)}")
     architecture = checkpoint["architecture"]
-    if architecture not in MODEL_NAMES:
-        raise _bad(path, f"unknown architecture {architecture!r} (this code builds {', '.join(MODEL_NAMES)})")
+    if architecture not in MODELS:
+        raise _bad(path, f"unknown architecture {architecture!r} (this code builds {', '.join(MODELS)})")
     try:
         arguments = ModelArguments.model_validate(checkpoint["arguments"])
     except ValidationError as error:
@@ -153,10 +153,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     channels = normalized_channels(architecture, arguments.in_channels)
     if len(arguments.mean) != channels or len(arguments.std) != channels:
         raise _bad(path, f"mean/std need {channels} value(s), one per channel")
-    if arguments.image_size < MIN_IMAGE_SIZE[architecture]:
+    if arguments.image_size < MODELS[architecture].min_image_size:
         raise _bad(
             path,
-            f"{architecture} needs images of at least {MIN_IMAGE_SIZE[architecture]} pixels, "
+            f"{architecture} needs images of at least {MODELS[architecture].min_image_size} pixels, "
             f"arguments say {arguments.image_size}",
         )
     state = checkpoint["state_dict"]

@@ -10,7 +10,7 @@ import shutil
 from ..cli import log
 from ..errors import DataError
 from ..fileio import atomic_dir
-from ..params import Params
+from ..params.preprocess import PreprocessStageParams as Params
 from ..paths import ProjectPaths
 from .decode import decode
 from .splits import plan_splits
