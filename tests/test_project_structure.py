@@ -243,3 +243,33 @@ def test_every_name_is_imported_from_its_home():
                         f"{path.relative_to(REPO_ROOT)}: takes {name} from {module}, which only re-exports it"
                     )
     assert problems == []
+
+
+MAX_FUNCTION_LINES = 60  # a function longer than this is split into named steps (style.md)
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions in src/ longer than ``limit`` lines, decorators included, as "file:function (N lines)"."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines = node.end_lineno - start + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(REPO_ROOT)}:{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_in_the_library_is_over_60_lines():
+    assert long_functions() == []
+
+
+def test_the_length_check_counts_decorators_and_bodies(tmp_path, monkeypatch):
+    package = tmp_path / "src" / PACKAGE
+    package.mkdir(parents=True)
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    (package / "long.py").write_text(f"import functools\n\n\n@functools.cache\ndef long():\n{body}\n")
+    monkeypatch.setattr(__import__(__name__), "SRC", tmp_path / "src")
+    monkeypatch.setattr(__import__(__name__), "REPO_ROOT", tmp_path)
+    assert long_functions() == ["src/imgcls/long.py:long (62 lines)"]
