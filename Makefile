@@ -8,12 +8,19 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run test bench lock clean-venv
 
-$(BIN)/.installed: pyproject.toml
+# Exactly the locked packages (every one with its sha256), then the project itself, editable.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# After changing a pin in pyproject.toml: resolve it again and rewrite requirements.lock (minutes).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python tools/lock.py
 
 # Fashion-MNIST, the default data set, comes from Debian's package when we can install it; otherwise
 # the download stage tries the official mirrors (or set data.source).
