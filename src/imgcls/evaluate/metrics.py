@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_path
-from ..stats import wilson_interval
+from ..stats import Accuracy
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -20,21 +20,18 @@ def per_class_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str
     interval, precision, and the counts behind them (``images``: test images of the class, ``correct``)."""
     metrics = {}
     for c, name in enumerate(class_names):
-        true_positive = int(confusion[c, c])
-        actual = int(confusion[c].sum())
+        score = Accuracy(correct=int(confusion[c, c]), images=int(confusion[c].sum()))
         predicted = int(confusion[:, c].sum())
-        # A class with no test images has no accuracy (None -> null in JSON), not an accuracy of 0; a class
-        # never predicted has no precision.
-        recall = true_positive / actual if actual else None
-        low, high = wilson_interval(true_positive, actual) if actual else (None, None)
+        low, high = score.ci95
+        # A class never predicted has no precision (as a class without test images has no accuracy).
         metrics[name] = {
-            "accuracy": recall,
+            "accuracy": score.value,
             "ci95_low": low,
             "ci95_high": high,
-            "precision": true_positive / predicted if predicted else None,
-            "recall": recall,
-            "images": actual,
-            "correct": true_positive,
+            "precision": score.correct / predicted if predicted else None,
+            "recall": score.value,
+            "images": score.images,
+            "correct": score.correct,
         }
     return metrics
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
+from ..arrays import NpyReader
 from ..cli import log
 from ..fileio import write_json
 from ..model.checkpoint import load_checkpoint
 from ..model.inference import evaluate_model
 from ..model.networks import TTAModel
-from ..params import Params
+from ..params.evaluate import EvaluateStageParams as Params
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import resolve_device, resolve_precision, set_threads
-from ..stats import wilson_interval
+from ..stats import Accuracy, accuracy_of
 from .metrics import (
     confusion_matrix,
     per_class_metrics,
@@ -24,62 +31,119 @@ from .metrics import (
 )
 
 
+@dataclass
+class Evaluation:
+    """What the model did on the test split."""
+
+    labels: np.ndarray  # true classes (N,)
+    predictions: np.ndarray  # predicted classes (N,)
+    confusion: np.ndarray  # counts[true, predicted]
+    per_class: dict[str, dict]  # per_class_metrics
+    score: Accuracy  # counts and 95% interval
+    accuracy: float  # as evaluate_model computed it (float32 mean), the number eval.json has always held
+    loss: float
+
+
 def evaluate(params: Params, paths: ProjectPaths) -> None:
+    """The evaluate stage: set up the device, load the model and the test split, predict, write eval.json,
+    the tables and the pictures to ``paths.metrics_dir``, report one line."""
     config, emit = params.evaluate, log("evaluate")
     set_threads(params.base.threads)
     device = resolve_device(params.base.device)
     precision = resolve_precision(params.train.precision, device)
-    model, checkpoint = load_checkpoint(paths.checkpoint, device)
-    if config.tta:
-        model = TTAModel(model)
-    prepared = load_prepared(paths.prepared_dir, ("test",))
-    prepared.require_classes(checkpoint["class_names"], paths.checkpoint)
-    images, labels = prepared.splits["test"]
-    class_names = checkpoint["class_names"]
+    model, class_names = load_model(paths.checkpoint, device, tta=config.tta)
+    dataset, images, labels = load_test_split(paths, class_names)
     # images: an NpyReader, read batch by batch (memory holds a batch, not the test split)
     result = evaluate_model(
         model, images, torch.from_numpy(labels), batch_size=config.batch_size, device=device, precision=precision
     )
+    outcome = score_predictions(result, labels, class_names)
+    write_eval_json(paths.metrics_dir / "eval.json", outcome, tta=config.tta, precision=precision)
+    shown = write_tables_and_plots(
+        paths.metrics_dir,
+        images,
+        outcome,
+        class_names,
+        title=f"{dataset} test, accuracy {outcome.accuracy:.4f}",
+        misclassified_images=config.misclassified_images,
+    )
+    report(emit, outcome, shown)
+
+
+def load_model(checkpoint_path: Path, device: torch.device, *, tta: bool) -> tuple[nn.Module, list[str]]:
+    """The trained model (wrapped for test-time augmentation with ``tta``) and its class names."""
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    return (TTAModel(model) if tta else model), checkpoint["class_names"]
+
+
+def load_test_split(paths: ProjectPaths, class_names: list[str]) -> tuple[str, NpyReader, np.ndarray]:
+    """The data set's name, the test images and labels, checked against the model's classes."""
+    prepared = load_prepared(paths.prepared_dir, ("test",))
+    prepared.require_classes(class_names, paths.checkpoint)
+    images, labels = prepared.splits["test"]
+    return prepared.meta["dataset"], images, labels
+
+
+def score_predictions(result: dict, labels: np.ndarray, class_names: list[str]) -> Evaluation:
+    """Confusion matrix, per-class metrics and the overall accuracy with its interval."""
     predictions = result["predictions"].cpu().numpy()
     confusion = confusion_matrix(labels, predictions, len(class_names))
-    per_class = per_class_metrics(confusion, class_names)
-    metrics_dir = paths.metrics_dir
-    correct = int((predictions == labels).sum())
-    low, high = wilson_interval(correct, len(labels))
-    write_json(
-        metrics_dir / "eval.json",
-        {
-            "test": {
-                "accuracy": result["accuracy"],
-                "ci95_low": low,
-                "ci95_high": high,
-                "loss": result["loss"],
-                "images": int(len(labels)),
-                "correct": correct,
-            },
-            "per_class": per_class,
-            "tta": config.tta,
-            "precision": precision,
-        },
+    return Evaluation(
+        labels=labels,
+        predictions=predictions,
+        confusion=confusion,
+        per_class=per_class_metrics(confusion, class_names),
+        score=accuracy_of(predictions, labels),
+        accuracy=result["accuracy"],
+        loss=result["loss"],
     )
-    write_per_class_csv(metrics_dir / "per_class.csv", per_class)
+
+
+def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: str) -> None:
+    """eval.json: test accuracy with its interval and counts, loss, per-class metrics, how it was measured."""
+    low, high = outcome.score.ci95
+    test = {
+        "accuracy": outcome.accuracy,
+        "ci95_low": low,
+        "ci95_high": high,
+        "loss": outcome.loss,
+        "images": outcome.score.images,
+        "correct": outcome.score.correct,
+    }
+    write_json(path, {"test": test, "per_class": outcome.per_class, "tta": tta, "precision": precision})
+
+
+def write_tables_and_plots(
+    metrics_dir: Path,
+    images: NpyReader,
+    outcome: Evaluation,
+    class_names: list[str],
+    *,
+    title: str,
+    misclassified_images: int,
+) -> int:
+    """per_class.csv, test_predictions.csv (DVC's confusion plot), the confusion matrix and the grid of
+    misclassified images; returns how many the grid shows."""
+    labels, predictions = outcome.labels, outcome.predictions
+    write_per_class_csv(metrics_dir / "per_class.csv", outcome.per_class)
     write_predictions_csv(metrics_dir / "test_predictions.csv", labels, predictions, class_names)
-    plot_confusion_matrix(
-        metrics_dir / "confusion_matrix.png",
-        confusion,
-        class_names,
-        title=f"{prepared.meta['dataset']} test, accuracy {result['accuracy']:.4f}",
+    plot_confusion_matrix(metrics_dir / "confusion_matrix.png", outcome.confusion, class_names, title=title)
+    return plot_misclassified(
+        metrics_dir / "misclassified.png", images, labels, predictions, class_names, misclassified_images
     )
-    shown = plot_misclassified(
-        metrics_dir / "misclassified.png", images, labels, predictions, class_names, config.misclassified_images
-    )
+
+
+def report(emit: Callable[[str], None], outcome: Evaluation, shown: int) -> None:
+    """The stage's summary line, after a note on classes without test images."""
+    per_class = outcome.per_class
     missing = [name for name, values in per_class.items() if values["images"] == 0]
     if missing:
         emit(f"no test images of class(es) {missing}: their accuracy is reported as null, not 0")
     scored = {name: values for name, values in per_class.items() if values["images"]}
     worst = min(scored, key=lambda n: scored[n]["accuracy"])
+    low, high = outcome.score.ci95
     emit(
-        f"test accuracy {result['accuracy']:.4f} (95% interval {low:.4f}..{high:.4f}), loss {result['loss']:.4f} "
-        f"on {len(labels)} images; "
+        f"test accuracy {outcome.accuracy:.4f} (95% interval {low:.4f}..{high:.4f}), loss {outcome.loss:.4f} "
+        f"on {outcome.score.images} images; "
         f"weakest class {worst!r} ({per_class[worst]['accuracy']:.3f}); {shown} misclassified images drawn"
     )
