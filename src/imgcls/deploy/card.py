@@ -12,6 +12,7 @@ from ..evaluate.metrics import per_class_metrics
 
 
 def confused_pairs(confusion: np.ndarray, class_names: list[str], top: int = 5) -> list[tuple[str, str, int]]:
+    """The ``top`` most frequent (true, predicted, images) mistakes, largest first; none with zero images."""
     off = confusion.copy()
     np.fill_diagonal(off, 0)
     order = np.argsort(-off, axis=None, kind="stable")[:top]
@@ -47,29 +48,39 @@ def model_card(
     sizes: dict,
     cpu: str,
 ) -> str:
-    names = facts["class_names"]
-    size, channels = facts["image_size"], facts["channels"]
-    train = checkpoint["params"]["train"]
-    extra = checkpoint.get("extra", {})
-    per_class = [
-        (name, values["accuracy"], values["images"]) for name, values in per_class_metrics(confusion, names).items()
+    """The card in Markdown, one section each: what the files take and give, the data, test results,
+    training recipe, speed, intended use and known limits."""
+    sections = [
+        title_section(facts),
+        input_section(facts, int8, sizes),
+        data_section(facts, meta),
+        results_section(facts["class_names"], confusion, fp32, int8),
+        training_section(checkpoint),
+        speed_section(latency, int8, cpu),
+        intended_use_section(facts["class_names"]),
+        limits_section(facts["class_names"], confusion, fp32),
     ]
-    scored = [p for p in per_class if p[1] is not None]
-    weakest = min(scored, key=lambda p: p[1]) if scored else None
-    lines = [
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def title_section(facts: dict) -> list[str]:
+    return [
         f"# Model card: {facts['dataset']} classifier ({facts['architecture']})",
         "",
         f"Written by the export stage on {datetime.now(UTC):%Y-%m-%d} from this run's checkpoint. Every "
         "number below was measured by that stage on the exported ONNX graph, on the test split.",
-        "",
+    ]
+
+
+def input_section(facts: dict, int8: dict | None, sizes: dict) -> list[str]:
+    """The input contract (shape, range, normalization, preprocessing), the output and the files."""
+    size, channels, names = facts["image_size"], facts["channels"], facts["class_names"]
+    pretrained = (facts.get("start") or {}).get("kind") == "pretrained"
+    return [
         "## Input and output",
         f"- Input: `images`, float32 (N, {channels}, {size}, {size}), values in [0, 1]; the normalization "
         f"(mean {', '.join(f'{m:.4f}' for m in facts['mean'])}, std {', '.join(f'{s:.4f}' for s in facts['std'])}"
-        + (
-            ", ImageNet's, which the pretrained weights expect"
-            if (facts.get("start") or {}).get("kind") == "pretrained"
-            else ""
-        )
+        + (", ImageNet's, which the pretrained weights expect" if pretrained else "")
         + ") is inside the graph.",
         f"- A picture becomes input as in training: {'grayscale' if channels == 1 else 'RGB'} conversion, "
         f"transparency composited onto white, EXIF rotation, bilinear resize to {size}x{size} "
@@ -80,12 +91,27 @@ def model_card(
         + (f", model.int8.onnx ({int8['onnx_bytes'] / 1e6:.2f} MB)" if int8 else "")
         + f", model.torchscript.pt ({sizes['torchscript_bytes'] / 1e6:.2f} MB). The ONNX metadata (`imgcls`) holds "
         "class names, input size, channels, data set and test accuracy.",
-        "",
+    ]
+
+
+def data_section(facts: dict, meta: dict) -> list[str]:
+    return [
         "## Data",
-        f"- Data set: {facts['dataset']}, {len(names)} classes; images per split: "
+        f"- Data set: {facts['dataset']}, {len(facts['class_names'])} classes; images per split: "
         + ", ".join(f"{split} {sum(counts.values()):,}" for split, counts in meta.get("counts", {}).items())
         + ".",
-        "",
+    ]
+
+
+def per_class_accuracy(confusion: np.ndarray, class_names: list[str]) -> list[tuple[str, float | None, int]]:
+    """(class, test accuracy or None without test images, test images) per class."""
+    metrics = per_class_metrics(confusion, class_names)
+    return [(name, values["accuracy"], values["images"]) for name, values in metrics.items()]
+
+
+def results_section(names: list[str], confusion: np.ndarray, fp32: dict, int8: dict | None) -> list[str]:
+    """Test accuracy (fp32 and int8), the per-class table and the most confused pairs."""
+    lines = [
         "## Results on the test split",
         f"- Accuracy (fp32 ONNX): **{fp32['test_accuracy']:.4f}** on {fp32['images']:,} images "
         f"(95% interval {fp32['ci95'][0]:.4f} to {fp32['ci95'][1]:.4f}, Wilson).",
@@ -97,7 +123,8 @@ def model_card(
         )
     lines += ["", "| class | test images | accuracy |", "|---|---:|---:|"]
     lines += [
-        f"| {name} | {n:,} | {'n/a (no test images)' if acc is None else f'{acc:.3f}'} |" for name, acc, n in per_class
+        f"| {name} | {n:,} | {'n/a (no test images)' if acc is None else f'{acc:.3f}'} |"
+        for name, acc, n in per_class_accuracy(confusion, names)
     ]
     pairs = confused_pairs(confusion, names)
     if pairs:
@@ -105,8 +132,14 @@ def model_card(
             "",
             "Most confused (true -> predicted: images): " + "; ".join(f"{a} -> {b}: {n}" for a, b, n in pairs) + ".",
         ]
-    lines += [
-        "",
+    return lines
+
+
+def training_section(checkpoint: dict) -> list[str]:
+    """The recipe as the checkpoint recorded it (run length and batch as trained), start and time."""
+    train = checkpoint["params"]["train"]
+    extra = checkpoint.get("extra", {})
+    return [
         "## Training",
         f"- Recipe: `{train['model']}` width {train['width']}, {extra.get('epochs', train['epochs'])} epochs, "
         f"batch {extra.get('batch_size', train['batch_size'])}, "
@@ -118,16 +151,29 @@ def model_card(
         f"- Training time: {extra.get('train_seconds', float('nan')):.1f} s, precision {extra.get('precision', '?')}"
         + (f", on {extra['device']}" if extra.get("device") else "")
         + ".",
-        "",
+    ]
+
+
+def speed_section(latency: dict, int8: dict | None, cpu: str) -> list[str]:
+    return [
         "## Speed",
         f"- Batch-1 median latency, one thread, on {cpu}: ONNX Runtime fp32 {latency['onnxruntime_median_ms']:.3f} ms"
         + (f", int8 {int8['onnxruntime_median_ms']:.3f} ms" if int8 else "")
         + f", TorchScript {latency['torchscript_median_ms']:.3f} ms.",
-        "",
+    ]
+
+
+def intended_use_section(names: list[str]) -> list[str]:
+    return [
         "## Intended use",
         f"- Sorting pictures like the training pictures (same kind of subject, framing and source) into these "
         f"{len(names)} classes, and as a baseline to compare recipes against with `dvc exp`.",
-        "",
+    ]
+
+
+def limits_section(names: list[str], confusion: np.ndarray, fp32: dict) -> list[str]:
+    """What the model cannot do, its weakest class, and a warning when the test split is small."""
+    lines = [
         "## Known limits",
         f"- It always answers one of the {len(names)} classes: a picture of anything else gets a confident-looking "
         "wrong answer. Probabilities are softmax outputs, not calibrated confidences.",
@@ -135,10 +181,12 @@ def model_card(
         "backgrounds, lighting or framing will score lower. Test on your own labelled folder with "
         "`imgcls predict <folder of class folders>`.",
     ]
-    if weakest is not None:
+    scored = [p for p in per_class_accuracy(confusion, names) if p[1] is not None]
+    if scored:
+        weakest = min(scored, key=lambda p: p[1])
         lines.append(f"- Weakest class: {weakest[0]} ({weakest[1]:.3f}).")
     if fp32["images"] < 1000:
         lines.append(
             f"- The test split has only {fp32['images']} images: the accuracy is uncertain by the interval above."
         )
-    return "\n".join(lines) + "\n"
+    return lines

@@ -5,10 +5,12 @@ The exported graphs take float images in [0, 1], shape (N, C, H, W): normalizati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +18,26 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from .batches import in_batches
 from .metadata import TORCHSCRIPT_EXTRA_FILE
-from .onnx_session import onnx_session
+from .onnx_session import onnx_logits, onnx_session
 
-# torch.jit is deprecated in favour of torch.export, but TorchScript files are still what C++ and mobile
-# runtimes load; the deprecation warnings say nothing a user of this stage can act on.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+
+@contextlib.contextmanager
+def quiet_torchscript_deprecation() -> Iterator[None]:
+    """torch.jit's FutureWarnings silenced inside the block only. torch.jit is deprecated in favour of
+    torch.export, but TorchScript files are still what C++ and mobile runtimes load; the deprecation warnings
+    say nothing a user of this stage can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        yield
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, facts: dict) -> None:
     """A traced TorchScript file carrying ``facts`` (class names, input size, ...) as an extra file."""
-    with torch.no_grad():
+    with quiet_torchscript_deprecation(), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
-    traced.save(str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(facts)})
+        traced.save(str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: json.dumps(facts)})
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -53,33 +62,18 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
     }
 
 
-# Images per inference call in this stage: 250 at 32 pixels, fewer for larger images, so that activations
-# take about the same memory whatever the image size (250 images at 128 pixels would take gigabytes).
-BATCH_PIXELS = 250 * 32 * 32
-
-
-def batch_for(image_shape) -> int:
-    return max(1, BATCH_PIXELS // (int(image_shape[-1]) * int(image_shape[-2])))
-
-
-def batched(fn, images: np.ndarray) -> np.ndarray:
-    batch_size = batch_for(images.shape[2:])
-    return np.concatenate([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
 def check_parity(model: nn.Module, torchscript_path: Path, onnx_path: Path, images01: np.ndarray, atol: float) -> dict:
-    """Compare logits of PyTorch (fp32, eval), TorchScript and ONNX Runtime on ``images01`` (float32 [0, 1])."""
-    with torch.no_grad():
-        reference = batched(lambda x: model(torch.from_numpy(x)).numpy(), images01)
+    """Compare logits of PyTorch (fp32, eval), TorchScript and ONNX Runtime on ``images01`` (float32 [0, 1]);
+    an ExportError when an export differs by more than ``atol`` or predicts another class."""
+    with quiet_torchscript_deprecation(), torch.no_grad():
+        reference = in_batches(lambda x: model(torch.from_numpy(x)).numpy(), images01)
         scripted = torch.jit.load(str(torchscript_path)).eval()
-        torchscript_logits = batched(lambda x: scripted(torch.from_numpy(x)).numpy(), images01)
-    session = onnx_session(onnx_path)
-    onnx_logits = batched(lambda x: session.run(None, {"images": x})[0], images01)
+        torchscript_logits = in_batches(lambda x: scripted(torch.from_numpy(x)).numpy(), images01)
     result = {
         "images": int(len(images01)),
         "atol": atol,
         "torchscript": parity(reference, torchscript_logits),
-        "onnx": parity(reference, onnx_logits),
+        "onnx": parity(reference, onnx_logits(onnx_path, images01)),
     }
     for runtime in ("torchscript", "onnx"):
         check = result[runtime]
@@ -103,18 +97,32 @@ def median_latency_ms(call, calls: int, warmup: int = 20) -> float:
     return statistics.median(timings)
 
 
-def measure_latency(torchscript_path: Path, onnx_path: Path, image01: np.ndarray, calls: int) -> dict:
-    """Median batch-1 latency with one thread for ONNX Runtime and TorchScript."""
+def onnx_median_ms(onnx_path: Path, image01: np.ndarray, calls: int) -> float:
+    """Median batch-1 latency of ONNX Runtime with one thread, for one image (C, H, W) in [0, 1]."""
     batch = np.ascontiguousarray(image01[None], dtype=np.float32)  # (1, C, H, W)
     session = onnx_session(onnx_path, threads=1)
-    onnx_ms = median_latency_ms(lambda: session.run(None, {"images": batch}), calls)
+    return median_latency_ms(lambda: session.run(None, {"images": batch}), calls)
+
+
+def torchscript_median_ms(torchscript_path: Path, image01: np.ndarray, calls: int) -> float:
+    """Median batch-1 latency of TorchScript with one thread (torch's thread count restored afterwards)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image01[None], dtype=np.float32))  # (1, C, H, W)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        scripted = torch.jit.load(str(torchscript_path)).eval()
-        tensor = torch.from_numpy(batch)
+        with quiet_torchscript_deprecation():
+            scripted = torch.jit.load(str(torchscript_path)).eval()
         with torch.no_grad():
-            torchscript_ms = median_latency_ms(lambda: scripted(tensor), calls)
+            return median_latency_ms(lambda: scripted(tensor), calls)
     finally:
         torch.set_num_threads(previous_threads)
-    return {"calls": calls, "threads": 1, "onnxruntime_median_ms": onnx_ms, "torchscript_median_ms": torchscript_ms}
+
+
+def measure_latency(torchscript_path: Path, onnx_path: Path, image01: np.ndarray, calls: int) -> dict:
+    """Median batch-1 latency with one thread for ONNX Runtime and TorchScript."""
+    return {
+        "calls": calls,
+        "threads": 1,
+        "onnxruntime_median_ms": onnx_median_ms(onnx_path, image01, calls),
+        "torchscript_median_ms": torchscript_median_ms(torchscript_path, image01, calls),
+    }

@@ -4,125 +4,181 @@ test accuracy, an int8 ONNX model that must stay within export.int8_max_drop, ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
+from torch import nn
 
+from ..arrays import NpyReader
 from ..cli import log
 from ..errors import ExportError
 from ..evaluate.metrics import confusion_matrix
 from ..fileio import atomic_dir, write_json, write_text
 from ..model.checkpoint import load_checkpoint
 from ..model.networks import TTAModel
-from ..params import Params
+from ..params.export import ExportParams
+from ..params.export import ExportStageParams as Params
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..runtime import cpu_model, set_threads
-from ..stats import wilson_interval
+from ..stats import accuracy_of
 from .card import model_card
-from .export import check_parity, export_onnx, export_torchscript, measure_latency, median_latency_ms
+from .export import check_parity, export_onnx, export_torchscript, measure_latency, onnx_median_ms
 from .metadata import add_onnx_metadata, model_facts
-from .onnx_session import onnx_session
-from .quantize import onnx_logits, quantize_int8
+from .onnx_session import onnx_logits
+from .quantize import quantize_int8
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
-    correct = int((logits.argmax(1) == labels).sum())
-    return {
-        "test_accuracy": correct / len(labels),
-        "images": int(len(labels)),
-        "ci95": list(wilson_interval(correct, len(labels))),
-    }
+@dataclass
+class Fp32Export:
+    """The fp32 exports (model.onnx, model.torchscript.pt): what they say about themselves and what was
+    measured on them."""
+
+    facts: dict  # the self-description written into both files
+    logits: np.ndarray  # the ONNX graph's logits on the test split (N, classes)
+    accuracy: dict  # test_accuracy, images, ci95
+    parity: dict
+    latency: dict
+    sizes: dict
 
 
 def export(params: Params, paths: ProjectPaths) -> None:
+    """The export stage: load the model and the data, write the fp32 and int8 exports and the model card
+    into data/export (published only when every check holds), then the metrics."""
     config, emit = params.export, log("export")
     set_threads(params.base.threads)
-    model, checkpoint = load_checkpoint(paths.checkpoint, "cpu")  # exports are fp32 CPU graphs
-    if config.tta:
-        model = TTAModel(model).eval()
+    model, checkpoint = load_model(paths.checkpoint, tta=config.tta)
     prepared = load_prepared(paths.prepared_dir, ("train", "test"))
     prepared.require_classes(checkpoint["class_names"], paths.checkpoint)
     test_images, test_labels = prepared.splits["test"]  # NpyReaders: read batch by batch
     images01 = test_images.read(0, config.parity_images).astype(np.float32) / 255  # (N, C, H, W) in [0, 1]
-    example = torch.from_numpy(images01[:2])
-    with atomic_dir(
-        paths.export_dir, clean_stale=True
-    ) as tmp:  # nothing is published unless parity and the int8 check hold
-        torchscript_path, onnx_path, int8_path = (
-            tmp / "model.torchscript.pt",
-            tmp / "model.onnx",
-            tmp / "model.int8.onnx",
+    # Nothing is published unless parity and the int8 check hold.
+    with atomic_dir(paths.export_dir, clean_stale=True) as folder:
+        fp32 = export_fp32(
+            model, checkpoint, prepared.meta["dataset"], test_images, test_labels, images01, folder, config
         )
-        export_onnx(model, example, onnx_path, config.opset)
-        logits = onnx_logits(onnx_path, test_images)
-        fp32 = _accuracy(logits, test_labels)
-        facts = model_facts(
-            checkpoint, dataset=prepared.meta["dataset"], test_accuracy=fp32["test_accuracy"], tta=config.tta
-        )
-        add_onnx_metadata(onnx_path, facts)
-        export_torchscript(model, example, torchscript_path, facts)
-        parity = check_parity(model, torchscript_path, onnx_path, images01, config.parity_atol)
-        latency = measure_latency(torchscript_path, onnx_path, images01[0], config.latency_calls)
-        sizes = {"torchscript_bytes": torchscript_path.stat().st_size, "onnx_bytes": onnx_path.stat().st_size}
-
-        train_images = prepared.splits["train"][0]
-        rng = np.random.default_rng(params.base.seed)
-        rows = np.sort(
-            rng.choice(len(train_images), min(config.int8_calibration_images, len(train_images)), replace=False)
-        )
-        quantize_int8(onnx_path, int8_path, train_images.take(rows).astype(np.float32) / 255)
-        int8_logits = onnx_logits(int8_path, test_images)
-        int8 = _accuracy(int8_logits, test_labels)
-        int8["accuracy_drop_points"] = 100 * (fp32["test_accuracy"] - int8["test_accuracy"])
-        int8["max_drop_points"] = config.int8_max_drop
-        int8["calibration_images"] = int(len(rows))
-        if int8["accuracy_drop_points"] > config.int8_max_drop:
-            raise ExportError(
-                f"the int8 model scores {int8['test_accuracy']:.4f} on the test split, "
-                f"{int8['accuracy_drop_points']:.2f} "
-                f"points below fp32 ({fp32['test_accuracy']:.4f}), over export.int8_max_drop ({config.int8_max_drop}); "
-                "nothing was exported. Raise export.int8_max_drop or export.int8_calibration_images"
-            )
-        add_onnx_metadata(int8_path, {**facts, "test_accuracy": int8["test_accuracy"], "int8": True})
-        session = onnx_session(int8_path, threads=1)
-        one = np.ascontiguousarray(images01[:1])
-        int8["onnxruntime_median_ms"] = median_latency_ms(
-            lambda: session.run(None, {"images": one}), config.latency_calls
-        )
-        int8["onnx_bytes"] = int8_path.stat().st_size
-        int8["speedup_vs_fp32"] = latency["onnxruntime_median_ms"] / int8["onnxruntime_median_ms"]
-
-        confusion = confusion_matrix(np.asarray(test_labels), logits.argmax(1), len(facts["class_names"]))
+        calibration = calibration_images(prepared.splits["train"][0], config.int8_calibration_images, params.base.seed)
+        int8 = export_int8(fp32, calibration, test_images, test_labels, images01, folder, config)
         card = model_card(
-            facts=facts,
+            facts=fp32.facts,
             checkpoint=checkpoint,
             meta=prepared.meta,
-            confusion=confusion,
-            fp32=fp32,
+            confusion=confusion_matrix(np.asarray(test_labels), fp32.logits.argmax(1), len(fp32.facts["class_names"])),
+            fp32=fp32.accuracy,
             int8=int8,
-            latency=latency,
-            sizes=sizes,
+            latency=fp32.latency,
+            sizes=fp32.sizes,
             cpu=cpu_model(),
         )
-        (tmp / "model_card.md").write_text(card)
-    write_text(paths.metrics_dir / "model_card.md", card)
+        (folder / "model_card.md").write_text(card)
+    write_metrics(paths.metrics_dir, card, fp32, int8, tta=config.tta)
+    emit(summary_line(fp32, int8))
+
+
+def load_model(checkpoint_path: Path, *, tta: bool) -> tuple[nn.Module, dict]:
+    """The trained model on the CPU (exports are fp32 CPU graphs), wrapped for test-time augmentation with
+    ``tta``, and its checkpoint."""
+    model, checkpoint = load_checkpoint(checkpoint_path, "cpu")
+    return (TTAModel(model).eval() if tta else model), checkpoint
+
+
+def graph_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """An exported graph's test accuracy, the images behind it and its 95% Wilson interval."""
+    score = accuracy_of(logits.argmax(1), labels)
+    return {"test_accuracy": score.value, "images": score.images, "ci95": list(score.ci95)}
+
+
+def export_fp32(
+    model: nn.Module,
+    checkpoint: dict,
+    dataset: str,
+    test_images: NpyReader,
+    test_labels: np.ndarray,
+    images01: np.ndarray,
+    folder: Path,
+    config: ExportParams,
+) -> Fp32Export:
+    """model.onnx and model.torchscript.pt in ``folder``: self-describing, parity-checked on ``images01``,
+    timed at batch 1, the ONNX graph's own test accuracy measured."""
+    example = torch.from_numpy(images01[:2])
+    torchscript_path, onnx_path = folder / "model.torchscript.pt", folder / "model.onnx"
+    export_onnx(model, example, onnx_path, config.opset)
+    logits = onnx_logits(onnx_path, test_images)
+    accuracy = graph_accuracy(logits, test_labels)
+    facts = model_facts(checkpoint, dataset=dataset, test_accuracy=accuracy["test_accuracy"], tta=config.tta)
+    add_onnx_metadata(onnx_path, facts)
+    export_torchscript(model, example, torchscript_path, facts)
+    parity = check_parity(model, torchscript_path, onnx_path, images01, config.parity_atol)
+    latency = measure_latency(torchscript_path, onnx_path, images01[0], config.latency_calls)
+    sizes = {"torchscript_bytes": torchscript_path.stat().st_size, "onnx_bytes": onnx_path.stat().st_size}
+    return Fp32Export(facts, logits, accuracy, parity, latency, sizes)
+
+
+def calibration_images(train_images: NpyReader, count: int, seed: int) -> np.ndarray:
+    """Up to ``count`` training images drawn at random (never the test split), float32 [0, 1]."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(train_images), min(count, len(train_images)), replace=False))
+    return train_images.take(rows).astype(np.float32) / 255
+
+
+def export_int8(
+    fp32: Fp32Export,
+    calibration01: np.ndarray,
+    test_images: NpyReader,
+    test_labels: np.ndarray,
+    images01: np.ndarray,
+    folder: Path,
+    config: ExportParams,
+) -> dict:
+    """model.int8.onnx in ``folder``, quantized from model.onnx with ``calibration01``; an ExportError when its
+    test accuracy drops more than export.int8_max_drop points below fp32. Returns its accuracy, speed, size."""
+    int8_path = folder / "model.int8.onnx"
+    quantize_int8(folder / "model.onnx", int8_path, calibration01)
+    int8 = graph_accuracy(onnx_logits(int8_path, test_images), test_labels)
+    int8["accuracy_drop_points"] = 100 * (fp32.accuracy["test_accuracy"] - int8["test_accuracy"])
+    int8["max_drop_points"] = config.int8_max_drop
+    int8["calibration_images"] = int(len(calibration01))
+    if int8["accuracy_drop_points"] > config.int8_max_drop:
+        raise ExportError(
+            f"the int8 model scores {int8['test_accuracy']:.4f} on the test split, "
+            f"{int8['accuracy_drop_points']:.2f} "
+            f"points below fp32 ({fp32.accuracy['test_accuracy']:.4f}), over export.int8_max_drop "
+            f"({config.int8_max_drop}); nothing was exported. Raise export.int8_max_drop or "
+            "export.int8_calibration_images"
+        )
+    add_onnx_metadata(int8_path, {**fp32.facts, "test_accuracy": int8["test_accuracy"], "int8": True})
+    int8["onnxruntime_median_ms"] = onnx_median_ms(int8_path, images01[0], config.latency_calls)
+    int8["onnx_bytes"] = int8_path.stat().st_size
+    int8["speedup_vs_fp32"] = fp32.latency["onnxruntime_median_ms"] / int8["onnxruntime_median_ms"]
+    return int8
+
+
+def write_metrics(metrics_dir: Path, card: str, fp32: Fp32Export, int8: dict, *, tta: bool) -> None:
+    """metrics/model_card.md (a copy of the exported card) and metrics/export.json."""
+    write_text(metrics_dir / "model_card.md", card)
     write_json(
-        paths.metrics_dir / "export.json",
+        metrics_dir / "export.json",
         {
-            "files": sizes,
-            "parity": parity,
-            "latency": latency,
-            "tta": config.tta,
-            "fp32": fp32,
+            "files": fp32.sizes,
+            "parity": fp32.parity,
+            "latency": fp32.latency,
+            "tta": tta,
+            "fp32": fp32.accuracy,
             "int8": int8,
             "cpu": cpu_model(),
         },
     )
-    emit(
+
+
+def summary_line(fp32: Fp32Export, int8: dict) -> str:
+    parity, latency = fp32.parity, fp32.latency
+    return (
         f"parity on {parity['images']} images: max |diff| "
         f"torchscript {parity['torchscript']['max_abs_logit_diff']:.2e}, "
-        f"onnx {parity['onnx']['max_abs_logit_diff']:.2e}; test accuracy fp32 {fp32['test_accuracy']:.4f}, int8 "
-        f"{int8['test_accuracy']:.4f} ({int8['accuracy_drop_points']:+.2f} points); batch-1 median latency onnxruntime "
-        f"{latency['onnxruntime_median_ms']:.3f} ms (int8 {int8['onnxruntime_median_ms']:.3f} ms), torchscript "
-        f"{latency['torchscript_median_ms']:.3f} ms"
+        f"onnx {parity['onnx']['max_abs_logit_diff']:.2e}; test accuracy fp32 {fp32.accuracy['test_accuracy']:.4f}, "
+        f"int8 {int8['test_accuracy']:.4f} ({int8['accuracy_drop_points']:+.2f} points); batch-1 median latency "
+        f"onnxruntime {latency['onnxruntime_median_ms']:.3f} ms (int8 {int8['onnxruntime_median_ms']:.3f} ms), "
+        f"torchscript {latency['torchscript_median_ms']:.3f} ms"
     )
