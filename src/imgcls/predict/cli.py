@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -30,12 +31,13 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_path
+from ..report import LISTED, progress_bar
 from .models import LoadedModel, load_model
 from .sources import FileJob, Item, Skipped, camera_frames, decode_jobs, plan_sources, video_frames
 
 DEFAULT_MODEL = Path("data/export/model.onnx")
 OUTPUT_SUFFIXES = (".csv", ".json", ".jsonl")
-TABLE_ROWS = 20  # rows printed on the terminal before "... and N more"
+TABLE_ROWS = LISTED  # rows printed on the terminal before "... and N more"
 MAX_THREADS = 1024
 
 
@@ -53,7 +55,7 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgcls predict",
         description=__doc__.split("\n\n")[0],
@@ -93,27 +95,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per inference call")
     parser.add_argument("--skip-bad", action="store_true", help="exit 0 even when some images could not be read")
     parser.add_argument("--quiet", action="store_true", help="no table, only the summary line")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, checked: a bad combination or value exits with argparse's usage message (status 2)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    problem = argument_problem(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the parsed arguments, or None."""
     if not args.sources and args.camera is None:
-        parser.error("give at least one SOURCE or --camera N")
+        return "give at least one SOURCE or --camera N"
     if args.sources and args.camera is not None:
-        parser.error("give SOURCEs or --camera, not both")
+        return "give SOURCEs or --camera, not both"
     for name in ("top_k", "every", "batch_size"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            return f"--{name.replace('_', '-')} must be at least 1"
     if not 0 <= args.threads <= MAX_THREADS:
-        parser.error(f"--threads must be 0 (all cores) to {MAX_THREADS}")
+        return f"--threads must be 0 (all cores) to {MAX_THREADS}"
     if args.frames is not None and args.frames < 1:
-        parser.error("--frames must be at least 1")
-    if args.output is not None:
-        output = printable(str(args.output))
-        if args.output.is_dir():
-            parser.error(f"--output {output} is a folder; name a file in it, such as {output}/results.csv")
-        if args.output.suffix.lower() not in OUTPUT_SUFFIXES:
-            parser.error(f"--output {output}: the suffix says the format: one of {', '.join(OUTPUT_SUFFIXES)}")
-        if args.output.exists() and not args.output.is_file():
-            parser.error(f"--output {output} exists and is not a regular file")
-    return args
+        return "--frames must be at least 1"
+    return output_problem(args.output) if args.output is not None else None
+
+
+def output_problem(path: Path) -> str | None:
+    """Why ``path`` cannot take the results (a folder, an unknown suffix, not a regular file), or None."""
+    output = printable(str(path))
+    if path.is_dir():
+        return f"--output {output} is a folder; name a file in it, such as {output}/results.csv"
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        return f"--output {output}: the suffix says the format: one of {', '.join(OUTPUT_SUFFIXES)}"
+    if path.exists() and not path.is_file():
+        return f"--output {output} exists and is not a regular file"
+    return None
 
 
 def items_of(args: argparse.Namespace, model: LoadedModel, scratch: Path, threads: int) -> Iterator[Item]:
@@ -220,14 +240,6 @@ def result_file(path: Path) -> Iterator[ResultWriter]:
         raise failure
 
 
-def _progress(total: int | None):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", leave=False)
-
-
 def predict_main(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     # More threads than cores only make the threads wait for each other (1,024 on 2 cores: 70 times slower).
@@ -251,47 +263,39 @@ def predict_main(args: argparse.Namespace) -> int:
     raise AssertionError("unreachable")
 
 
+@dataclass
+class Tally:
+    """What a run has done so far, for the table and the summary line."""
+
+    classes: int
+    predicted: int = 0
+    unreadable: int = 0
+    printed: int = 0  # table rows shown on the terminal
+    correct: np.ndarray = field(init=False)  # per class, images of a labelled folder predicted right
+    labelled: np.ndarray = field(init=False)  # per class, images of a labelled folder
+
+    def __post_init__(self) -> None:
+        self.correct, self.labelled = np.zeros(self.classes), np.zeros(self.classes)
+
+
 def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter | None) -> int:
+    """Load the model, predict every item the sources give (rows to ``writer`` and the terminal), print the
+    summary; the exit status."""
     model = load_model(args.model, threads=threads, int8=args.int8, trust=args.trust_model)
     k = min(args.top_k, len(model.class_names))
     if writer is not None:
         writer.begin(k)
-    predicted = bad = printed = 0
-    correct, seen_labelled = np.zeros(len(model.class_names)), np.zeros(len(model.class_names))
-    quiet = args.quiet
-    if not quiet:
-        print(
-            f"model {printable(str(model.path))} ({model.kind}{', int8' if args.int8 else ''}): "
-            f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}",
-            flush=True,
-        )
+    if not args.quiet:
+        print(model_line(model, int8=args.int8), flush=True)
+    tally = Tally(len(model.class_names))
     started = time.perf_counter()
-    bar = _progress(None)
+    bar = progress_bar(None, unit="img")
     with tempfile.TemporaryDirectory(prefix="imgcls-predict-") as scratch:
         for batch in batches(items_of(args, model, Path(scratch), threads), args.batch_size):
-            good = [item for item in batch if item.image is not None]
-            probabilities = iter(model.probabilities(np.stack([i.image for i in good])) if good else [])
-            for item in batch:
-                row = result_row(item, next(probabilities) if item.image is not None else None, model.class_names, k)
+            for item, row in zip(batch, predict_batch(model, batch, k), strict=True):
                 if writer is not None:
                     writer.write(row)
-                if item.image is None:
-                    bad += 1
-                    print(
-                        f"predict: cannot read {printable(item.name)}: {printable(str(item.error))}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    continue
-                predicted += 1
-                if item.label is not None:
-                    seen_labelled[item.label] += 1
-                    correct[item.label] += row["top"][0]["class"] == model.class_names[item.label]
-                if not quiet and printed < TABLE_ROWS:
-                    top = "  ".join(f"{printable(t['class'])} {t['probability']:.3f}" for t in row["top"])
-                    truth = f"  (true: {printable(row['true_class'])})" if "true_class" in row else ""
-                    print(f"{printable(item.name)[-60:]:<60}  {top}{truth}", flush=True)
-                    printed += 1
+                show_row(item, row, tally, model.class_names, quiet=args.quiet)
             if bar is not None:
                 bar.update(len(batch))
             if writer is not None:
@@ -300,30 +304,69 @@ def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter
     if bar is not None:
         bar.close()
     output = printable(str(args.output)) if args.output is not None else None
-    if not quiet and predicted > printed:
+    if not args.quiet and tally.predicted > tally.printed:
         print(
-            f"... and {predicted - printed} more"
+            f"... and {tally.predicted - tally.printed} more"
             + (f" (all in {output})" if output else " (use --output FILE to keep them all)")
         )
-    summary = f"predict: {predicted} images in {seconds:.2f} s ({predicted / max(seconds, 1e-9):,.0f} images/s)"
-    if seen_labelled.sum():
-        summary += (
-            f"; labelled folder: accuracy {correct.sum() / seen_labelled.sum():.4f} on {int(seen_labelled.sum())}"
-        )
+    print(summary_line(tally, seconds, model.class_names, output=output, skip_bad=args.skip_bad), flush=True)
+    return 1 if not tally.predicted or (tally.unreadable and not args.skip_bad) else 0
+
+
+def model_line(model: LoadedModel, *, int8: bool) -> str:
+    return (
+        f"model {printable(str(model.path))} ({model.kind}{', int8' if int8 else ''}): "
+        f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}"
+    )
+
+
+def predict_batch(model: LoadedModel, batch: list[Item], k: int) -> list[dict]:
+    """One result row per item: the top ``k`` classes of each readable image (one inference call for the
+    batch), the error of each unreadable one."""
+    good = [item for item in batch if item.image is not None]
+    probabilities = iter(model.probabilities(np.stack([i.image for i in good])) if good else [])
+    return [
+        result_row(item, next(probabilities) if item.image is not None else None, model.class_names, k)
+        for item in batch
+    ]
+
+
+def show_row(item: Item, row: dict, tally: Tally, class_names: list[str], *, quiet: bool) -> None:
+    """Count the item; name it on stderr when unreadable, else print its table row (the first TABLE_ROWS)."""
+    if item.image is None:
+        tally.unreadable += 1
+        print(f"predict: cannot read {printable(item.name)}: {printable(str(item.error))}", file=sys.stderr, flush=True)
+        return
+    tally.predicted += 1
+    if item.label is not None:
+        tally.labelled[item.label] += 1
+        tally.correct[item.label] += row["top"][0]["class"] == class_names[item.label]
+    if not quiet and tally.printed < TABLE_ROWS:
+        top = "  ".join(f"{printable(t['class'])} {t['probability']:.3f}" for t in row["top"])
+        truth = f"  (true: {printable(row['true_class'])})" if "true_class" in row else ""
+        print(f"{printable(item.name)[-60:]:<60}  {top}{truth}", flush=True)
+        tally.printed += 1
+
+
+def summary_line(tally: Tally, seconds: float, class_names: list[str], *, output: str | None, skip_bad: bool) -> str:
+    """Images and images/s; a labelled folder's accuracy, overall and per class; what went wrong; the file."""
+    summary = (
+        f"predict: {tally.predicted} images in {seconds:.2f} s ({tally.predicted / max(seconds, 1e-9):,.0f} images/s)"
+    )
+    correct, labelled = tally.correct, tally.labelled
+    if labelled.sum():
+        summary += f"; labelled folder: accuracy {correct.sum() / labelled.sum():.4f} on {int(labelled.sum())}"
         per_class = [
-            f"{printable(name)} {correct[i] / seen_labelled[i]:.3f}"
-            for i, name in enumerate(model.class_names)
-            if seen_labelled[i]
+            f"{printable(name)} {correct[i] / labelled[i]:.3f}" for i, name in enumerate(class_names) if labelled[i]
         ]
         summary += " (" + ", ".join(per_class) + ")"
-    if bad:
-        summary += f"; {bad} unreadable" + ("" if args.skip_bad else " (exit status 1; --skip-bad to ignore)")
-    if not predicted:
+    if tally.unreadable:
+        summary += f"; {tally.unreadable} unreadable" + ("" if skip_bad else " (exit status 1; --skip-bad to ignore)")
+    if not tally.predicted:
         summary += "; no image was predicted (exit status 1)"
     if output is not None:
         summary += f"; results in {output}"
-    print(summary, flush=True)
-    return 1 if not predicted or (bad and not args.skip_bad) else 0
+    return summary
 
 
 def _terminate(signum, frame):

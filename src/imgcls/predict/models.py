@@ -31,7 +31,7 @@ import numpy as np
 from ..deploy.metadata import METADATA_KEY, TORCHSCRIPT_EXTRA_FILE
 from ..errors import UserError
 from ..host import host_available_memory
-from ..params import MAX_IMAGE_SIZE
+from ..params.core import MAX_IMAGE_SIZE
 
 MAX_CLASSES = 100_000  # as a checkpoint's num_classes
 MAX_CLASS_NAME_CHARS = 256
@@ -171,20 +171,7 @@ def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.
 
     options = ort.RunOptions()
     outcome: dict = {}
-    # Completion is an Event of ours, not Thread.is_alive(): an exception (Ctrl-C, SIGTERM) raised inside
-    # Thread.join can leave the thread marked as stopped while it still runs (CPython gh-90882), and a runtime
-    # thread still running at exit aborts the process.
-    finished = threading.Event()
-
-    def work() -> None:
-        try:
-            outcome["logits"] = session.run(None, feed, options)[0]
-        except Exception as error:  # reported on the calling thread
-            outcome["error"] = error
-        finally:
-            finished.set()
-
-    threading.Thread(target=work, name="onnx-run", daemon=True).start()
+    finished = _start_run(session, feed, options, outcome)
     deadline = time.monotonic() + seconds
     try:
         while not finished.wait(0.05):
@@ -198,22 +185,42 @@ def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.
             options.terminate = True
             finished.wait(10)
     if "error" in outcome:
-        error = outcome["error"]
-        text = str(error)
-        if "Available memory of" in text:  # the capped arena refused an allocation
-            from ..deploy.onnx_session import registered_memory_cap
-
-            cap = registered_memory_cap() or 0
-            raise UserError(
-                f"{path}: the graph asked for more memory than the {cap / 2**30:.1f} GiB predict lets ONNX "
-                f"Runtime use ({ONNX_MEMORY_SHARE:.0%} of what was available); lower --batch-size, or the "
-                "file is hostile"
-            ) from None
-        raise UserError(
-            f"{path}: ONNX Runtime failed on a batch of {len(next(iter(feed.values())))} "
-            f"({type(error).__name__}: {text[:200]})"
-        ) from None
+        raise _runtime_error(outcome["error"], path, batch=len(next(iter(feed.values())))) from None
     return outcome["logits"]
+
+
+def _start_run(session, feed: dict, options, outcome: dict) -> threading.Event:
+    """Start ``session.run`` on a daemon thread that puts its logits or its exception into ``outcome``; the
+    returned Event is set when it has finished. Completion is an Event of ours, not Thread.is_alive(): an
+    exception (Ctrl-C, SIGTERM) raised inside Thread.join can leave the thread marked as stopped while it still
+    runs (CPython gh-90882), and a runtime thread still running at exit aborts the process."""
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["logits"] = session.run(None, feed, options)[0]
+        except Exception as error:  # reported on the calling thread
+            outcome["error"] = error
+        finally:
+            finished.set()
+
+    threading.Thread(target=work, name="onnx-run", daemon=True).start()
+    return finished
+
+
+def _runtime_error(error: Exception, path: Path, *, batch: int) -> UserError:
+    """ONNX Runtime's failure on a batch, as one line a user can act on."""
+    text = str(error)
+    if "Available memory of" in text:  # the capped arena refused an allocation
+        from ..deploy.onnx_session import registered_memory_cap
+
+        cap = registered_memory_cap() or 0
+        return UserError(
+            f"{path}: the graph asked for more memory than the {cap / 2**30:.1f} GiB predict lets ONNX "
+            f"Runtime use ({ONNX_MEMORY_SHARE:.0%} of what was available); lower --batch-size, or the "
+            "file is hostile"
+        )
+    return UserError(f"{path}: ONNX Runtime failed on a batch of {batch} ({type(error).__name__}: {text[:200]})")
 
 
 def _missing(path: Path) -> UserError:
