@@ -1,5 +1,8 @@
+import importlib
+import logging
 import os
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -8,8 +11,8 @@ import torch
 from imgcls.deploy.export import check_parity, export_onnx, export_torchscript, measure_latency
 from imgcls.errors import CheckpointError, ExportError
 from imgcls.model.checkpoint import load_checkpoint, plain_state_dict, save_checkpoint
-from imgcls.model.networks import TTAModel, build_model
-from imgcls.params import TORCHVISION_MODELS
+from imgcls.model.networks import TTAModel
+from imgcls.model.registry import MODELS, build_model
 
 ARGUMENTS = {"in_channels": 1, "num_classes": 3, "image_size": 16, "mean": [0.3], "std": [0.2], "width": 8}
 
@@ -17,7 +20,7 @@ ARGUMENTS = {"in_channels": 1, "num_classes": 3, "image_size": 16, "mean": [0.3]
 def trained_looking_model(name="convnet"):
     torch.manual_seed(0)
     arguments = ARGUMENTS
-    if name in TORCHVISION_MODELS:  # grayscale repeated to RGB, then ImageNet's three-channel normalization
+    if MODELS[name].torchvision:  # grayscale repeated to RGB, then ImageNet's three-channel normalization
         arguments = {**ARGUMENTS, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     model = build_model(name, **arguments)
     model.train()
@@ -236,7 +239,9 @@ def test_int8_calibration_batch_by_batch_gives_the_ranges_of_calibrating_all_at_
     model = build_model("fast", in_channels=1, num_classes=10, image_size=28, mean=[0.3], std=[0.35]).eval()
     model.initialize_from_data(torch.from_numpy((images * 255).astype(np.uint8)))
     export_onnx(model, torch.from_numpy(images[:2]), tmp_path / "m.onnx", 17)
+    root_level = logging.getLogger().level
     quantize_int8(tmp_path / "m.onnx", tmp_path / "batched.onnx", images)
+    assert logging.getLogger().level == root_level  # the quantizer's log lines are quieted inside the call only
 
     class AllAtOnce(CalibrationDataReader):
         def __init__(self):
@@ -262,3 +267,16 @@ def test_int8_calibration_batch_by_batch_gives_the_ranges_of_calibrating_all_at_
     )
     assert set(batched) == set(plain) and len(batched) > 50
     assert all(np.array_equal(batched[name], plain[name]) for name in plain)
+
+
+def test_importing_the_export_modules_changes_nothing_global():
+    """No warning filter and no logger level is set by importing (here: re-running) a module."""
+    from imgcls.deploy import export, quantize, stage
+
+    root_level = logging.getLogger().level
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # no filters: any a module installs shows
+        for module in (export, quantize, stage):
+            importlib.reload(module)
+        assert warnings.filters == []
+    assert logging.getLogger().level == root_level

@@ -72,25 +72,48 @@ def project(tmp_path_factory):
     return paths, splits
 
 
-def predict(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
-    """Run the installed console script as a user would."""
-    script = Path(sys.executable).parent / "imgcls"
-    process = subprocess.run([str(script), "predict", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-    return process.returncode, process.stdout, process.stderr
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """`imgcls predict ARGV` in-process, through the function the console command calls; (exit status,
+    stdout, stderr). test_the_console_command_runs_predict covers the installed command itself."""
+    from imgcls.predict.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse refusals
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def save_png(path: Path, label: int = 0, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(coloured(label, np.random.default_rng(seed))).save(path)
+    return path
+
+
+@pytest.fixture
+def torch_threads_kept():
+    """Loading a TorchScript file or a checkpoint sets torch's thread count (as the command does); in-process,
+    the rest of the session keeps its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def onnx_model(paths: ProjectPaths) -> str:
     return str(paths.export_dir / "model.onnx")
 
 
-def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tmp_path):
+def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tmp_path, capsys):
     paths, splits = project
     images, labels = splits["test"]
     folder = tmp_path / "test"
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         (folder / CLASSES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.transpose(1, 2, 0)).save(folder / CLASSES[label] / f"{i:03d}.png")
-    code, out, err = predict(str(folder), "--model", onnx_model(paths), "--output", str(tmp_path / "p.json"))
+    code, out, err = run_main(capsys, str(folder), "--model", onnx_model(paths), "--output", str(tmp_path / "p.json"))
     assert code == 0, err
     rows = json.loads((tmp_path / "p.json").read_text())
     by_index = {int(Path(r["source"]).stem): r["top"][0]["class"] for r in rows}
@@ -98,7 +121,7 @@ def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tm
         evaluated = [row["predicted"] for row in csv.DictReader(f)]
     assert [by_index[i] for i in range(len(images))] == evaluated
     accuracy = json.loads((paths.metrics_dir / "eval.json").read_text())["test"]["accuracy"]
-    assert f"labelled folder: accuracy {accuracy:.4f} on {len(images)}" in out
+    assert f"accuracy {accuracy:.4f} on {len(images)}" in out
     assert all(r["true_class"] == CLASSES[labels[int(Path(r["source"]).stem)]] for r in rows)
 
 
@@ -122,13 +145,14 @@ def test_the_onnx_file_describes_itself(project):
         assert fragment in card
 
 
-def test_files_globs_jpeg_and_the_output_formats(project, tmp_path):
+def test_files_globs_jpeg_and_the_output_formats(project, tmp_path, capsys):
     paths, _ = project
     rng = np.random.default_rng(5)
     Image.fromarray(coloured(0, rng, 40)).save(tmp_path / "a.jpg", quality=95)  # JPEG, other size: resized
     Image.fromarray(coloured(2, rng, 30)).convert("RGBA").save(tmp_path / "b.png")
     Image.fromarray(coloured(1, rng, 24)).save(tmp_path / "c.png")
-    code, out, err = predict(
+    code, out, err = run_main(
+        capsys,
         str(tmp_path / "a.jpg"),
         str(tmp_path / "*.png"),
         "--model",
@@ -144,11 +168,13 @@ def test_files_globs_jpeg_and_the_output_formats(project, tmp_path):
     assert [Path(r["source"]).name for r in rows] == ["a.jpg", "b.png", "c.png"]
     assert [r["class_1"] for r in rows] == ["red", "blue", "green"]
     assert all(float(r["probability_1"]) >= float(r["probability_2"]) for r in rows)
-    code, _, err = predict(str(tmp_path / "c.png"), "--model", onnx_model(paths), "--output", str(tmp_path / "o.jsonl"))
+    code, _, err = run_main(
+        capsys, str(tmp_path / "c.png"), "--model", onnx_model(paths), "--output", str(tmp_path / "o.jsonl")
+    )
     assert code == 0 and json.loads((tmp_path / "o.jsonl").read_text())["top"][0]["class"] == "green"
 
 
-def test_archives_are_read_under_the_download_rules(project, tmp_path):
+def test_archives_are_read_under_the_download_rules(project, tmp_path, capsys):
     paths, _ = project
     rng = np.random.default_rng(6)
     buffer = io.BytesIO()
@@ -160,16 +186,18 @@ def test_archives_are_read_under_the_download_rules(project, tmp_path):
         info = tarfile.TarInfo("inner/y.png")
         info.size = len(buffer.getvalue())
         archive.addfile(info, io.BytesIO(buffer.getvalue()))
-    code, out, err = predict(str(tmp_path / "batch.zip"), str(tmp_path / "batch.tar.gz"), "--model", onnx_model(paths))
+    code, out, err = run_main(
+        capsys, str(tmp_path / "batch.zip"), str(tmp_path / "batch.tar.gz"), "--model", onnx_model(paths)
+    )
     assert code == 0, err
     assert "batch.zip:blue/x.png" in out and "batch.tar.gz:inner/y.png" in out and "2 images" in out
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
         archive.writestr("../escape.png", buffer.getvalue())
-    code, _, err = predict(str(tmp_path / "evil.zip"), "--model", onnx_model(paths))
-    assert code == 1 and "'..' would escape the target" in err and not (tmp_path.parent / "escape.png").exists()
+    code, _, err = run_main(capsys, str(tmp_path / "evil.zip"), "--model", onnx_model(paths))
+    assert code == 1 and "'..'" in err and "escape" in err and not (tmp_path.parent / "escape.png").exists()
 
 
-def test_a_video_file_every_nth_frame(project, tmp_path):
+def test_a_video_file_every_nth_frame(project, tmp_path, capsys):
     import av
 
     paths, _ = project
@@ -184,8 +212,8 @@ def test_a_video_file_every_nth_frame(project, tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    code, out, err = predict(
-        str(video), "--every", "2", "--model", onnx_model(paths), "--output", str(tmp_path / "v.json")
+    code, out, err = run_main(
+        capsys, str(video), "--every", "2", "--model", onnx_model(paths), "--output", str(tmp_path / "v.json")
     )
     assert code == 0, err
     rows = json.loads((tmp_path / "v.json").read_text())
@@ -193,38 +221,53 @@ def test_a_video_file_every_nth_frame(project, tmp_path):
     assert [r["top"][0]["class"] for r in rows] == ["red", "red", "green", "green", "blue", "blue"]
 
 
-def test_bad_input_is_named_and_the_rest_still_run(project, tmp_path):
+def test_bad_input_is_named_and_the_rest_still_run(project, tmp_path, capsys):
     paths, _ = project
     rng = np.random.default_rng(8)
     Image.fromarray(coloured(0, rng)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    code, out, err = predict(str(tmp_path), "--model", onnx_model(paths))
-    assert code == 1 and "cannot read" in err and "broken.png" in err and "1 images" in out and "1 unreadable" in out
-    code, _, _ = predict(str(tmp_path), "--model", onnx_model(paths), "--skip-bad")
+    code, out, err = run_main(capsys, str(tmp_path), "--model", onnx_model(paths))
+    assert code == 1 and "broken.png" in err and "1 images" in out and "1 unreadable" in out
+    code, _, _ = run_main(capsys, str(tmp_path), "--model", onnx_model(paths), "--skip-bad")
     assert code == 0
-    code, _, err = predict(str(tmp_path / "nothing-here"), "--model", onnx_model(paths))
-    assert code == 1 and "no such file or folder" in err
-    code, _, err = predict(str(tmp_path / "good.png"), "--model", str(tmp_path / "data" / "export" / "model.onnx"))
-    assert code == 1 and "no model at" in err and "dvc repro" in err and "dvc pull" in err
-    code, _, err = predict("--camera", "7", "--model", onnx_model(paths))
-    assert code == 1 and "camera 7 (/dev/video7) does not exist" in err
+    code, _, err = run_main(capsys, str(tmp_path / "nothing-here"), "--model", onnx_model(paths))
+    assert code == 1 and "nothing-here" in err and "no such file" in err
+    missing = tmp_path / "data" / "export" / "model.onnx"
+    code, _, err = run_main(capsys, str(tmp_path / "good.png"), "--model", str(missing))
+    assert code == 1 and str(missing) in err and "dvc repro" in err and "dvc pull" in err
+    code, _, err = run_main(capsys, "--camera", "7", "--model", onnx_model(paths))
+    assert code == 1 and "/dev/video7" in err and "does not exist" in err
 
 
-def test_grayscale_pictures_are_converted_as_training_converted_them(project, tmp_path):
+def test_grayscale_pictures_are_converted_as_training_converted_them(project, tmp_path, capsys):
     paths, _ = project
-    Image.new("L", (16, 16), 128).save(tmp_path / "gray.png")
-    code, out, err = predict(str(tmp_path / "gray.png"), "--model", onnx_model(paths))
+    Image.new("L", (16, 16), 128).save(tmp_path / "gray.png")  # one channel: the model takes three
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(tmp_path / "rgb.png")
+    output = tmp_path / "r.json"
+    code, _, err = run_main(
+        capsys,
+        str(tmp_path / "gray.png"),
+        str(tmp_path / "rgb.png"),
+        "--model",
+        onnx_model(paths),
+        "--top-k",
+        "3",
+        "--output",
+        str(output),
+    )
     assert code == 0, err
+    gray, rgb = json.loads(output.read_text())
+    assert len(gray["top"]) == 3 and gray["top"] == rgb["top"]  # the same pixels reached the model
 
 
-def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_path):
+def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_path, capsys, torch_threads_kept):
     paths, splits = project
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, image in enumerate(splits["test"][0][:12]):
         Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{i:02d}.png")
     for untrusted in (paths.export_dir / "model.torchscript.pt", paths.checkpoint):  # code-carrying formats
-        code, out, err = predict(str(folder), "--model", str(untrusted), "--output", str(tmp_path / "no.json"))
+        code, out, err = run_main(capsys, str(folder), "--model", str(untrusted), "--output", str(tmp_path / "no.json"))
         assert code == 1 and "--trust-model" in err and "Traceback" not in err, err
         assert not (tmp_path / "no.json").exists()
     results = {}
@@ -235,7 +278,7 @@ def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_pat
         ("int8", ["--int8"]),
     ):
         model = [] if extra and extra[0] == "--model" else ["--model", onnx_model(paths)]
-        code, _, err = predict(str(folder), *model, *extra, "--output", str(tmp_path / f"{name}.json"))
+        code, _, err = run_main(capsys, str(folder), *model, *extra, "--output", str(tmp_path / f"{name}.json"))
         assert code == 0, (name, err)
         results[name] = [r["top"][0]["class"] for r in json.loads((tmp_path / f"{name}.json").read_text())]
     assert results["onnx"] == results["torchscript"] == results["checkpoint"]
@@ -247,37 +290,29 @@ def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_pat
     assert exported["int8"]["onnx_bytes"] < exported["files"]["onnx_bytes"]
 
 
-def test_python_dash_m_runs_the_same_command(project, tmp_path):
+def test_the_console_command_runs_predict(project, tmp_path):
+    """The installed `imgcls` command (and `python -m imgcls`) as a user runs it: the one test of the console
+    entry itself; every other test calls cli.main in-process."""
     paths, splits = project
     Image.fromarray(splits["test"][0][0].transpose(1, 2, 0)).save(tmp_path / "one.png")
-    process = subprocess.run(
-        [sys.executable, "-m", "imgcls", "predict", str(tmp_path / "one.png"), "--model", onnx_model(paths)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert process.returncode == 0 and "1 images" in process.stdout, process.stderr
+    arguments = [
+        "predict",
+        str(tmp_path / "one.png"),
+        "--model",
+        onnx_model(paths),
+        "--output",
+        str(tmp_path / "r.json"),
+    ]
+    for command in ([str(Path(sys.executable).parent / "imgcls")], [sys.executable, "-m", "imgcls"]):
+        process = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=120)
+        assert process.returncode == 0 and "1 images" in process.stdout, process.stderr
+        assert json.loads((tmp_path / "r.json").read_text())[0]["top"][0]["class"] in CLASSES
+        process = subprocess.run([*command, "predict"], capture_output=True, text=True, timeout=120)
+        assert process.returncode == 2 and "SOURCE" in process.stderr  # argparse's refusal reaches the exit status
 
 
 # --- Hostile inputs (issue 20): each test is a finding of a hostile review that it would have caught. -------------
-# In-process through cli.main (the console-script test above covers the installed entrypoint).
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    from imgcls.predict.cli import main
-
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse refusals
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def save_png(path: Path, label: int = 0, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(coloured(label, np.random.default_rng(seed))).save(path)
-    return path
+# In-process through cli.main, as the tests above.
 
 
 def test_code_carrying_model_files_are_not_even_opened_without_trust(project, tmp_path, capsys, monkeypatch):
@@ -505,7 +540,7 @@ def test_sources_that_yield_no_image_exit_1(project, tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "empty.zip", "w") as archive:
         archive.writestr("notes.txt", "no pictures here")
     code, _, err = run_main(capsys, str(tmp_path / "empty.zip"), "--model", onnx_model(paths))
-    assert code == 1 and "an archive without images" in err
+    assert code == 1 and "empty.zip" in err and "without images" in err
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal or SSH session closed
@@ -622,7 +657,7 @@ def test_an_onnx_graph_that_never_ends_is_stopped_by_its_time_limit_and_by_sigte
     monkeypatch.setattr(models, "PROBE_SECONDS", 2.0)
     started = time.monotonic()
     code, _, err = run_main(capsys, str(image), "--model", str(model))
-    assert code == 1 and "ran longer than 2 s and was stopped" in err and time.monotonic() - started < 30, err
+    assert code == 1 and "longer than 2 s" in err and time.monotonic() - started < 30, err
     # A stop while the runtime's C++ loop holds the call: the main thread still handles it.
     monkeypatch.setattr(models, "PROBE_SECONDS", 600.0)
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
@@ -646,7 +681,7 @@ def test_an_onnx_graph_asking_for_more_memory_than_the_cap_is_refused_without_al
     model = hostile_onnx(tmp_path / "expand.onnx", expand)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     code, _, err = run_main(capsys, str(save_png(tmp_path / "a.png")), "--model", str(model))
-    assert code == 1 and "more memory than the" in err and "GiB predict lets ONNX Runtime use" in err, err
+    assert code == 1 and "more memory" in err and "GiB" in err and "--batch-size" in err, err
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB grew
 
 
@@ -714,7 +749,7 @@ def test_trees_nested_thousands_deep_are_refused_or_cut_not_a_recursion_tracebac
         info.size = len(buffer.getvalue())
         archive.addfile(info, io.BytesIO(buffer.getvalue()))
     code, _, err = run_main(capsys, str(tmp_path / "deep.tar"), "--model", onnx_model(paths))
-    assert code == 1 and "1101 levels deep, over 64" in err and "Traceback" not in err
+    assert code == 1 and "1101" in err and "64" in err and "Traceback" not in err
     folder = tmp_path / "deep"
     save_png(folder / "top.png")
     os.chdir(folder)  # a 1,100-level path is longer than PATH_MAX: build it one level at a time
@@ -726,7 +761,7 @@ def test_trees_nested_thousands_deep_are_refused_or_cut_not_a_recursion_tracebac
     finally:
         os.chdir(tmp_path)
     code, out, err = run_main(capsys, str(folder), "--model", onnx_model(paths))
-    assert code == 1 and "1 images" in out and "nested more than 64 deep" in err and "Traceback" not in err
+    assert code == 1 and "1 images" in out and "more than 64 deep" in err and "Traceback" not in err
     code, out, err = run_main(capsys, f"{folder}/**/*.png", "--model", onnx_model(paths))
     assert code == 0 and "1 images" in out and "Traceback" not in err
     remove_deep_chain(folder)  # pytest's own clean-up of old temporary folders is recursive too
@@ -759,4 +794,4 @@ def test_more_threads_than_cores_are_cut_to_the_cores(project, tmp_path, capsys,
     code, _, err = run_main(
         capsys, str(save_png(tmp_path / "a.png")), "--model", onnx_model(paths), "--threads", "1024"
     )
-    assert code == 0 and "--threads 1024 but this machine has 2 cores: using 2" in err
+    assert code == 0 and "--threads 1024" in err and "using 2" in err
