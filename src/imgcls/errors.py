@@ -3,7 +3,18 @@ its traceback. This module imports nothing heavy, so light stages (download) sta
 
 
 class UserError(Exception):
-    """Bad input or configuration; the message says what was expected, what was found and what to do."""
+    """Bad input or configuration: ``problem`` says what was expected and what was found, ``advice`` (when
+    given) what to do. The message is "problem; advice", so a caller that passes the error on with advice of
+    its own takes ``problem`` and leaves the original advice out, without parsing the text."""
+
+    def __init__(self, problem: str, advice: str | None = None):
+        # args rebuild the error when it is pickled (a process pool or another rank hands it back)
+        super().__init__(*((problem,) if advice is None else (problem, advice)))
+        self.problem = problem
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return self.problem if self.advice is None else f"{self.problem}; {self.advice}"
 
 
 class ParamsError(UserError, ValueError):
