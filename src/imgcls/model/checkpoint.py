@@ -105,17 +105,52 @@ def first_unusual_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def is_state_dict(value: object) -> bool:
+    """Whether ``value`` is a mapping of names to tensors, as ``model.state_dict()`` gives it."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold NaN or infinite values: a model would
+    answer NaN for every image, and trained on, they make the first loss NaN. Ask ``first_unusual_tensor``
+    first: ``isfinite`` raises on sparse, quantized and meta tensors."""
+    return [
+        name for name, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
+def weights_mismatch(error: RuntimeError, limit: int = 600) -> str:
+    """``load_state_dict``'s error (missing or unexpected keys, tensors of other shapes) as one line: its
+    list of mismatches, without the "Error(s) in loading state_dict" preamble, cut at ``limit`` characters."""
+    return str(error).split("\n\t", 1)[-1].replace("\n\t", "; ")[:limit]
+
+
+DAMAGED = "it is damaged or was not written by this pipeline. Rebuild it with: dvc repro -f train"
+
+
 def _bad(path: Path, problem: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: {problem}; it is damaged or was not written by this pipeline. Rebuild it with: dvc repro -f train"
-    )
+    return CheckpointError(f"{path}: {problem}", advice=DAMAGED)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from a checkpoint (safe loading); returns (model in eval mode, checkpoint dict).
     The structure is checked first, so a damaged or foreign file gets a message, not a traceback."""
+    checkpoint = _read_checkpoint(path)
+    architecture = checkpoint["architecture"]
+    arguments = _checked_arguments(path, checkpoint)
+    _check_weights(path, checkpoint["state_dict"])
+    model = build_model(architecture, **arguments.model_dump())
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # missing or unexpected keys, tensors of the wrong shape
+        raise _bad(path, f"its weights do not fit a {architecture} model ({weights_mismatch(error)})") from None
+    return model.to(device).eval(), checkpoint
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint file's dict, safely loaded, of this format version and with the keys a model needs."""
     if not Path(path).is_file():
-        raise CheckpointError(f"{path} does not exist; run the train stage first (dvc repro train)")
+        raise CheckpointError(f"{path} does not exist", advice="run the train stage first (dvc repro train)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say so instead of a pickle traceback
@@ -124,15 +159,21 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
         raise _bad(path, f"expected a dict of model data, found {type(checkpoint).__name__}")
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format_version {checkpoint.get('format_version')!r}; this code reads {FORMAT_VERSION}. "
-            "Retrain with this version (dvc repro train)"
+            f"{path} has format_version {checkpoint.get('format_version')!r}",
+            advice=f"this code reads {FORMAT_VERSION}. Retrain with this version (dvc repro train)",
         )
     missing = [key for key in ("state_dict", "architecture", "arguments", "class_names") if key not in checkpoint]
     if missing:
         raise _bad(path, f"missing {', '.join(missing)}")
+    if checkpoint["architecture"] not in MODELS:
+        raise _bad(path, f"unknown architecture {checkpoint['architecture']!r} (this code builds {', '.join(MODELS)})")
+    return checkpoint
+
+
+def _checked_arguments(path: Path, checkpoint: dict) -> ModelArguments:
+    """The checkpoint's model arguments, checked against what build_model takes, its class names and its
+    architecture's needs (normalization channels, minimum image size)."""
     architecture = checkpoint["architecture"]
-    if architecture not in MODELS:
-        raise _bad(path, f"unknown architecture {architecture!r} (this code builds {', '.join(MODELS)})")
     try:
         arguments = ModelArguments.model_validate(checkpoint["arguments"])
     except ValidationError as error:
@@ -159,21 +200,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
             f"{architecture} needs images of at least {MODELS[architecture].min_image_size} pixels, "
             f"arguments say {arguments.image_size}",
         )
-    state = checkpoint["state_dict"]
-    if not (
-        isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    ):
+    return arguments
+
+
+def _check_weights(path: Path, state: object) -> None:
+    """Plain, finite tensors under names: what a state_dict we save holds."""
+    if not is_state_dict(state):
         raise _bad(path, "state_dict is not a mapping of names to tensors")
     unusual = first_unusual_tensor(state)
     if unusual:
         raise _bad(path, f"weight {unusual}")
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    broken = non_finite_weights(state)
     if broken:  # a model that would answer NaN for every image
         raise _bad(path, f"weights {broken[:3]} hold NaN or infinite values")
-    model = build_model(architecture, **arguments.model_dump())
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:  # missing or unexpected keys, tensors of the wrong shape
-        problem = str(error).split("\n\t", 1)[-1].replace("\n\t", "; ")[:600]
-        raise _bad(path, f"its weights do not fit a {architecture} model ({problem})") from None
-    return model.to(device).eval(), checkpoint
