@@ -14,7 +14,7 @@ from conftest import real_params
 from imgcls.errors import ParamsError, TrainingError
 from imgcls.evaluate.metrics import per_class_metrics
 from imgcls.model.checkpoint import load_checkpoint
-from imgcls.model.networks import build_model
+from imgcls.model.registry import build_model
 from imgcls.paths import ProjectPaths
 from imgcls.prepared import save_prepared
 from imgcls.preprocess.splits import plan_splits
