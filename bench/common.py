@@ -14,21 +14,16 @@ from pathlib import Path
 
 import yaml
 
+from imgcls.host import cpu_info
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR_IMAGES = REPO_ROOT.parent / "shared" / "data" / "cifar10-images.tar.gz"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict:
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu_info().model,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

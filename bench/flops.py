@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import torch
+
+from imgcls.host import cpu_info
 
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 PEAK_SIZE = 2048  # a square matrix product this large keeps every core's vector units busy
 
 
-def _cpuinfo() -> tuple[set[str], str, float]:
-    """(flags, vendor, MHz) of the first CPU in /proc/cpuinfo."""
-    flags, vendor, mhz = set(), "", 0.0
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "flags" and not flags:
-            flags = set(value.split())
-        elif key == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif key == "cpu MHz" and not mhz:
-            mhz = float(value)
-    return flags, vendor, mhz
-
-
 def cpu_features() -> list[str]:
-    flags, _, _ = _cpuinfo()
+    flags = cpu_info().flags
     return [f for f in CPU_FEATURES if f in flags]
 
 
@@ -47,7 +33,8 @@ def nominal_peak() -> dict:
     - AVX2 + FMA only: fp32 2 x 8 x 2 = 32; no native bf16 (bf16 is computed in fp32).
     The clock is /proc/cpuinfo's "cpu MHz" (a virtual machine reports its base clock; cores may boost above it,
     which is why a measured matrix product can exceed this nominal figure)."""
-    flags, vendor, mhz = _cpuinfo()
+    cpu = cpu_info()
+    flags, vendor, mhz = cpu.flags, cpu.vendor, cpu.mhz
     cores = os.cpu_count() or 1
     amd = "AMD" in vendor
     if "avx512f" in flags:

@@ -1,10 +1,43 @@
 """What this machine offers a run, read without importing torch (so `imgcls predict` on ONNX starts fast):
-the memory available to this process, inside a container's limit where there is one."""
+its CPU (model, vendor, clock, instruction-set flags) and the memory available to this process, inside a
+container's limit where there is one."""
 
 from __future__ import annotations
 
 import os
+import platform
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str  # "model name", as runs and benchmark results record the machine
+    vendor: str  # "vendor_id": GenuineIntel, AuthenticAMD; "" where not shown
+    mhz: float  # "cpu MHz": a virtual machine reports its base clock (cores may boost above it); 0.0 where not shown
+    flags: frozenset[str]  # instruction-set extensions: avx2, fma, avx512f, avx512_bf16, amx_tile, ...
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuInfo:
+    """The first CPU's entry in /proc/cpuinfo (every core of a machine shows the same one). Where a field is
+    missing (not Linux, or an ARM kernel without "model name") the model is platform.processor()'s."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    try:
+        mhz = float(fields.get("cpu MHz", 0.0))
+    except ValueError:
+        mhz = 0.0
+    return CpuInfo(
+        model=fields.get("model name") or platform.processor() or "unknown CPU",
+        vendor=fields.get("vendor_id", ""),
+        mhz=mhz,
+        flags=frozenset(fields.get("flags", "").split()),
+    )
 
 
 def host_available_memory() -> int:

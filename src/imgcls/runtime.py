@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import RuntimeChoiceError
-from .host import cgroup_available_memory, host_available_memory  # noqa: F401 (tests read the cgroup here)
+from .host import cgroup_available_memory, cpu_info, host_available_memory  # noqa: F401 (tests read the cgroup here)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -93,12 +93,5 @@ def describe_device(device: torch.device) -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+    """This machine's CPU model name, as runs record it (imgcls.host reads /proc/cpuinfo)."""
+    return cpu_info().model
