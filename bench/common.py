@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: a scratch project, timed child processes with their peak memory."""
+"""Helpers the benchmarks share: a scratch project, params merged over the committed ones, timed child
+processes with their peak memory."""
 
 from __future__ import annotations
 
@@ -64,15 +65,20 @@ def scratch_project(where: Path, params_update: dict) -> Path:
     return where
 
 
+def merge_params(raw: dict, sections: dict) -> dict:
+    """``raw`` with ``sections`` ({"train": {"epochs": 2, "augment": {"flip": False}}}) merged in, deeply:
+    a mapping updates the one it lands on, any other value replaces it. Neither argument is changed. The one
+    params merge of the benchmarks and the tests (tests/conftest.py takes it from here)."""
+    merged = dict(raw)
+    for key, value in sections.items():
+        merged[key] = merge_params(raw.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
 def set_params(project: Path, update: dict) -> None:
+    """``update`` merged into the project's params.yaml (the committed one where it has none yet)."""
     source = project / "params.yaml" if (project / "params.yaml").exists() else REPO_ROOT / "params.yaml"
-    params = yaml.safe_load(source.read_text())
-    for section, values in update.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
+    params = merge_params(yaml.safe_load(source.read_text()), update)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 import yaml
-from common import REPO_ROOT, machine, write_results
+from common import REPO_ROOT, machine, merge_params, write_results
 from flops import PEAK_SIZE, cpu_features, matmul_peak, nominal_peak, step_flops
 from run import WORK, recipe_data, recipe_dataset
 
@@ -43,11 +43,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="time the step through torch.compile")
     args = parser.parse_args()
     recipe = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())[args.recipe]
-    raw = read_yaml(REPO_ROOT / "params.yaml")
-    for section, values in recipe.items():  # the recipe's overrides, validated like a stage validates them
-        for key, value in values.items():
-            raw[section][key] = {**raw[section][key], **value} if isinstance(value, dict) else value
-    params = parse_params(raw)
+    # the recipe's overrides, validated like a stage validates them
+    params = parse_params(merge_params(read_yaml(REPO_ROOT / "params.yaml"), recipe))
     config, evaluate_config = params.train, params.evaluate
 
     generator = seed_everything(0)

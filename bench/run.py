@@ -26,6 +26,7 @@ from common import (
     SHARED_CIFAR_IMAGES,
     extract_shared_cifar,
     machine,
+    merge_params,
     run_timed,
     scratch_project,
     set_params,
@@ -142,12 +143,11 @@ def recipe_row(name: str, overrides: dict, project: Path) -> dict:
 def _reset(overrides: dict) -> dict:
     """The committed params.yaml's train/evaluate sections with this recipe's overrides on top."""
     committed = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    merged = {section: dict(committed[section]) for section in ("train", "evaluate")}
-    for section, values in overrides.items():
-        if section in merged:
-            for key, value in values.items():
-                merged[section][key] = {**merged[section][key], **value} if isinstance(value, dict) else value
-    return merged
+    sections = ("train", "evaluate")
+    return merge_params(
+        {section: committed[section] for section in sections},
+        {section: values for section, values in overrides.items() if section in sections},
+    )
 
 
 def prepare(dataset: str, overrides: dict, folder: str | None = None) -> tuple[Path, dict]:

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import socketserver
+import sys
 import tarfile
 import threading
 from dataclasses import dataclass, field
@@ -19,13 +20,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-
-def merge(raw: dict, sections: dict) -> dict:
-    """``raw`` with ``sections`` ({"train": {"epochs": 2, "augment": {"flip": False}}}) merged in, deeply."""
-    merged = dict(raw)
-    for key, value in sections.items():
-        merged[key] = merge(raw.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
+sys.path.append(str(REPO_ROOT / "bench"))  # after the project's own paths: bench's modules shadow nothing
+from common import merge_params as merge  # noqa: E402 (the one params merge: tests and benchmarks share it)
 
 
 def committed_params_raw() -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, merge
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
@@ -111,12 +111,9 @@ def test_every_benchmark_recipe_is_valid_params():
     recipes = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())
     assert recipes
     for name, overrides in recipes.items():
-        raw = read_yaml(REPO_ROOT / "params.yaml")
-        for section, values in overrides.items():
+        for section in overrides:
             assert section in ("preprocess", "train", "evaluate"), f"{name}: section {section}"
-            for key, value in values.items():
-                raw[section][key] = {**raw[section][key], **value} if isinstance(value, dict) else value
-        parse_params(raw)  # raises naming the key
+        parse_params(merge(read_yaml(REPO_ROOT / "params.yaml"), overrides))  # raises naming the key
         folder, data = run.recipe_data(name, overrides)
         assert folder.startswith(run.recipe_dataset(name))
         if "preprocess" in overrides:
