@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import datasets
 from ..datasets import CIFAR10_ARCHIVE, DATASETS, gunzip
 from ..errors import DataError, PermanentFetchError
+from ..report import bullet_list
 from .archives import ArchiveLimits, extract_archive, is_archive
 from .fetch import digest_file, expand_source, fetch_file, is_url, join_location
 
@@ -55,14 +56,24 @@ def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, 
             log(f"download: {dataset} verified from {location}")
             return provenance
         except DataError as error:  # this location failed: remember why, try the next one
-            failures.append(f"  - {location}: {error}")
+            failures.append(f"{location}: {error}")
         for child in raw_dir.iterdir():  # start the next location from an empty folder
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         if len(locations) > 1:
             log(f"download: {location} failed; trying the next location")
     hint = DATASETS[dataset].offline_advice
-    raise DataError(
-        f"could not get {dataset} from data.source={source!r}:\n" + "\n".join(failures) + f"\nNext step: {hint}"
+    raise DataError(f"could not get {dataset} from data.source={source!r}:\n{bullet_list(failures)}\nNext step: {hint}")
+
+
+def _fetch(location: str, dest: Path, options: FetchOptions, *, log: Log) -> None:
+    """Download (or copy) ``location`` to ``dest`` with the stage's retries, timeout and size cap."""
+    fetch_file(
+        location,
+        dest,
+        retries=options.retries,
+        timeout_s=options.timeout_s,
+        log=log,
+        max_bytes=options.max_download_bytes,
     )
 
 
@@ -72,14 +83,7 @@ def _get_fashion_mnist(location: str, raw_dir: Path, options: FetchOptions, *, l
     files = {}
     for name, expected in datasets.FASHION_MNIST_FILES.items():
         dest = raw_dir / name
-        fetch_file(
-            join_location(location, name),
-            dest,
-            retries=options.retries,
-            timeout_s=options.timeout_s,
-            log=log,
-            max_bytes=options.max_download_bytes,
-        )
+        _fetch(join_location(location, name), dest, options, log=log)
         content = gunzip(dest)
         actual = hashlib.sha256(content).hexdigest()
         if len(content) != expected.content_bytes or actual != expected.content_sha256:
@@ -98,14 +102,7 @@ def _get_cifar10(location: str, raw_dir: Path, options: FetchOptions, *, log: Lo
     else:
         url = str(Path(location) / CIFAR10_ARCHIVE) if Path(location).is_dir() else location
     archive = raw_dir / CIFAR10_ARCHIVE
-    fetch_file(
-        url,
-        archive,
-        retries=options.retries,
-        timeout_s=options.timeout_s,
-        log=log,
-        max_bytes=options.max_download_bytes,
-    )
+    _fetch(url, archive, options, log=log)
     digest = digest_file(archive)
     if digest.md5 != datasets.CIFAR10_ARCHIVE_MD5:
         raise DataError(
@@ -127,14 +124,7 @@ def _get_image_folder(location: str, raw_dir: Path, options: FetchOptions, *, lo
         raise PermanentFetchError("expected a folder or a .tar, .tar.gz, .tgz or .zip archive")
     name = Path(location.split("?", 1)[0].rstrip("/")).name  # keep the name: messages mention it
     archive = raw_dir / name
-    fetch_file(
-        location,
-        archive,
-        retries=options.retries,
-        timeout_s=options.timeout_s,
-        log=log,
-        max_bytes=options.max_download_bytes,
-    )
+    _fetch(location, archive, options, log=log)
     digest = digest_file(archive)
     images_dir.mkdir()
     count = extract_archive(archive, images_dir, options.limits)
@@ -168,43 +158,55 @@ def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
     for folder, folder_names, file_names in os.walk(source, onerror=unreadable):  # linked folders are not entered
         here = Path(folder)
         (dest / here.relative_to(source)).mkdir(parents=True, exist_ok=True)
-        for name in sorted(folder_names):
-            if (here / name).is_symlink():
-                folder_names.remove(name)
-                bad.append((here / name, "a link to a folder (links to folders are not followed)"))
+        bad += _leave_out_linked_folders(here, folder_names)
         for name in sorted(file_names):
-            path = here / name
-            if path.is_symlink():
-                try:
-                    resolved = path.resolve(strict=True)
-                except (OSError, RuntimeError):
-                    bad.append((path, "a dangling link or a link loop"))
-                    continue
-                if not resolved.is_relative_to(root):
-                    bad.append((path, f"a link to {resolved}, outside the source folder"))
-                    continue
-                path_to_copy = resolved
+            problem = _copy_file(here / name, dest / here.relative_to(source) / name, root)
+            if problem:
+                bad.append((here / name, problem))
             else:
-                path_to_copy = path
-            if not stat.S_ISREG(os.stat(path_to_copy).st_mode):
-                bad.append((path, "not a regular file (a FIFO, socket or device)"))
-                continue
-            try:
-                shutil.copyfile(path_to_copy, dest / here.relative_to(source) / name)
-            except PermissionError as error:
-                bad.append((path, f"cannot be read ({error.strerror})"))
-                continue
-            copied += 1
+                copied += 1
     if bad:
-        listed = "\n".join(f"  - {path}: {reason}" for path, reason in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        if on_bad_link != "skip":
-            raise PermanentFetchError(
-                f"{len(bad)} file(s) in {source} cannot be copied safely:\n{listed}{more}\n"
-                "replace links with the files themselves, or set data.on_bad_image: skip to leave them out"
-            )
-        log(
-            f"download: skipped {len(bad)} file(s) that cannot be copied safely "
-            f"(data.on_bad_image: skip):\n{listed}{more}"
-        )
+        _refuse_or_list(bad, source, on_bad_link, log)
     return copied
+
+
+def _leave_out_linked_folders(here: Path, folder_names: list[str]) -> list[tuple[Path, str]]:
+    """Take the links among ``folder_names`` out of os.walk's list (in place), so it never enters them;
+    returns them as (path, reason)."""
+    left_out = []
+    for name in sorted(folder_names):
+        if (here / name).is_symlink():
+            folder_names.remove(name)
+            left_out.append((here / name, "a link to a folder (links to folders are not followed)"))
+    return left_out
+
+
+def _copy_file(path: Path, target: Path, root: Path) -> str | None:
+    """Copy ``path`` (a file, or a link to a file inside ``root``) to ``target``; None when copied, else why
+    it cannot be copied safely."""
+    if path.is_symlink():
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return "a dangling link or a link loop"
+        if not resolved.is_relative_to(root):
+            return f"a link to {resolved}, outside the source folder"
+        path = resolved
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return "not a regular file (a FIFO, socket or device)"
+    try:
+        shutil.copyfile(path, target)
+    except PermissionError as error:
+        return f"cannot be read ({error.strerror})"
+    return None
+
+
+def _refuse_or_list(bad: list[tuple[Path, str]], source: Path, on_bad_link: str, log: Log) -> None:
+    """Files that cannot be copied safely stop the download, or with data.on_bad_image: skip are listed."""
+    listed = bullet_list([f"{path}: {reason}" for path, reason in bad])
+    if on_bad_link != "skip":
+        raise PermanentFetchError(
+            f"{len(bad)} file(s) in {source} cannot be copied safely:\n{listed}\n"
+            "replace links with the files themselves, or set data.on_bad_image: skip to leave them out"
+        )
+    log(f"download: skipped {len(bad)} file(s) that cannot be copied safely (data.on_bad_image: skip):\n{listed}")
