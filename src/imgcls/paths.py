@@ -36,7 +36,7 @@ class ProjectPaths:
         return self.root / "data" / "train-resume" / "state.pt"
 
     @property
-    def train_log_dir(self) -> Path:  # dvclive output: metrics/train.json and plots
+    def train_log_dir(self) -> Path:  # dvclive output (train stage): metrics/train/metrics.json and plots/
         return self.root / "metrics" / "train"
 
     @property
