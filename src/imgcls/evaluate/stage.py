@@ -100,7 +100,9 @@ def score_predictions(result: dict, labels: np.ndarray, class_names: list[str]) 
 
 
 def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: str) -> None:
-    """eval.json: test accuracy with its interval and counts, loss, per-class metrics, how it was measured."""
+    """eval.json: test accuracy with its interval and counts, loss, the weakest class, how it was measured.
+    Per-class figures go to per_class.csv only: keyed by class name here, they would add a column per class
+    of every data set ever run to `dvc exp show`."""
     low, high = outcome.score.ci95
     test = {
         "accuracy": outcome.accuracy,
@@ -110,7 +112,10 @@ def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: st
         "images": outcome.score.images,
         "correct": outcome.score.correct,
     }
-    write_json(path, {"test": test, "per_class": outcome.per_class, "tta": tta, "precision": precision})
+    scored = {name: values["accuracy"] for name, values in outcome.per_class.items() if values["images"]}
+    weakest = min(scored, key=scored.get) if scored else None
+    summary = {"weakest_class": weakest, "weakest_class_accuracy": scored.get(weakest)}
+    write_json(path, {"test": test, **summary, "tta": tta, "precision": precision})
 
 
 def write_tables_and_plots(
