@@ -8,7 +8,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test bench lock clean-venv
+.PHONY: setup run test bench lock exp clean-venv
 
 # Exactly the locked packages (every one with its sha256), then the project itself, editable.
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -16,6 +16,11 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# An experiment from the committed params.yaml plus the changes in S (not the previous experiment's leftovers):
+#   make exp S="train.lr=0.1 train.epochs=3"
+exp: setup
+	DVC=$(BIN)/dvc tools/exp.sh $(S)
 
 # After changing a pin in pyproject.toml: resolve it again and rewrite requirements.lock (minutes).
 lock:
