@@ -152,17 +152,7 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
     """Run the train stage in ``processes`` processes on this machine under torch.distributed.run and wait.
     Raises TrainingError naming the failed rank and its message when any of them fails."""
     with tempfile.TemporaryDirectory(prefix="imgcls-ranks-") as errors:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes=1",
-            f"--nproc-per-node={processes}",
-            "--max-restarts=0",
-            "--module",
-            "imgcls.train",
-        ]
+        command = torchrun_command(processes)
         per_process = threads_per_process(threads, World(size=processes, local_size=processes))
         env = dict(os.environ, **{RANK_ERRORS_ENV: errors, "OMP_NUM_THREADS": str(per_process)})
         emit(
@@ -170,42 +160,69 @@ def launch(processes: int, threads: int, emit: Callable[[str], None]) -> None:
             + " ".join(command[1:])
         )
         process = subprocess.Popen(command, env=env, preexec_fn=_end_with_parent)
-        received = []
-
-        def forward(signum, frame):  # a stop for this stage is a stop for torchrun, which ends its ranks
-            received.append(signum)
-            process.send_signal(signum)
-
-        handled = (signal.SIGINT, signal.SIGTERM)
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = {sig: signal.signal(sig, forward) for sig in handled} if in_main else {}
-        try:
-            status = process.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if received:
+        status, stopped = wait_passing_on_stops(process)
+        if stopped:
             emit("stopped: torchrun ended every process; the next run resumes from the last finished epoch")
             raise SystemExit(130)
-        if status == 0:
-            return
-        reports = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
-        messages = [(report.stem.split("-", 1)[1], report.read_text().strip()) for report in reports]
-        # A rank that lost its connection to a peer only reports the peer's end: the cause is elsewhere.
-        causes = [(rank, text) for rank, text in messages if not any(s in text for s in PEER_LOST)]
-        if causes:
-            rank, text = causes[0]
-            raise TrainingError(f"rank {rank} of {processes} failed: {text}")
-        raise TrainingError(
-            f"a training process of {processes} ended without a message (torchrun exit status "
-            f'{status}): it was killed (out of memory, or a signal); torchrun\'s "Root Cause" '
-            "above names its rank and signal"
-            + (
-                f". The others then lost their connection to it (rank {messages[0][0]}: {messages[0][1][:200]})"
-                if messages
-                else ""
-            )
+        if status != 0:
+            raise rank_failure(Path(errors), processes, status)
+
+
+def torchrun_command(processes: int) -> list[str]:
+    """torch.distributed.run starting ``python -m imgcls.train`` in ``processes`` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={processes}",
+        "--max-restarts=0",
+        "--module",
+        "imgcls.train",
+    ]
+
+
+def wait_passing_on_stops(process: subprocess.Popen) -> tuple[int, bool]:
+    """Wait for ``process`` (torchrun); a SIGINT or SIGTERM to this stage meanwhile is a stop for torchrun,
+    which ends its ranks. Returns its exit status and whether such a stop came."""
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        process.send_signal(signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()  # signals go to the main thread only
+    previous = {sig: signal.signal(sig, forward) for sig in handled} if in_main else {}
+    try:
+        status = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status, bool(received)
+
+
+def rank_failure(errors: Path, processes: int, status: int) -> TrainingError:
+    """The error a failed torchrun job (exit ``status``) ends the stage with: the first rank's own message
+    left in ``errors``, or, where none names a cause, the kill that ended a rank."""
+    reports = sorted(errors.glob("rank-*.txt"), key=lambda p: p.stat().st_mtime)
+    messages = [(report.stem.split("-", 1)[1], report.read_text().strip()) for report in reports]
+    # A rank that lost its connection to a peer only reports the peer's end: the cause is elsewhere.
+    causes = [(rank, text) for rank, text in messages if not any(s in text for s in PEER_LOST)]
+    if causes:
+        rank, text = causes[0]
+        return TrainingError(f"rank {rank} of {processes} failed: {text}")
+    return TrainingError(
+        f"a training process of {processes} ended without a message (torchrun exit status "
+        f'{status}): it was killed (out of memory, or a signal); torchrun\'s "Root Cause" '
+        "above names its rank and signal"
+        + (
+            f". The others then lost their connection to it (rank {messages[0][0]}: {messages[0][1][:200]})"
+            if messages
+            else ""
         )
+    )
 
 
 def _end_with_parent() -> None:
