@@ -8,11 +8,13 @@ from torch import nn
 from imgcls import runtime
 from imgcls.errors import ParamsError, RuntimeChoiceError, TrainingError
 from imgcls.model.inference import evaluate_model
-from imgcls.model.networks import MODEL_NAMES, TTAModel, build_model
-from imgcls.params import MIN_IMAGE_SIZE, TORCHVISION_MODELS
+from imgcls.model.networks import TTAModel
+from imgcls.model.registry import MODELS, build_model
 from imgcls.train.batches import Augmentation, batch_flip, batch_translate, iterate_batches, reflect_pad
-from imgcls.train.loop import StopRequested, fit
+from imgcls.train.loop import FitHooks, FitSetup, StopRequested, fit
 from imgcls.train.optim import Lookahead, lr_factor, make_optimizer
+
+CPU = torch.device("cpu")
 
 
 def arguments(channels=3, size=32, classes=10, width=8):
@@ -26,21 +28,21 @@ def arguments(channels=3, size=32, classes=10, width=8):
     }
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
 def test_every_model_maps_images_to_class_logits(name, channels, size):
     model = build_model(name, **arguments(channels, size, classes=7)).eval()
     assert model(torch.rand(5, channels, size, size)).shape == (5, 7)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_each_model_declares_its_true_minimum_input_size(name):
-    smallest = MIN_IMAGE_SIZE[name]
+    smallest = MODELS[name].min_image_size
     with torch.no_grad():
         model = build_model(name, **arguments(3, smallest, classes=3)).eval()
         assert model(torch.rand(2, 3, smallest, smallest)).shape == (2, 3)
         assert TTAModel(model)(torch.rand(1, 3, smallest, smallest)).shape == (1, 3)
-        if name in TORCHVISION_MODELS:
+        if MODELS[name].torchvision:
             # Adaptive pooling takes any size; the declared floor is where the last stages see one pixel.
             last = model.backbone.get_submodule({"resnet18": "layer4", "mobilenet_v3_small": "features"}[name])
             sides = []
@@ -55,9 +57,9 @@ def test_each_model_declares_its_true_minimum_input_size(name):
             )
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", MODELS)
 def test_params_refuse_an_image_size_the_model_cannot_take(name):
-    smallest = MIN_IMAGE_SIZE[name]
+    smallest = MODELS[name].min_image_size
     data = {"dataset": "imagefolder", "source": "images.tar"}
     assert real_params(data={**data, "image_size": smallest}, train={"model": name}).train.model == name
     # Below 8 pixels data.image_size's own range refuses first; above it, the model's minimum does.
@@ -219,10 +221,8 @@ def train_tiny(seed: int, model_name="fast", **overrides):
         model,
         (images, labels),
         (images[:64], labels[:64]),
-        config=config,
-        device=torch.device("cpu"),
-        precision="fp32",
-        generator=generator,
+        FitSetup(config, CPU, "fp32"),
+        generator,
     )
     return model, records
 
@@ -323,13 +323,10 @@ def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
             model,
             (images, labels),
             (images[:64], labels[:64]),
-            config=config,
-            device=torch.device("cpu"),
-            precision="fp32",
-            generator=generator,
-            on_epoch=logged.append,
+            FitSetup(config, CPU, "fp32"),
+            generator,
             resume_from=resume_from,
-            save_state=lambda state: states.append(copy.deepcopy(state)),
+            hooks=FitHooks(on_epoch=logged.append, save_state=lambda state: states.append(copy.deepcopy(state))),
         )
         return model, records, states, logged
 
@@ -343,12 +340,11 @@ def test_resuming_from_any_epoch_ends_with_the_uninterrupted_weights():
             build_model("fast", **arguments(1, 12, classes=4, width=8), whiten_bias_epochs=2.0),
             (images, labels),
             (images[:64], labels[:64]),
-            config=config,
-            device=torch.device("cpu"),
-            precision="fp32",
-            generator=generator,
-            save_state=lambda state: states.append(copy.deepcopy(state)),
-            should_stop=lambda: next(asked) == 10,
+            FitSetup(config, CPU, "fp32"),
+            generator,
+            hooks=FitHooks(
+                save_state=lambda state: states.append(copy.deepcopy(state)), should_stop=lambda: next(asked) == 10
+            ),
         )
     assert states[-1]["epoch"] == 1 and states[-1]["epoch_progress"]["batches_done"] == 3
     keys = ["train_loss", "train_accuracy", "val_loss", "val_accuracy"]
@@ -400,15 +396,13 @@ def test_a_diverged_run_stops_with_a_message_instead_of_saving_a_nan_model():
     config = real_params(
         train={"model": "convnet", "epochs": 2, "min_steps": 0, "batch_size": 32, "precision": "fp32", "ema": 0.0}
     ).train
-    with pytest.raises(TrainingError, match=r"the training loss became nan in epoch 1: the run diverged"):
+    with pytest.raises(TrainingError, match=r"loss became nan in epoch 1.*Lower train\.lr"):
         fit(
             Diverging(),
             (images, labels),
             None,
-            config=config,
-            device=torch.device("cpu"),
-            precision="fp32",
-            generator=runtime.seed_everything(0),
+            FitSetup(config, CPU, "fp32"),
+            runtime.seed_everything(0),
         )
 
 

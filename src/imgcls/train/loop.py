@@ -1,5 +1,6 @@
 """The training loop, top to bottom: set-up (``make_training_setup``), one step in three phases
-(``forward_loss``, ``backward``, ``apply_update``), ``train_one_epoch`` and ``fit``.
+(``forward_loss``, ``backward``, ``apply_update``; together ``train_step``), ``train_one_epoch`` and ``fit``,
+which takes the run's fixed ``FitSetup`` and optional ``FitHooks`` and keeps where it stands in a ``RunState``.
 
 bench/profile_step.py times the same set-up and phase functions, so the profile measures this code."""
 
@@ -10,7 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from ..errors import TrainingError
 from ..model.checkpoint import plain_state_dict
 from ..model.inference import evaluate_model
 from ..model.networks import Network
-from ..params import TrainParams
+from ..params.train import TrainParams
 from ..runtime import autocast
 from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
 from .distributed import SINGLE, World, all_reduce_sum, wrap
@@ -57,41 +58,20 @@ def make_training_setup(
     """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``.
     ``fine_tune``: the model starts from loaded weights; its head and backbone get their own rates."""
     length = run_length(len(images), config, processes)
-    batch_size, steps_per_epoch = length.batch_size, length.steps_per_epoch
-    total_steps = length.total_steps
     # A warm-up longer than the run (train.epochs: 1 with the default warm-up) ends with the run.
     plan = StepPlan(
-        total_steps=total_steps,
-        warmup_steps=min(int(config.warmup_epochs * steps_per_epoch), total_steps),
+        total_steps=length.total_steps,
+        warmup_steps=min(int(config.warmup_epochs * length.steps_per_epoch), length.total_steps),
         schedule=config.schedule,
-    )
-    lr = config.lr * batch_size / REFERENCE_BATCH_SIZE
-    optimizer = make_optimizer(
-        model,
-        name=config.optimizer,
-        lr=lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-        bias_lr_scale=config.bias_lr_scale,
-        head=model.head_parameter_names() if fine_tune else None,
-        backbone_lr_scale=config.backbone_lr_scale,
     )
     augment = config.augment
     return TrainingSetup(
-        batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch,
+        batch_size=length.batch_size,
+        steps_per_epoch=length.steps_per_epoch,
         epochs=length.epochs,
-        # freeze_backbone_epochs >= train.epochs: the head alone, for the whole run (however long min_steps makes it)
-        frozen_epochs=(
-            0
-            if not fine_tune
-            else length.epochs
-            if config.freeze_backbone_epochs >= config.epochs
-            else config.freeze_backbone_epochs
-        ),
+        frozen_epochs=frozen_backbone_epochs(config, length.epochs, fine_tune),
         plan=plan,
-        optimizer=optimizer,
+        optimizer=recipe_optimizer(model, config, length.batch_size, fine_tune),
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         augmentation=Augmentation(
             flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip
@@ -99,6 +79,29 @@ def make_training_setup(
         flip_halves=torch.rand(len(images), generator=generator) < 0.5,
         lookahead=Lookahead(model, config.ema) if config.ema > 0 else None,
     )
+
+
+def recipe_optimizer(model: nn.Module, config: TrainParams, batch_size: int, fine_tune: bool) -> torch.optim.Optimizer:
+    """train.optimizer at train.lr scaled to ``batch_size``; fine-tuning gives the head and backbone own groups."""
+    return make_optimizer(
+        model,
+        name=config.optimizer,
+        lr=config.lr * batch_size / REFERENCE_BATCH_SIZE,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        bias_lr_scale=config.bias_lr_scale,
+        head=model.head_parameter_names() if fine_tune else None,
+        backbone_lr_scale=config.backbone_lr_scale,
+    )
+
+
+def frozen_backbone_epochs(config: TrainParams, epochs: int, fine_tune: bool) -> int:
+    """The first epochs in which the loaded backbone's rate is held at 0 (train.freeze_backbone_epochs)."""
+    if not fine_tune:
+        return 0
+    # freeze_backbone_epochs >= train.epochs: the head alone, for the whole run (however long min_steps makes it)
+    return epochs if config.freeze_backbone_epochs >= config.epochs else config.freeze_backbone_epochs
 
 
 def epoch_batches(
@@ -222,19 +225,129 @@ class StopRequested(Exception):
         self.progress = progress
 
 
+def _ignore(value: object) -> None:
+    pass
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class FitSetup:
+    """How fit() trains, fixed for the run: the recipe, where it runs, and how the model starts.
+
+    ``fine_tune``: the model holds loaded starting weights (train.pretrained or train.init_from), so no
+    data-dependent initialisation; the backbone trains at train.backbone_lr_scale x the rate, and not at all
+    for the first train.freeze_backbone_epochs epochs.
+
+    ``world``: one rank of a data-parallel run (imgcls.train.distributed): the model is wrapped in
+    DistributedDataParallel for the steps, each rank takes its part of every global batch, the epoch's
+    loss and accuracy are summed over the ranks, and only rank 0 validates (the hooks ``on_epoch`` and
+    ``save_state`` are the caller's to silence on the other ranks)."""
+
+    config: TrainParams
+    device: torch.device
+    precision: str
+    fine_tune: bool = False
+    world: World = SINGLE
+
+
+@dataclass(frozen=True)
+class FitHooks:
+    """What fit() tells its caller and asks it; each is optional.
+
+    ``on_epoch`` hears each epoch's record. ``save_state`` receives everything needed to continue exactly:
+    after every epoch but the last, and at the step boundary where ``should_stop`` (asked after every step)
+    said yes, before StopRequested leaves. ``on_resume`` hears the verdict on a resume state before any of it
+    is applied: None (resuming), or why it does not fit this run."""
+
+    on_epoch: Callable[[dict], None] = _ignore
+    save_state: Callable[[dict], None] | None = None
+    should_stop: Callable[[], bool] = _never
+    on_resume: Callable[[str | None], None] = _ignore
+
+
+@dataclass
+class RunState:
+    """Where a run stands between epochs: what a resume state saves, and what fit() continues from."""
+
+    step: int = 0  # optimizer steps taken
+    next_epoch: int = 1
+    epoch_progress: dict | None = None  # a part-trained epoch (StopRequested.progress), continued first
+    records: list[dict] = field(default_factory=list)  # one per finished epoch
+    elapsed_before: float = 0.0  # training seconds of the runs before a stop
+    started: float = 0.0  # time.perf_counter() at the (virtual) start: elapsed seconds count from it
+
+
+@dataclass
+class EpochTally:
+    """An epoch's running sums, kept on the device (one sync per epoch instead of one per step)."""
+
+    batches_done: int
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: int
+    started: float
+
+    @classmethod
+    def resume(cls, done: dict | None, device: torch.device) -> EpochTally:
+        """A fresh tally, or the one of an epoch stopped part-way (StopRequested.progress)."""
+        done = done or {"batches_done": 0, "loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        return cls(
+            batches_done=done["batches_done"],
+            loss=torch.tensor(done["loss"], device=device),
+            correct=torch.tensor(done["correct"], device=device),
+            seen=done["seen"],
+            started=time.perf_counter() - done["seconds"],
+        )
+
+    def add(self, logits: torch.Tensor, loss: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.detach() * len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def progress(self, batches_done: int, step: int) -> dict:
+        """Where the epoch stands, as StopRequested carries it (and a resume state saves it)."""
+        return {
+            "batches_done": batches_done,
+            "step": step,
+            "loss": float(self.loss),
+            "correct": float(self.correct),
+            "seen": self.seen,
+            "seconds": time.perf_counter() - self.started,
+        }
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    training: TrainingSetup,
+    setup: FitSetup,
+    step: int,
+    backbone_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step at the schedule's rate for ``step``; returns the logits (B, classes) and the loss."""
+    factor = lr_factor(step, training.plan.total_steps, training.plan.warmup_steps, training.plan.schedule)
+    set_rate(training.optimizer, factor, backbone_factor)
+    logits, loss = forward_loss(model, images, labels, training.loss_fn, setup.device, setup.precision)
+    backward(training.optimizer, loss)
+    apply_update(training.optimizer, training.lookahead, model, step, factor)
+    return logits, loss
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    setup: TrainingSetup,
+    training: TrainingSetup,
+    setup: FitSetup,
     *,
-    device: torch.device,
-    precision: str,
     first_step: int,
-    progress_label: str = "",
     done: dict | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[], bool] = _never,
     backbone_factor: float = 1.0,
-    world: World = SINGLE,
+    progress_label: str = "",
 ) -> dict:
     """One pass over ``batches``; returns loss, accuracy, images, seconds and the next step number.
 
@@ -242,50 +355,30 @@ def train_one_epoch(
     again, so the random generator moves exactly as before, but not trained on. ``should_stop`` is asked
     after every step; when it says yes, StopRequested leaves at that step boundary."""
     model.train()
-    done = done or {"batches_done": 0, "loss": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
-    step, seen = first_step, done["seen"]
-    total_loss = torch.tensor(done["loss"], device=device)
-    correct = torch.tensor(done["correct"], device=device)
-    started = time.perf_counter() - done["seconds"]
-    bar = _progress_bar(setup.steps_per_epoch, progress_label) if world.is_main else None
+    tally, step = EpochTally.resume(done, setup.device), first_step
+    bar = _progress_bar(training.steps_per_epoch, progress_label) if setup.world.is_main else None
     for index, (images, labels) in enumerate(batches):
-        if index < done["batches_done"]:
+        if index < tally.batches_done:
             continue  # trained on before the stop
-        factor = lr_factor(step, setup.plan.total_steps, setup.plan.warmup_steps, setup.plan.schedule)
-        set_rate(setup.optimizer, factor, backbone_factor)
-        logits, loss = forward_loss(model, images, labels, setup.loss_fn, device, precision)
-        backward(setup.optimizer, loss)
-        apply_update(setup.optimizer, setup.lookahead, model, step, factor)
-        # Accumulate on the device; one sync per epoch instead of one per step.
-        total_loss += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += len(labels)
+        logits, loss = train_step(model, images, labels, training, setup, step, backbone_factor)
+        tally.add(logits, loss, labels)
         step += 1
         if bar is not None:
             bar.update(1)
         if should_stop():
             if bar is not None:
                 bar.close()
-            raise StopRequested(
-                {
-                    "batches_done": index + 1,
-                    "step": step,
-                    "loss": float(total_loss),
-                    "correct": float(correct),
-                    "seen": seen,
-                    "seconds": time.perf_counter() - started,
-                }
-            )
+            raise StopRequested(tally.progress(index + 1, step))
     if bar is not None:
         bar.close()
     # Every rank's sums: the epoch's loss and accuracy over the whole global batch, on every rank.
-    loss_sum, correct_sum, seen = all_reduce_sum([float(total_loss), float(correct), float(seen)], device, world)
-    seconds = time.perf_counter() - started
+    totals = [float(tally.loss), float(tally.correct), float(tally.seen)]
+    loss_sum, correct_sum, seen = all_reduce_sum(totals, setup.device, setup.world)
     return {
         "loss": loss_sum / max(seen, 1),
         "accuracy": correct_sum / max(seen, 1),
         "images": int(seen),
-        "seconds": seconds,
+        "seconds": time.perf_counter() - tally.started,
         "next_step": step,
     }
 
@@ -298,169 +391,214 @@ def _progress_bar(total: int, label: str):
     return tqdm(total=total, desc=label, leave=False, unit="batch")
 
 
+def trainable_flags(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(p.requires_grad for p in model.parameters())
+
+
+class StepModule:
+    """The module the steps run: ``model`` itself, in DistributedDataParallel with several processes, compiled
+    with train.compile (``model`` stays the plain module: the checkpoint and validation use it).
+
+    DDP starts every rank from rank 0's weights and all-reduces the parameters that train at the time it is
+    built: after any resume, and again whenever the model's own schedule freezes one (fast: the whitening
+    bias after train.whiten_bias_epochs)."""
+
+    def __init__(self, model: nn.Module, setup: FitSetup):
+        self.model, self.setup = model, setup
+        self.module, self.wrapped_for = self._wrap(), trainable_flags(model)
+
+    def _wrap(self) -> nn.Module:
+        distributed = wrap(self.model, self.setup.world, self.setup.device)
+        return torch.compile(distributed) if self.setup.config.compile else distributed
+
+    def for_epoch(self) -> nn.Module:
+        """The module for the next epoch: rebuilt (several processes) where the trainable parameters changed."""
+        if self.setup.world.size > 1 and trainable_flags(self.model) != self.wrapped_for:
+            self.module, self.wrapped_for = self._wrap(), trainable_flags(self.model)
+        return self.module
+
+
+def resume_run(
+    model: Network, training: TrainingSetup, resume_from: dict | None, generator: torch.Generator, hooks: FitHooks
+) -> RunState:
+    """A fresh RunState, or the one ``resume_from`` continues, with its model, optimizer, lookahead average and
+    generators applied. Nothing is applied until all of it is known to fit (``on_resume`` hears the verdict):
+    a half-applied state would train neither the resumed run nor a fresh one."""
+    if resume_from is None:
+        return RunState()
+    # The set-up drew from the generator before this check, but a fresh run draws the same.
+    problem = resume_state_problem(
+        resume_from,
+        model=model,
+        optimizer=training.optimizer,
+        lookahead_state=training.lookahead.state if training.lookahead is not None else None,
+        steps_per_epoch=training.steps_per_epoch,
+        epochs=training.epochs,
+    )
+    hooks.on_resume(problem)
+    if problem is not None:
+        return RunState()
+    model.load_state_dict(resume_from["model"])
+    training.optimizer.load_state_dict(resume_from["optimizer"])
+    if training.lookahead is not None:
+        for name, value in resume_from["lookahead"].items():
+            training.lookahead.state[name].copy_(value)
+    restore_random_states(resume_from["random"], generator)
+    run = RunState(
+        step=resume_from["step"],
+        next_epoch=resume_from["epoch"] + 1,
+        epoch_progress=resume_from["epoch_progress"],
+        elapsed_before=resume_from["elapsed_seconds"],
+    )
+    for record in resume_from["records"]:  # the logs DVC deleted with the stage's outputs
+        run.records.append(record)
+        hooks.on_epoch(record)
+    return run
+
+
+def resume_state(
+    model: nn.Module,
+    training: TrainingSetup,
+    run: RunState,
+    epochs_done: int,
+    random: dict,
+    epoch_progress: dict | None,
+) -> dict:
+    """Everything needed to continue exactly where ``run`` stands (resume.STATE_KEYS)."""
+    return {
+        "epoch": epochs_done,
+        "step": run.step,
+        "epoch_progress": epoch_progress,
+        "model": plain_state_dict(model),
+        "optimizer": training.optimizer.state_dict(),
+        "lookahead": training.lookahead.state if training.lookahead is not None else None,
+        "random": random,
+        "records": run.records,
+        "elapsed_seconds": time.perf_counter() - run.started,
+    }
+
+
+def epoch_record(epoch: int, result: dict, model: nn.Module, val: tuple | None, setup: FitSetup, run: RunState) -> dict:
+    """The epoch's line in the logs: training loss and accuracy, speed, and validation (on rank 0)."""
+    record = {
+        "epoch": epoch,
+        "train_loss": result["loss"],
+        "train_accuracy": result["accuracy"],
+        "images_per_second": result["images"] / result["seconds"],
+        "epoch_seconds": result["seconds"],
+    }
+    if val is not None and len(val[0]) and setup.world.is_main:
+        metrics = evaluate_model(
+            model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=setup.device, precision=setup.precision
+        )
+        record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+    record["elapsed_seconds"] = time.perf_counter() - run.started
+    return record
+
+
+def check_finite_loss(record: dict, config: TrainParams, batch_size: int) -> None:
+    """A loss that became NaN or infinite stops the run, naming the params to change."""
+    if math.isfinite(record["train_loss"]):
+        return
+    raise TrainingError(
+        f"the training loss became {record['train_loss']} in epoch {record['epoch']}: the run diverged and its "
+        f"model would be useless. Lower train.lr ({config.lr}) or raise train.batch_size ({config.batch_size}"
+        + (
+            f"; this run's batch of {batch_size} was cut by train.min_batches_per_epoch"
+            if batch_size < config.batch_size
+            else ""
+        )
+        + "); "
+        "images with (nearly) no variation inside them also whiten badly with train.model: fast"
+    )
+
+
+def run_epoch(
+    epoch: int,
+    step_module: StepModule,
+    data: tuple[ImageSource, torch.Tensor],
+    training: TrainingSetup,
+    setup: FitSetup,
+    run: RunState,
+    generator: torch.Generator,
+    hooks: FitHooks,
+) -> dict:
+    """Train epoch ``epoch`` (1-based) and advance ``run``; a stop saves the state of its step boundary."""
+    model = step_module.model
+    model.start_epoch(epoch - 1)
+    module = step_module.for_epoch()
+    # The generators as the epoch starts: a stop inside it restarts the epoch's draws from here.
+    epoch_start = random_states(generator) if hooks.save_state is not None else None
+    images, labels = data
+    try:
+        result = train_one_epoch(
+            module,
+            epoch_batches(training, images, labels, epoch, generator, setup.world.shard),
+            training,
+            setup,
+            first_step=run.step,
+            done=run.epoch_progress,
+            should_stop=hooks.should_stop,
+            backbone_factor=0.0 if epoch <= training.frozen_epochs else 1.0,
+            progress_label=f"epoch {epoch}/{training.epochs}",
+        )
+    except StopRequested as stop:
+        run.step = stop.progress["step"]
+        if hooks.save_state is not None:
+            hooks.save_state(resume_state(model, training, run, epoch - 1, epoch_start, stop.progress))
+        raise
+    run.epoch_progress = None
+    run.step = result.pop("next_step")
+    return result
+
+
 def fit(
     model: Network,
     train: tuple[ImageSource | torch.Tensor, torch.Tensor],
     val: tuple | None,
-    *,
-    config: TrainParams,
-    device: torch.device,
-    precision: str,
+    setup: FitSetup,
     generator: torch.Generator,
-    on_epoch: Callable[[dict], None] = lambda record: None,
+    *,
     resume_from: dict | None = None,
-    save_state: Callable[[dict], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    fine_tune: bool = False,
-    world: World = SINGLE,
-    on_resume: Callable[[str | None], None] = lambda problem: None,
+    hooks: FitHooks | None = None,
 ) -> list[dict]:
-    """Train ``model`` (on ``device``) for ``config.epochs`` (or more: train.min_steps); returns one record
+    """Train ``model`` (on ``setup.device``) for train.epochs (or more: train.min_steps); returns one record
     per epoch.
 
     ``train`` is (images: a ResidentImages or StreamedImages source, or a uint8 tensor (N, C, H, W); int64
     labels on the device); ``val`` is (uint8 images as a tensor or an NpyReader, labels). ``model`` stays
-    the plain module: a compiled wrapper, if asked for, is used for the steps only.
+    the plain module: a compiled or distributed wrapper is used for the steps only (StepModule).
 
-    ``save_state`` receives everything needed to continue exactly: after every epoch but the last, and at the
-    step boundary where ``should_stop`` (asked after every step) said yes, before StopRequested leaves.
-    ``resume_from`` is such a state: the run continues from it (the finished epochs' records are replayed
-    through ``on_epoch`` first) and ends with the weights an uninterrupted run would have. It is checked
-    against this model, optimizer and run before any of it is applied; ``on_resume`` hears the verdict: None
-    (resuming), or why it does not fit, and then the run starts from the beginning as if there were no state.
-
-    ``fine_tune``: ``model`` holds loaded starting weights (train.pretrained or train.init_from), so no
-    data-dependent initialisation; the backbone trains at train.backbone_lr_scale x the rate, and not at all
-    for the first train.freeze_backbone_epochs epochs.
-
-    ``world``: one rank of a data-parallel run (imgcls.train.distributed): the model is wrapped in
-    DistributedDataParallel for the steps, each rank takes its part of every global batch, the epoch's
-    loss and accuracy are summed over the ranks, and only rank 0 validates (``on_epoch`` and ``save_state``
-    are the caller's to silence on the other ranks).
+    ``resume_from`` is a state ``hooks.save_state`` received: the run continues from it (the finished epochs'
+    records are replayed through ``hooks.on_epoch`` first) and ends with the weights an uninterrupted run
+    would have. It is checked against this model, optimizer and run before any of it is applied; a state
+    that does not fit starts the run from the beginning, as if there were none.
     """
+    hooks = hooks or FitHooks()
     images, labels = train
     if isinstance(images, torch.Tensor):
         images = ResidentImages(images)
-    if model.init_images and not fine_tune:
+    if model.init_images and not setup.fine_tune:
         model.initialize_from_data(images.first(model.init_images))
-    setup = make_training_setup(
-        model, images, config=config, generator=generator, fine_tune=fine_tune, processes=world.size
+    config, world = setup.config, setup.world
+    training = make_training_setup(
+        model, images, config=config, generator=generator, fine_tune=setup.fine_tune, processes=world.size
     )
-    epochs = setup.epochs
-    records, step, first_epoch, elapsed_before, done = [], 0, 1, 0.0, None
-    if resume_from is not None:
-        # Nothing is applied until all of it is known to fit: a half-applied state would train neither the
-        # resumed run nor a fresh one. The set-up above drew from the generator, but a fresh run draws the same.
-        problem = resume_state_problem(
-            resume_from,
-            model=model,
-            optimizer=setup.optimizer,
-            lookahead_state=setup.lookahead.state if setup.lookahead is not None else None,
-            steps_per_epoch=setup.steps_per_epoch,
-            epochs=epochs,
-        )
-        on_resume(problem)
-        if problem is not None:
-            resume_from = None
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        setup.optimizer.load_state_dict(resume_from["optimizer"])
-        if setup.lookahead is not None:
-            for name, value in resume_from["lookahead"].items():
-                setup.lookahead.state[name].copy_(value)
-        restore_random_states(resume_from["random"], generator)
-        step, first_epoch, done = resume_from["step"], resume_from["epoch"] + 1, resume_from["epoch_progress"]
-        elapsed_before = resume_from["elapsed_seconds"]
-        for record in resume_from["records"]:  # the logs DVC deleted with the stage's outputs
-            records.append(record)
-            on_epoch(record)
+    run = resume_run(model, training, resume_from, generator, hooks)
     if world.size > 1:
         # Ranks share the batch order (their own generator) but not dropout's draws: each its own stream.
-        torch.manual_seed(torch.initial_seed() + 1_000_003 * world.rank + step)
-
-    def wrapped() -> nn.Module:
-        # DDP starts every rank from rank 0's weights and all-reduces the parameters that train at the time it
-        # is built: after any resume, and again whenever the model's own schedule freezes one (fast: the
-        # whitening bias after train.whiten_bias_epochs).
-        distributed = wrap(model, world, device)
-        return torch.compile(distributed) if config.compile else distributed
-
-    def trainable() -> tuple[bool, ...]:
-        return tuple(p.requires_grad for p in model.parameters())
-
-    step_model, wrapped_for = wrapped(), trainable()
-    started = time.perf_counter() - elapsed_before
-
-    def state(epochs_done: int, random: dict, epoch_progress: dict | None) -> dict:
-        return {
-            "epoch": epochs_done,
-            "step": step,
-            "epoch_progress": epoch_progress,
-            "model": plain_state_dict(model),
-            "optimizer": setup.optimizer.state_dict(),
-            "lookahead": setup.lookahead.state if setup.lookahead is not None else None,
-            "random": random,
-            "records": records,
-            "elapsed_seconds": time.perf_counter() - started,
-        }
-
-    for epoch in range(first_epoch, epochs + 1):
-        model.start_epoch(epoch - 1)
-        if world.size > 1 and trainable() != wrapped_for:
-            step_model, wrapped_for = wrapped(), trainable()
-        # The generators as the epoch starts: a stop inside it restarts the epoch's draws from here.
-        epoch_start = random_states(generator) if save_state is not None else None
-        try:
-            result = train_one_epoch(
-                step_model,
-                epoch_batches(setup, images, labels, epoch, generator, world.shard),
-                setup,
-                device=device,
-                precision=precision,
-                first_step=step,
-                progress_label=f"epoch {epoch}/{epochs}",
-                done=done,
-                should_stop=should_stop,
-                backbone_factor=0.0 if epoch <= setup.frozen_epochs else 1.0,
-                world=world,
-            )
-        except StopRequested as stop:
-            step = stop.progress["step"]
-            if save_state is not None:
-                save_state(state(epoch - 1, epoch_start, stop.progress))
-            raise
-        done = None
-        step = result.pop("next_step")
-        if setup.lookahead is not None and epoch == epochs:
-            setup.lookahead.finish(model)
-        record = {
-            "epoch": epoch,
-            "train_loss": result["loss"],
-            "train_accuracy": result["accuracy"],
-            "images_per_second": result["images"] / result["seconds"],
-            "epoch_seconds": result["seconds"],
-        }
-        if val is not None and len(val[0]) and world.is_main:
-            metrics = evaluate_model(
-                model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=device, precision=precision
-            )
-            record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
-        record["elapsed_seconds"] = time.perf_counter() - started
-        if not math.isfinite(record["train_loss"]):
-            raise TrainingError(
-                f"the training loss became {record['train_loss']} in epoch {epoch}: the run diverged and its model "
-                f"would be useless. Lower train.lr ({config.lr}) or raise train.batch_size ({config.batch_size}"
-                + (
-                    f"; this run's batch of {setup.batch_size} was cut by train.min_batches_per_epoch"
-                    if setup.batch_size < config.batch_size
-                    else ""
-                )
-                + "); "
-                "images with (nearly) no variation inside them also whiten badly with train.model: fast"
-            )
-        records.append(record)
-        on_epoch(record)
-        if save_state is not None and epoch < epochs:
-            save_state(state(epoch, random_states(generator), None))
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * world.rank + run.step)
+    step_module = StepModule(model, setup)
+    run.started = time.perf_counter() - run.elapsed_before
+    for epoch in range(run.next_epoch, training.epochs + 1):
+        result = run_epoch(epoch, step_module, (images, labels), training, setup, run, generator, hooks)
+        if training.lookahead is not None and epoch == training.epochs:
+            training.lookahead.finish(model)
+        record = epoch_record(epoch, result, model, val, setup, run)
+        check_finite_loss(record, config, training.batch_size)
+        run.records.append(record)
+        hooks.on_epoch(record)
+        if hooks.save_state is not None and epoch < training.epochs:
+            hooks.save_state(resume_state(model, training, run, epoch, random_states(generator), None))
     model.finish_training()
-    return records
+    return run.records

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..fileio import atomic_path
 from ..model.checkpoint import unusual_tensor
-from ..params import Params, as_dict
+from ..params.core import as_dict
+from ..params.train import TrainStageParams as Params
 
 FORMAT_VERSION = 1
 STATE_KEYS = (
@@ -319,6 +320,23 @@ def _progress_problem(progress: object, steps_per_epoch: int) -> str | None:
     return None
 
 
+def _records_problem(records: object, epochs_done: int) -> str | None:
+    """Why ``records`` are not the metrics of ``epochs_done`` finished epochs, or None."""
+    if (
+        isinstance(records, list)
+        and len(records) == epochs_done
+        and all(
+            isinstance(r, dict)
+            and set(RECORD_KEYS) <= set(r)
+            and r["epoch"] == i + 1
+            and all(_is_number(v) for v in r.values())
+            for i, r in enumerate(records)
+        )
+    ):
+        return None
+    return f"its records are not the {epochs_done} finished epochs' metrics"
+
+
 def resume_state_problem(
     state: dict,
     *,
@@ -348,19 +366,9 @@ def resume_state_problem(
     elapsed = state["elapsed_seconds"]
     if not (_is_number(elapsed) and math.isfinite(elapsed) and elapsed >= 0):
         return f"its elapsed_seconds {elapsed!r} is not a time"
-    records = state["records"]
-    if not (
-        isinstance(records, list)
-        and len(records) == epoch
-        and all(
-            isinstance(r, dict)
-            and set(RECORD_KEYS) <= set(r)
-            and r["epoch"] == i + 1
-            and all(_is_number(v) for v in r.values())
-            for i, r in enumerate(records)
-        )
-    ):
-        return f"its records are not the {epoch} finished epochs' metrics"
+    problem = _records_problem(state["records"], epoch)
+    if problem:
+        return problem
     problem = _tensors_problem("model", state["model"], model.state_dict()) or _optimizer_problem(
         state["optimizer"], optimizer, step
     )

@@ -1,4 +1,9 @@
-"""train stage: fit the model chosen in params.train on data/prepared/, log curves, save the checkpoint."""
+"""train stage: fit the model chosen in params.train on data/prepared/, log curves, save the checkpoint.
+
+``train_rank`` lists the stage's steps in order, each a function a test can call: ``set_up_world`` (threads,
+seed, device, process group), ``build_network`` (the model with its starting weights), ``load_training_data``,
+``plan_run`` (run length, memory check, warnings), ``agree_resume_point``, ``fit_or_stop`` (fit with reporting,
+resume states and Ctrl-C) and ``save_trained``."""
 
 from __future__ import annotations
 
@@ -8,16 +13,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..cli import log
 from ..errors import RuntimeChoiceError
 from ..model.checkpoint import save_checkpoint
-from ..model.networks import build_model, normalized_channels
-from ..params import Params, TrainParams, as_dict
+from ..model.networks import Network
+from ..model.registry import build_model, normalized_channels
+from ..params.core import as_dict
+from ..params.train import TrainParams
+from ..params.train import TrainStageParams as Params
 from ..paths import ProjectPaths
-from ..prepared import images_file, load_prepared
+from ..prepared import PreparedData, images_file, load_prepared
 from ..runtime import (
     available_memory,
     describe_device,
@@ -28,7 +38,7 @@ from ..runtime import (
     usable_cores,
 )
 from ..stats import wilson_interval
-from .batches import ResidentImages, StreamedImages, keep_resident
+from .batches import ImageSource, ResidentImages, StreamedImages, keep_resident
 from .distributed import (
     SINGLE,
     World,
@@ -41,8 +51,8 @@ from .distributed import (
     threads_per_process,
     world_from_env,
 )
-from .loop import StepMemory, StopRequested, estimate_step_memory, fit
-from .optim import run_length
+from .loop import FitHooks, FitSetup, StepMemory, StopRequested, estimate_step_memory, fit
+from .optim import RunLength, run_length
 from .reporting import EpochReporter
 from .resume import ResumeStateWriter, discard_resume_state, load_resume_state, run_digest
 from .transfer import StartingWeights, apply_starting_weights, load_init_checkpoint, load_pretrained
@@ -206,7 +216,41 @@ def train(params: Params, paths: ProjectPaths) -> None:
 def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
     """Train as one rank of ``world`` (the whole job when it is SINGLE); only rank 0 writes."""
     config = params.train
-    emit = log("train") if world.is_main else (lambda message: None)
+    rank = set_up_world(params, world)
+    prepared = load_prepared(paths.prepared_dir, ("train",), optional=("val",))
+    built = build_network(config, prepared.meta, rank)
+    data = load_training_data(prepared, config, rank.device)
+    rank.emit(describe_training(config, built.model, data, prepared.meta))
+    length = plan_run(params, prepared.meta, data, built.step_memory, rank)
+    resume = agree_resume_point(params, paths, rank, built.start)
+    reporter = open_reporter(paths, rank)
+    reporter.log_images(data.train_images.first(config.log_images).cpu())
+    outcome = fit_or_stop(config, built, data, rank, resume, length, reporter, paths)
+    if world.is_main:
+        reporter.close(run_summary(rank, length, outcome))
+        save_trained(params, paths, built, rank, length, outcome.train_seconds)
+
+
+def _silent(message: str) -> None:
+    """What ranks other than 0 print: nothing."""
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the run: its world, device, precision, the generator of the batch order, and
+    where its lines go (rank 0 prints them, the others are silent)."""
+
+    world: World
+    device: torch.device
+    precision: str
+    generator: torch.Generator
+    emit: Callable[[str], None]
+
+
+def set_up_world(params: Params, world: World) -> Rank:
+    """Threads, seeds, device and precision; the process group when ``world`` has several processes."""
+    config = params.train
+    emit = log("train") if world.is_main else _silent
     set_threads(threads_per_process(params.base.threads, world))
     generator = seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
@@ -231,11 +275,25 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
             )
         )
     emit(f"device {describe_device(device)}, precision {precision} (train.precision: {config.precision})")
+    return Rank(world, device, precision, generator, emit)
 
-    prepared = load_prepared(paths.prepared_dir, ("train",), optional=("val",))
-    meta = prepared.meta
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """The model on its device with its starting weights, and what the checkpoint needs to rebuild it."""
+
+    model: Network  # the plain module (SyncBatchNorm converted where asked for)
+    arguments: dict  # build_model's keyword arguments, normalization included
+    class_names: list[str]
+    start: StartingWeights | None  # None: trained from scratch
+    step_memory: StepMemory  # measured on the model before it was converted or moved
+
+
+def build_network(config: TrainParams, meta: dict, rank: Rank) -> BuiltModel:
+    """train.model for the prepared data (``meta``), with its starting weights; on ``rank.device``."""
     channels, height, width = meta["image_shape"]
-    with main_first(world):  # torchvision's weights: rank 0 fills torch's cache, the others then read it
+    emit = rank.emit
+    with main_first(rank.world):  # torchvision's weights: rank 0 fills torch's cache, the others then read it
         start = starting_weights(
             config, in_channels=channels, class_names=meta["class_names"], image_size=height, emit=emit
         )
@@ -254,30 +312,50 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
     }
     model = build_model(config.model, **arguments)
     if start:
-        where = f"train.{'pretrained' if config.pretrained != 'none' else 'init_from'} = {start.provenance['file']}"
-        apply_starting_weights(model, start, where)
-        emit(
-            f"starting from {where} (sha256 {start.provenance['sha256'][:12]}): "
-            + (
-                "head replaced for " + str(len(meta["class_names"])) + " classes"
-                if start.head_replaced
-                else "same classes, head kept"
-            )
-            + f"; loaded weights train at train.backbone_lr_scale = {config.backbone_lr_scale} x the rate"
-            + (
-                f", frozen for the first {config.freeze_backbone_epochs} epoch(s)"
-                if config.freeze_backbone_epochs
-                else ""
-            )
-        )
-    # Measured on the plain model (SyncBatchNorm's forward would talk to the other ranks); checked below, when
-    # the batch size and the memory left after the data are known.
+        apply_and_describe_start(model, start, config, len(meta["class_names"]), emit)
+    # Measured on the plain model (SyncBatchNorm's forward would talk to the other ranks); checked by plan_run,
+    # when the batch size and the memory left after the data are known.
     step_memory = estimate_step_memory(
-        model, (channels, height, width), config=config, device=device, precision=precision, processes=world.size
+        model,
+        (channels, height, width),
+        config=config,
+        device=rank.device,
+        precision=rank.precision,
+        processes=rank.world.size,
     )
-    if config.sync_batchnorm and world.size > 1:
+    if config.sync_batchnorm and rank.world.size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(rank.device, memory_format=torch.channels_last)
+    return BuiltModel(model, arguments, meta["class_names"], start, step_memory)
+
+
+def apply_and_describe_start(
+    model: Network, start: StartingWeights, config: TrainParams, classes: int, emit: Callable[[str], None]
+) -> None:
+    """Load ``start`` into ``model`` and say where it came from and how it trains."""
+    where = f"train.{'pretrained' if config.pretrained != 'none' else 'init_from'} = {start.provenance['file']}"
+    apply_starting_weights(model, start, where)
+    emit(
+        f"starting from {where} (sha256 {start.provenance['sha256'][:12]}): "
+        + ("head replaced for " + str(classes) + " classes" if start.head_replaced else "same classes, head kept")
+        + f"; loaded weights train at train.backbone_lr_scale = {config.backbone_lr_scale} x the rate"
+        + (f", frozen for the first {config.freeze_backbone_epochs} epoch(s)" if config.freeze_backbone_epochs else "")
+    )
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The training split as fit() takes it, and the validation split (None when there is none)."""
+
+    train_images: ImageSource
+    train_labels: torch.Tensor  # int64 (N,) on the device
+    val: tuple | None  # (uint8 images: a tensor on the device, or the reader when streamed; labels on the device)
+    nbytes: int  # of the images on disk, both splits
+    resident: bool  # kept in memory (train.in_memory), else read batch by batch
+
+
+def load_training_data(prepared: PreparedData, config: TrainParams, device: torch.device) -> TrainingData:
+    """The prepared images kept in memory on ``device``, or read from disk batch by batch (train.in_memory)."""
     readers = {split: reader for split, (reader, _) in prepared.splits.items()}
     nbytes = sum(reader.nbytes for reader in readers.values())
     resident = keep_resident(config.in_memory, nbytes, available_memory(device))
@@ -290,15 +368,24 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
     if "val" in prepared.splits:
         val_images = torch.from_numpy(readers["val"].load()).to(device) if resident else readers["val"]
         val = (val_images, torch.from_numpy(prepared.splits["val"][1]).to(device))
-    emit(
+    return TrainingData(train_images, train_labels, val, nbytes, resident)
+
+
+def describe_training(config: TrainParams, model: Network, data: TrainingData, meta: dict) -> str:
+    return (
         f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"{len(train_images)} training images of shape {[channels, height, width]}; "
-        f"{nbytes / 1e6:,.0f} MB of images "
-        + ("kept in memory" if resident else "read from disk batch by batch")
+        f"{len(data.train_images)} training images of shape {list(meta['image_shape'])}; "
+        f"{data.nbytes / 1e6:,.0f} MB of images "
+        + ("kept in memory" if data.resident else "read from disk batch by batch")
         + f" (train.in_memory: {config.in_memory})"
     )
 
-    length = run_length(len(train_images), config, world.size)
+
+def plan_run(params: Params, meta: dict, data: TrainingData, step_memory: StepMemory, rank: Rank) -> RunLength:
+    """The run's batch size and epochs, with the notes and warnings that explain them; refuses a step that
+    cannot fit in memory and warns about a test split too small to measure."""
+    world, device, emit = rank.world, rank.device, rank.emit
+    length = run_length(len(data.train_images), params.train, world.size)
     for line in length.notes + length.warnings:
         emit(line)
     # The processes on one machine share its memory on the CPU; on CUDA each has a GPU of its own.
@@ -320,65 +407,102 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
         )
         for line in small_test_split_warnings(test_counts, hint):
             emit(line)
+    return length
 
-    digest, resume_from = None, None
-    if world.is_main:  # rank 0 reads the state and hands it to the others (they may be on other machines)
-        extra = (start.provenance["sha256"] if start else "") + (f"|world {world.size}" if world.size > 1 else "")
-        digest = run_digest(params, paths.prepared_dir, extra=extra)  # a state from another world size is not used
-        resume_from = load_resume_state(paths.resume_state, digest, emit)
-    resume_from = broadcast_object(resume_from, world)
-    resumed_seconds = 0.0  # training time before the stop, where the state is used
 
-    def on_resume(problem: str | None) -> None:  # fit's verdict on the state, before it applies any of it
-        nonlocal resumed_seconds
+@dataclass(frozen=True)
+class ResumePoint:
+    """What every rank continues from: rank 0's resume state (None: from the start) and its run digest."""
+
+    state: dict | None
+    digest: str | None  # rank 0's (the one that writes states); None on the other ranks
+
+
+def resume_digest(params: Params, paths: ProjectPaths, start: StartingWeights | None, world: World) -> str:
+    """The digest a resume state must carry to continue this run: params, data, code, the starting weights
+    and the number of processes (a state from another world size is not used)."""
+    extra = (start.provenance["sha256"] if start else "") + (f"|world {world.size}" if world.size > 1 else "")
+    return run_digest(params, paths.prepared_dir, extra=extra)
+
+
+def agree_resume_point(params: Params, paths: ProjectPaths, rank: Rank, start: StartingWeights | None) -> ResumePoint:
+    """Rank 0 reads the saved state and hands it to the others (they may be on other machines)."""
+    digest, state = None, None
+    if rank.world.is_main:
+        digest = resume_digest(params, paths, start, rank.world)
+        state = load_resume_state(paths.resume_state, digest, rank.emit)
+    return ResumePoint(broadcast_object(state, rank.world), digest)
+
+
+@dataclass
+class ResumeVerdict:
+    """fit()'s ``on_resume`` for the stage: says whether the state is used, and deletes one that is not."""
+
+    state: dict | None
+    path: Path
+    epochs: int
+    world: World
+    emit: Callable[[str], None]
+    resumed_seconds: float = 0.0  # training time before the stop, where the state is used
+
+    def __call__(self, problem: str | None) -> None:
         if problem is None:
-            resumed_seconds = resume_from["elapsed_seconds"]
-            emit(
-                f"resuming at step {resume_from['step']} (epoch {resume_from['epoch'] + 1} of {length.epochs}) from "
-                f"{paths.resume_state}: the run continues exactly where the last one stopped"
+            self.resumed_seconds = self.state["elapsed_seconds"]
+            self.emit(
+                f"resuming at step {self.state['step']} (epoch {self.state['epoch'] + 1} of {self.epochs}) from "
+                f"{self.path}: the run continues exactly where the last one stopped"
             )
             return
-        emit(f"discarding resume state {paths.resume_state}: {problem}; training from the start")
-        if world.is_main:
-            discard_resume_state(paths.resume_state)
+        self.emit(f"discarding resume state {self.path}: {problem}; training from the start")
+        if self.world.is_main:
+            discard_resume_state(self.path)
 
-    writer = ResumeStateWriter(paths.resume_state, digest, emit) if world.is_main else None
-    if world.is_main:
-        shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)  # one run's curves, not every run's appended
-        reporter = EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=emit)
-    else:
-        reporter = SilentReporter()
-    reporter.log_images(train_images.first(config.log_images).cpu())
+
+def open_reporter(paths: ProjectPaths, rank: Rank) -> EpochReporter | SilentReporter:
+    """Rank 0's console, dvclive and TensorBoard reporter (one run's curves, not every run's appended)."""
+    if not rank.world.is_main:
+        return SilentReporter()
+    shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)
+    return EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=rank.emit)
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    records: list[dict]  # one per epoch
+    train_seconds: float  # of the whole run: a resumed run adds the time spent before the stop
+
+
+def fit_or_stop(
+    config: TrainParams,
+    built: BuiltModel,
+    data: TrainingData,
+    rank: Rank,
+    resume: ResumePoint,
+    length: RunLength,
+    reporter: EpochReporter | SilentReporter,
+    paths: ProjectPaths,
+) -> FitOutcome:
+    """fit() with the stage's reporting, resume states and Ctrl-C; a stop exits with status 130."""
+    world, emit = rank.world, rank.emit
+    verdict = ResumeVerdict(resume.state, paths.resume_state, length.epochs, world, emit)
+    writer = ResumeStateWriter(paths.resume_state, resume.digest, emit) if world.is_main else None
+    setup = FitSetup(config, rank.device, rank.precision, fine_tune=built.start is not None, world=world)
     started = time.perf_counter()
     # Ctrl-C with several processes: torchrun ends them all; the state of the last finished epoch resumes.
     with stop_on_ctrl_c(emit) if world.size == 1 else contextlib.nullcontext(lambda: False) as stop_requested:
+        hooks = FitHooks(on_epoch=reporter, save_state=writer, should_stop=stop_requested, on_resume=verdict)
         try:
             records = fit(
-                model,
-                (train_images, train_labels),
-                val,
-                config=config,
-                device=device,
-                precision=precision,
-                generator=generator,
-                on_epoch=reporter,
-                resume_from=resume_from,
-                save_state=writer,
-                should_stop=stop_requested,
-                fine_tune=start is not None,
-                world=world,
-                on_resume=on_resume,
+                built.model,
+                (data.train_images, data.train_labels),
+                data.val,
+                setup,
+                rank.generator,
+                resume_from=resume.state,
+                hooks=hooks,
             )
         except StopRequested as stop:
-            where = f"batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']})"
-            emit(
-                f"stopped after {where} with the state saved in {paths.resume_state}; run `dvc repro` again to "
-                "continue from there"
-                if writer is not None and writer.saved
-                else f"stopped after {where}; its state could not be saved "
-                f"(see the warning above): the next run starts "
-                "from the last state that was saved, if any"
-            )
+            emit(stopped_message(stop, writer, paths))
             raise SystemExit(130) from None
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the last saved state
             emit(
@@ -390,40 +514,58 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
                 )
             )
             raise SystemExit(130) from None
-    if not world.is_main:
-        return
-    # Training time of the whole run: a resumed run adds the time spent before the stop.
-    train_seconds = time.perf_counter() - started + resumed_seconds
-    reporter.close(
-        {
-            "train_seconds": train_seconds,
-            "precision": precision,
-            "device": device.type,
-            "epochs": length.epochs,
-            "batch_size": length.batch_size,
-            "steps": length.total_steps,
-            "processes": world.size,
-            "images_per_second": sum(r["images_per_second"] for r in records) / len(records),
-        }
+    return FitOutcome(records, time.perf_counter() - started + verdict.resumed_seconds)
+
+
+def stopped_message(stop: StopRequested, writer: ResumeStateWriter | None, paths: ProjectPaths) -> str:
+    where = f"batch {stop.progress['batches_done']} of the epoch (step {stop.progress['step']})"
+    if writer is not None and writer.saved:
+        return (
+            f"stopped after {where} with the state saved in {paths.resume_state}; run `dvc repro` again to "
+            "continue from there"
+        )
+    return (
+        f"stopped after {where}; its state could not be saved (see the warning above): the next run starts "
+        "from the last state that was saved, if any"
     )
+
+
+def run_summary(rank: Rank, length: RunLength, outcome: FitOutcome) -> dict:
+    """The run's summary metrics (dvclive's metrics.json)."""
+    return {
+        "train_seconds": outcome.train_seconds,
+        "precision": rank.precision,
+        "device": rank.device.type,
+        "epochs": length.epochs,
+        "batch_size": length.batch_size,
+        "steps": length.total_steps,
+        "processes": rank.world.size,
+        "images_per_second": sum(r["images_per_second"] for r in outcome.records) / len(outcome.records),
+    }
+
+
+def save_trained(
+    params: Params, paths: ProjectPaths, built: BuiltModel, rank: Rank, length: RunLength, train_seconds: float
+) -> None:
+    """Rank 0: the checkpoint, self-describing; the resume state is no longer needed."""
     save_checkpoint(
         paths.checkpoint,
-        model,
-        architecture=config.model,
-        arguments=arguments,
-        class_names=meta["class_names"],
-        mean=mean,
-        std=std,
+        built.model,
+        architecture=params.train.model,
+        arguments=built.arguments,
+        class_names=built.class_names,
+        mean=built.arguments["mean"],
+        std=built.arguments["std"],
         params=as_dict(params),
         extra={
             "train_seconds": train_seconds,
-            "precision": precision,
-            "device": describe_device(device),
+            "precision": rank.precision,
+            "device": describe_device(rank.device),
             "epochs": length.epochs,
             "batch_size": length.batch_size,
-            "start": start.provenance if start else None,
-            "processes": world.size,
+            "start": built.start.provenance if built.start else None,
+            "processes": rank.world.size,
         },
     )
     shutil.rmtree(paths.resume_state.parent, ignore_errors=True)  # done: nothing to resume any more
-    emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")
+    rank.emit(f"saved {paths.checkpoint} after {train_seconds:.1f} s")
