@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT, committed_params_raw, merge
@@ -72,6 +73,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+@pytest.mark.slow  # torchrun and its processes
 def test_two_processes_train_like_one_and_only_rank_0_writes(tmp_path):
     one = make_project(tmp_path / "one", {"processes": 1})
     two = make_project(tmp_path / "two", {"processes": 2})
@@ -79,7 +81,7 @@ def test_two_processes_train_like_one_and_only_rank_0_writes(tmp_path):
     process = run_stage(two.root)
     out_two = finish(process)
     assert process.returncode == 0, out_two
-    assert "starting 2 processes x 1 thread(s) with torchrun" in out_two and "rank 0 of 2 processes" in out_two
+    assert "starting 2 processes" in out_two and "torchrun" in out_two and "rank 0 of 2 processes" in out_two
     # One writer: each epoch line once, one set of outputs, the same files as the one-process run.
     for epoch in (1, 2, 3):
         assert (
@@ -132,6 +134,7 @@ def test_rank_shards_are_disjoint_and_together_the_one_process_batch():
         assert len(first) == len(second) == 4 and torch.equal(torch.cat([first, second]), batch)
 
 
+@pytest.mark.slow  # torchrun and its processes
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     paths = make_project(tmp_path / "bad-data", {"processes": 2})
     images = paths.prepared_dir / "train_images.npy"
@@ -159,6 +162,7 @@ def _worker(tag: str, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # torchrun and its processes
 def test_a_killed_rank_ends_the_job_with_exit_status_1_not_a_hang(tmp_path):
     paths = make_project(tmp_path / "killed", {"processes": 2, "epochs": 500})
     tag = uuid.uuid4().hex
@@ -176,11 +180,12 @@ def test_a_killed_rank_ends_the_job_with_exit_status_1_not_a_hang(tmp_path):
     out = "".join(lines) + finish(process, timeout=120)
     assert process.returncode == 1, out
     assert time.monotonic() - killed < 60  # torchrun ends rank 0 at once, not after the collective timeout
-    assert "train: error: a training process of 2 ended without a message" in out, out
+    assert "train: error: " in out and "ended without a message" in out, out
     assert "Signal 9 (SIGKILL)" in out  # torchrun's root cause names the killed rank
     assert not paths.checkpoint.exists()
 
 
+@pytest.mark.slow  # torchrun and its processes
 def test_stopping_the_stage_stops_every_rank(tmp_path):
     # SIGTERM to the stage alone (a CI cancel, `timeout`, `kill`): torchrun and both ranks end too, none is
     # left writing into data/ while the next run starts.
@@ -203,6 +208,7 @@ def test_stopping_the_stage_stops_every_rank(tmp_path):
     assert paths.resume_state.is_file()  # rank 0 saved the finished epochs: the next run resumes from there
 
 
+@pytest.mark.slow  # torchrun and its processes
 def test_a_killed_stage_takes_torchrun_and_its_ranks_with_it(tmp_path):
     paths = make_project(tmp_path / "orphans", {"processes": 2, "epochs": 500})
     tag = uuid.uuid4().hex
