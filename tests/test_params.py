@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, committed_params_raw, merge
+from conftest import REPO_ROOT, committed_params_raw, merge, real_params
 from pydantic import BaseModel
 
 from imgcls.errors import ParamsError
@@ -202,3 +202,21 @@ def test_a_stage_reads_only_its_sections_but_refuses_unknown_ones(view):
     parse_sections(broken, model)  # a section the stage does not read is the validate stage's to check
     with pytest.raises(ParamsError, match="unknown key 'trian'"):
         parse_sections({**raw, "trian": {"lr": 1}}, model)
+
+
+def test_validate_refuses_a_weights_file_that_is_missing_or_not_a_file(tmp_path):
+    from imgcls.paths import ProjectPaths
+    from imgcls.validate import validate
+
+    paths = ProjectPaths(tmp_path)
+    missing = real_params(train={"init_from": "models/gone.pt", "trust_weights_file": True})
+    with pytest.raises(ParamsError, match="train.init_from = 'models/gone.pt': no such file"):
+        validate(missing, paths)
+    (tmp_path / "models").mkdir()
+    folder = real_params(train={"model": "resnet18", "pretrained": "models", "trust_weights_file": True})
+    with pytest.raises(ParamsError, match="train.pretrained = 'models' is not a regular file"):
+        validate(folder, paths)
+    assert not paths.params_stamp.exists()  # nothing downstream may run
+    (tmp_path / "models" / "start.pt").write_bytes(b"weights")
+    validate(real_params(train={"init_from": "models/start.pt", "trust_weights_file": True}), paths)
+    assert paths.params_stamp.is_file()
