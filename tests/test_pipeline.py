@@ -214,7 +214,14 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     assert status == {"train": [{"changed deps": {"src/imgcls/train": "modified"}}]}, status
     networks = project / "src/imgcls/model/networks.py"
     networks.write_text(networks.read_text() + "\n# a change\n")
-    assert sorted(json.loads(sh(project, DVC, "status", "--json").stdout)) == ["evaluate", "export", "train"]
+    # (validate checks train.model against the model table, so it reruns too; its stamp is constant, so the
+    # data stages after it stay up to date.)
+    assert sorted(json.loads(sh(project, DVC, "status", "--json").stdout)) == [
+        "evaluate",
+        "export",
+        "train",
+        "validate",
+    ]
 
     # A params typo fails validation before DVC deletes anything: the previous model, metrics, curves and
     # TensorBoard logs are all still there, byte for byte.
@@ -228,8 +235,25 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     }
     assert not [p for p in (project / "data").iterdir() if p.name.startswith(".")]  # nothing half-written
 
-    # YAML 1.2 numbers, as DVC reads them: lr: 1e-3 is a number and the run goes through.
+    # A stage that fails after validation keeps the previous outputs too (persist: true, atomic publishing):
+    # a trusted weights file that is no checkpoint fails train; a parity tolerance no export meets fails export.
     sh(project, "git", "checkout", "--", "params.yaml", "src")
+    (project / "data" / "not-a-checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = snapshot_outputs(project)
+    for changes, failing in (
+        (["train.init_from=data/not-a-checkpoint.pt", "train.trust_weights_file=true"], "train"),
+        (["export.parity_atol=1e-12"], "export"),
+    ):
+        failed = sh(project, DVC, "exp", "run", *(f"-S{change}" for change in changes), check=False)
+        assert failed.returncode != 0 and f"{failing}: error:" in failed.stdout + failed.stderr, failed.stdout
+        assert ran_stages(failed.stdout) == ["validate", failing], failed.stdout
+        after = snapshot_outputs(project)
+        assert {k for k in after if k not in before} <= {"data/params-valid.txt"}
+        changed = [k for k in before if after.get(k) != before[k] and not k.startswith("data/params-valid")]
+        assert changed == [], (failing, changed)
+        sh(project, "git", "checkout", "--", "params.yaml")
+
+    # YAML 1.2 numbers, as DVC reads them: lr: 1e-3 is a number and the run goes through.
     text = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(re.sub(r"\n  lr: [0-9.e-]+", "\n  lr: 1e-3", text, count=1))
     again = sh(project, DVC, "repro")

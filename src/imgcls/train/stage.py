@@ -20,6 +20,7 @@ import torch
 
 from ..cli import log
 from ..errors import RuntimeChoiceError
+from ..fileio import atomic_dir
 from ..model.checkpoint import save_checkpoint
 from ..model.networks import Network
 from ..model.registry import build_model, normalized_channels
@@ -223,12 +224,13 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
     rank.emit(describe_training(config, built.model, data, prepared.meta))
     length = plan_run(params, prepared.meta, data, built.step_memory, rank)
     resume = agree_resume_point(params, paths, rank, built.start)
-    reporter = open_reporter(paths, rank)
-    reporter.log_images(data.train_images.first(config.log_images).cpu())
-    outcome = fit_or_stop(config, built, data, rank, resume, length, reporter, paths)
-    if world.is_main:
-        reporter.close(run_summary(rank, length, outcome))
-        save_trained(params, paths, built, rank, length, outcome.train_seconds)
+    with staged_logs(paths, rank) as logs:
+        reporter = open_reporter(logs, rank)
+        reporter.log_images(data.train_images.first(config.log_images).cpu())
+        outcome = fit_or_stop(config, built, data, rank, resume, length, reporter, paths)
+        if world.is_main:
+            reporter.close(run_summary(rank, length, outcome))
+            save_trained(params, paths, built, rank, length, outcome.train_seconds)
 
 
 def _silent(message: str) -> None:
@@ -458,12 +460,32 @@ class ResumeVerdict:
             discard_resume_state(self.path)
 
 
-def open_reporter(paths: ProjectPaths, rank: Rank) -> EpochReporter | SilentReporter:
-    """Rank 0's console, dvclive and TensorBoard reporter (one run's curves, not every run's appended)."""
+@dataclass(frozen=True)
+class LogFolders:
+    dvclive: Path  # becomes metrics/train
+    tensorboard: Path  # becomes data/tensorboard
+
+
+@contextlib.contextmanager
+def staged_logs(paths: ProjectPaths, rank: Rank) -> Iterator[LogFolders | None]:
+    """Rank 0 writes this run's curves into empty temporaries that replace metrics/train and data/tensorboard
+    only when the run ends with its checkpoint saved: a run that fails or is stopped leaves the previous run's
+    curves beside the previous model (dvc.yaml keeps them: persist). Other ranks write none."""
     if not rank.world.is_main:
+        yield None
+        return
+    with (
+        atomic_dir(paths.train_log_dir, clean_stale=True) as dvclive,
+        atomic_dir(paths.tensorboard_dir, clean_stale=True) as tensorboard,
+    ):
+        yield LogFolders(dvclive, tensorboard)
+
+
+def open_reporter(logs: LogFolders | None, rank: Rank) -> EpochReporter | SilentReporter:
+    """Rank 0's console, dvclive and TensorBoard reporter (one run's curves, not every run's appended)."""
+    if logs is None:
         return SilentReporter()
-    shutil.rmtree(paths.tensorboard_dir, ignore_errors=True)
-    return EpochReporter(paths.train_log_dir, paths.tensorboard_dir, print_line=rank.emit)
+    return EpochReporter(logs.dvclive, logs.tensorboard, print_line=rank.emit)
 
 
 @dataclass(frozen=True)
