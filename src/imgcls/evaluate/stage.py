@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..model.networks import TTAModel
 from ..params.evaluate import EvaluateStageParams as Params
 from ..paths import ProjectPaths
 from ..prepared import load_prepared
+from ..report import progress_bar
 from ..runtime import resolve_device, resolve_precision, set_threads
 from ..stats import Accuracy, accuracy_of
 from .metrics import (
@@ -54,9 +56,21 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
     model, class_names = load_model(paths.checkpoint, device, tta=config.tta)
     dataset, images, labels = load_test_split(paths, class_names)
     # images: an NpyReader, read batch by batch (memory holds a batch, not the test split)
-    result = evaluate_model(
-        model, images, torch.from_numpy(labels), batch_size=config.batch_size, device=device, precision=precision
-    )
+    started, bar = time.perf_counter(), progress_bar(len(images), unit="img", label="evaluate")
+    try:
+        result = evaluate_model(
+            model,
+            images,
+            torch.from_numpy(labels),
+            batch_size=config.batch_size,
+            device=device,
+            precision=precision,
+            on_batch=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
     outcome = score_predictions(result, labels, class_names)
     write_eval_json(paths.metrics_dir / "eval.json", outcome, tta=config.tta, precision=precision)
     shown = write_tables_and_plots(
@@ -68,6 +82,7 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
         misclassified_images=config.misclassified_images,
     )
     report(emit, outcome, shown)
+    emit(f"{len(images):,} test images scored in {seconds:.1f} s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
 
 
 def load_model(checkpoint_path: Path, device: torch.device, *, tta: bool) -> tuple[nn.Module, list[str]]:
@@ -143,7 +158,7 @@ def report(emit: Callable[[str], None], outcome: Evaluation, shown: int) -> None
     per_class = outcome.per_class
     missing = [name for name, values in per_class.items() if values["images"] == 0]
     if missing:
-        emit(f"no test images of class(es) {missing}: their accuracy is reported as null, not 0")
+        emit(f"no test images of class(es) {missing}: their accuracy is left empty in per_class.csv, not 0")
     scored = {name: values for name, values in per_class.items() if values["images"]}
     worst = min(scored, key=lambda n: scored[n]["accuracy"])
     low, high = outcome.score.ci95

@@ -3,6 +3,8 @@ labelled evaluation (used by training's validation and by the evaluate stage).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,18 @@ def to_float_images(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images_uint8, *, batch_size: int, device: torch.device, precision: str) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    images_uint8,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    on_batch: Callable[[int], object] | None = None,
+) -> torch.Tensor:
     """Float32 logits (N, classes) for uint8 images, in eval mode. ``images_uint8`` is a tensor, an array
-    or anything sliced into arrays (an NpyReader: each batch is read from disk as it is needed)."""
+    or anything sliced into arrays (an NpyReader: each batch is read from disk as it is needed).
+    ``on_batch`` hears each batch's image count (a progress bar's update)."""
     model.eval()
     outputs = []
     for start in range(0, len(images_uint8), batch_size):
@@ -27,6 +38,8 @@ def predict(model: nn.Module, images_uint8, *, batch_size: int, device: torch.de
         batch = to_float_images((torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch).to(device))
         with autocast(device, precision):
             outputs.append(model(batch).float())
+        if on_batch is not None:
+            on_batch(len(batch))
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
@@ -38,9 +51,10 @@ def evaluate_model(
     batch_size: int,
     device: torch.device,
     precision: str,
+    on_batch: Callable[[int], object] | None = None,
 ) -> dict:
     """Mean cross-entropy loss, accuracy and predicted classes on a labelled set."""
-    logits = predict(model, images_uint8, batch_size=batch_size, device=device, precision=precision)
+    logits = predict(model, images_uint8, batch_size=batch_size, device=device, precision=precision, on_batch=on_batch)
     labels = labels.to(logits.device)
     return {
         "loss": float(F.cross_entropy(logits, labels)),
