@@ -311,7 +311,7 @@ def main() -> int:
             "cifar96", SHARED_CIFAR_IMAGES, 96, fast_eval, [("auto", args.train_seconds)], untrained=True
         ),
         # Batch 128 and evaluation batches of 250: at 128 pixels a batch of 512 alone needs about 8 GB of
-        # activations (see README, Memory); this row shows what does not grow with the data.
+        # activations (see docs/memory.md); this row shows what does not grow with the data.
         "big": lambda: bench_set(
             "big",
             repeated_source(cifar, WORK / "big-source", 4),

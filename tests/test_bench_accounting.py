@@ -1,5 +1,5 @@
 """The benchmark's accounting: FLOPs per training image, and the verdict on each of issue 14's targets.
-A wrong count or a wrong verdict would put wrong figures in the README."""
+A wrong count or a wrong verdict would put wrong figures in docs/performance.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 With ``train.processes: 1`` (the default) the train stage is one plain process with no process group. With
 more, the stage starts ``torch.distributed.run --standalone`` itself on this machine, which runs
 ``python -m imgcls.train`` once per process; for several machines, users run torchrun on each node
-themselves (README, "Scale out") and every process finds its place in the environment torchrun sets
+themselves (docs/scale-out.md) and every process finds its place in the environment torchrun sets
 (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE).
 
 Every rank trains on its own contiguous part of each global batch (train.batch_size); DistributedDataParallel
@@ -86,7 +86,7 @@ def world_from_env() -> World | None:
         raise LaunchError(
             f"{found} in the environment, but this process was not started by torchrun "
             f"({TORCHRUN_MARK} is not set): run `{unset}` and run again (train.processes starts "
-            'torchrun itself; several machines: start torchrun on each, README "Scale out")'
+            "torchrun itself; several machines: start torchrun on each, docs/scale-out.md)"
         )
     try:
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
