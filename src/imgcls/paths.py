@@ -24,6 +24,10 @@ class ProjectPaths:
         return self.root / "data" / "prepared"
 
     @property
+    def decode_cache_dir(self) -> Path:  # preprocess: decoded images by content hash (not a DVC output; safe to delete)
+        return self.root / "data" / "cache" / "decoded"
+
+    @property
     def model_dir(self) -> Path:  # checkpoint (train stage)
         return self.root / "data" / "model"
 

@@ -149,15 +149,18 @@ def _check_sizes(total: int, limits: ArchiveLimits, compressed: int) -> None:
         )
 
 
-def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> int:
-    """Extract ``archive`` into the existing folder ``target``; returns the number of files written."""
+def extract_archive(
+    archive: Path, target: Path, limits: ArchiveLimits, *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Extract ``archive`` into the existing folder ``target``; returns the number of files written.
+    ``progress`` is called with the bytes of each chunk written (a progress bar)."""
     linked = [p for p in target.rglob("*") if p.is_symlink()]
     if linked:  # writing through a link already in the target would land wherever it points
         raise DataError(f"cannot extract {archive.name} into {target}: it holds a link ({linked[0]})")
     try:
         if zipfile.is_zipfile(archive):
-            return _extract_zip(archive, target, limits)
-        return _extract_tar(archive, target, limits)
+            return _extract_zip(archive, target, limits, progress)
+        return _extract_tar(archive, target, limits, progress)
     except _Refused as refused:
         raise _refuse(archive, str(refused)) from None
     except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError) as error:
@@ -173,7 +176,9 @@ def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> int:
         ) from None
 
 
-def _copy_counted(source: IO[bytes], dest: Path, budget: int, archive: Path, name: str) -> int:
+def _copy_counted(
+    source: IO[bytes], dest: Path, budget: int, archive: Path, name: str, progress: Callable[[int], None] | None
+) -> int:
     """Copy at most ``budget`` bytes; a member that turns out larger than its header said is refused."""
     written = 0
     with open(dest, "xb") as out:  # "x": never write through anything already at that path
@@ -185,6 +190,8 @@ def _copy_counted(source: IO[bytes], dest: Path, budget: int, archive: Path, nam
                     "declares, or the archive passes data.max_extract_gb; extraction stopped"
                 )
             out.write(chunk)
+            if progress:
+                progress(len(chunk))
     return written
 
 
@@ -276,10 +283,10 @@ def _check_tar_member(info: tarfile.TarInfo) -> PurePosixPath:
     return member
 
 
-def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
+def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits, progress: Callable[[int], None] | None) -> int:
     _read_tar(archive, limits, target=None)  # pass 1: every check, nothing written
     try:
-        return _read_tar(archive, limits, target)
+        return _read_tar(archive, limits, target, progress)
     except _Refused as refused:  # pass 1 accepted it: the file changed in between
         raise DataError(
             f"archive {archive.name}: {refused}; the file changed while it was being extracted, and "
@@ -287,7 +294,9 @@ def _extract_tar(archive: Path, target: Path, limits: ArchiveLimits) -> int:
         ) from None
 
 
-def _read_tar(archive: Path, limits: ArchiveLimits, target: Path | None) -> int:
+def _read_tar(
+    archive: Path, limits: ArchiveLimits, target: Path | None, progress: Callable[[int], None] | None = None
+) -> int:
     """Stream the tar once, checking each member as its header arrives and stopping at the first bad one;
     write its files under ``target`` if given. Returns the number of files written."""
     with open(archive, "rb") as file, contextlib.ExitStack() as stack:
@@ -328,12 +337,12 @@ def _read_tar(archive: Path, limits: ArchiveLimits, target: Path | None) -> int:
             source_file = tar.extractfile(info)
             assert source_file is not None  # a regular file: checked above
             with source_file, _named(archive, info.name):
-                budget -= _copy_counted(source_file, dest, min(budget, info.size), archive, info.name)
+                budget -= _copy_counted(source_file, dest, min(budget, info.size), archive, info.name, progress)
             written += 1
     return written
 
 
-def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> int:
+def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits, progress: Callable[[int], None] | None) -> int:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()  # the central directory: read without decompressing anything
         _check_member_count(len(infos), limits)
@@ -363,6 +372,8 @@ def _extract_zip(archive: Path, target: Path, limits: ArchiveLimits) -> int:
             with _named(archive, info.filename):
                 dest.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as source_file, _named(archive, info.filename):
-                budget -= _copy_counted(source_file, dest, min(budget, info.file_size), archive, info.filename)
+                budget -= _copy_counted(
+                    source_file, dest, min(budget, info.file_size), archive, info.filename, progress
+                )
             written += 1
     return written

@@ -7,18 +7,19 @@ with the right checksum. Relative paths in a source list are relative to the lis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
-import shutil
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, PermanentFetchError
+from ..report import progress_bar
 
 CHUNK_BYTES = 1 << 20
 
@@ -57,6 +58,36 @@ def join_location(location: str, filename: str) -> str:
     if is_url(location):
         return location.rstrip("/") + "/" + urllib.parse.quote(filename)
     return str(Path(location) / filename)
+
+
+class ByteProgress:
+    """Bytes moved, as a progress bar with rate and time left on a terminal; nothing when output is captured."""
+
+    def __init__(self, label: str):
+        self.bar = progress_bar(None, unit="B", label=label)
+        if self.bar is not None:
+            self.bar.unit_scale, self.bar.unit_divisor = True, 1024
+
+    def __call__(self, new_bytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(new_bytes)
+
+    def received(self, received: int, expected: int | None) -> None:
+        """fetch_file's callback: ``received`` bytes so far of ``expected`` (None when unknown)."""
+        if self.bar is not None:
+            if expected and self.bar.total != expected:
+                self.bar.total = expected
+            self.bar.update(received - self.bar.n)
+
+
+@contextlib.contextmanager
+def byte_progress(label: str) -> Iterator[ByteProgress]:
+    progress = ByteProgress(label)
+    try:
+        yield progress
+    finally:
+        if progress.bar is not None:
+            progress.bar.close()
 
 
 @dataclass(frozen=True)
@@ -141,7 +172,11 @@ def fetch_file(
         path = Path(location)
         if not path.is_file():
             raise PermanentFetchError(f"{location} does not exist or is not a file")
-        shutil.copyfile(path, dest)
+        with open(path, "rb") as source, open(dest, "wb") as out:
+            while chunk := source.read(CHUNK_BYTES):
+                out.write(chunk)
+                if progress:
+                    progress(out.tell(), None)
         return
     last_error: DataError | None = None
     for attempt in range(1, retries + 1):

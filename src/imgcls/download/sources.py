@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,10 @@ from pathlib import Path
 from .. import datasets
 from ..datasets import CIFAR10_ARCHIVE, DATASETS, gunzip
 from ..errors import DataError, PermanentFetchError
+from ..manifest import MANIFEST_NAME, open_regular, scan_folder, write_manifest
 from ..report import bullet_list
 from .archives import ArchiveLimits, extract_archive, is_archive
-from .fetch import digest_file, expand_source, fetch_file, is_url, join_location
+from .fetch import byte_progress, digest_file, expand_source, fetch_file, is_url, join_location
 
 Log = Callable[[str], None]
 
@@ -66,15 +66,22 @@ def acquire(dataset: str, source: str, raw_dir: Path, options: FetchOptions, *, 
 
 
 def _fetch(location: str, dest: Path, options: FetchOptions, *, log: Log) -> None:
-    """Download (or copy) ``location`` to ``dest`` with the stage's retries, timeout and size cap."""
-    fetch_file(
-        location,
-        dest,
-        retries=options.retries,
-        timeout_s=options.timeout_s,
-        log=log,
-        max_bytes=options.max_download_bytes,
-    )
+    """Download (or copy) ``location`` to ``dest`` with the stage's retries, timeout and size cap; bytes on a
+    terminal as they come, one summary line in the log."""
+    started = time.perf_counter()
+    with byte_progress(dest.name) as progress:
+        fetch_file(
+            location,
+            dest,
+            retries=options.retries,
+            timeout_s=options.timeout_s,
+            log=log,
+            progress=progress.received,
+            max_bytes=options.max_download_bytes,
+        )
+    seconds = time.perf_counter() - started
+    size = dest.stat().st_size
+    log(f"download: {dest.name}: {size / 1e6:,.1f} MB in {seconds:.1f} s ({size / 1e6 / max(seconds, 1e-9):,.1f} MB/s)")
 
 
 def _get_fashion_mnist(location: str, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
@@ -115,22 +122,55 @@ def _get_cifar10(location: str, raw_dir: Path, options: FetchOptions, *, log: Lo
 
 
 def _get_image_folder(location: str, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
-    images_dir = raw_dir / "images"
     if not is_url(location) and Path(location).is_dir():
-        count = copy_folder(Path(location), images_dir, on_bad_link=options.on_bad_image, log=log)
-        log(f"download: copied {count} files from {location}")
-        return {"files": {}}
+        return record_folder(Path(location), raw_dir, options, log=log)
     if not is_archive(location):
         raise PermanentFetchError("expected a folder or a .tar, .tar.gz, .tgz or .zip archive")
     name = Path(location.split("?", 1)[0].rstrip("/")).name  # keep the name: messages mention it
     archive = raw_dir / name
     _fetch(location, archive, options, log=log)
     digest = digest_file(archive)
+    images_dir = raw_dir / "images"
     images_dir.mkdir()
-    count = extract_archive(archive, images_dir, options.limits)
+    started = time.perf_counter()
+    with byte_progress(f"extracting {name}") as progress:
+        count = extract_archive(archive, images_dir, options.limits, progress=progress)
     archive.unlink()
-    log(f"download: extracted {count} files from {name}")
-    return {"files": {name: {"sha256": digest.sha256, "bytes": digest.size}}}
+    manifest = scan_folder(images_dir, on_bad_link="error", log=log)  # extracted: no links, no specials
+    manifest_sha256 = write_manifest(raw_dir / MANIFEST_NAME, manifest)
+    log(
+        f"download: extracted {count} files ({manifest.total_bytes / 1e6:,.1f} MB of images) from {name} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return {
+        "files": {name: {"sha256": digest.sha256, "bytes": digest.size}},
+        "manifest": {"images": len(manifest.images), "bytes": manifest.total_bytes, "sha256": manifest_sha256},
+    }
+
+
+def record_folder(source: Path, raw_dir: Path, options: FetchOptions, *, log: Log) -> dict:
+    """A local folder is read where it is, never copied: check it (links, special files), hash every image and
+    write the manifest into ``raw_dir``, which preprocess then reads the images by."""
+    if raw_dir.resolve().is_relative_to(source.resolve()):
+        raise PermanentFetchError(
+            f"{source} contains the project's data folder ({raw_dir.parent}); point data.source "
+            "at the folder of images, not at the project"
+        )
+    started = time.perf_counter()
+    with byte_progress(f"hashing {source.name}") as progress:
+        manifest = scan_folder(source, on_bad_link=options.on_bad_image, log=log, progress=progress)
+    manifest.folder = str(source)
+    manifest_sha256 = write_manifest(raw_dir / MANIFEST_NAME, manifest)
+    seconds = time.perf_counter() - started
+    log(
+        f"download: recorded {len(manifest.images)} images ({manifest.total_bytes / 1e6:,.1f} MB) in place in "
+        f"{source} in {seconds:.1f} s ({len(manifest.images) / max(seconds, 1e-9):,.0f} images/s); nothing copied"
+    )
+    return {
+        "files": {},
+        "in_place": str(source),
+        "manifest": {"images": len(manifest.images), "bytes": manifest.total_bytes, "sha256": manifest_sha256},
+    }
 
 
 # How each data set in datasets.DATASETS is fetched into data/raw (one entry per data set, a test checks).
@@ -138,75 +178,20 @@ FETCHERS = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "image
 
 
 def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
-    """Copy the files under ``source`` into the new folder ``dest``, never following a link out of ``source``.
-
-    A link to a file inside ``source`` is copied as that file; links to folders, links that lead outside,
-    dangling links, link loops and special files (FIFOs, devices) are errors, or skipped and listed when
-    ``on_bad_link`` is "skip". Returns the number of files copied."""
-    root = source.resolve()
-    if dest.resolve().is_relative_to(root):
+    """Copy the files under ``source`` into the new folder ``dest`` with the checks of ``scan_folder`` (no link
+    followed out of ``source``; a link to a file inside is copied as that file). The pipeline itself reads
+    folders in place (``record_folder``); this is for copying a checked folder elsewhere. Returns the count."""
+    if dest.resolve().is_relative_to(source.resolve()):
         raise PermanentFetchError(
             f"{source} contains the project's data folder ({dest.parent}); point data.source "
             "at the folder of images, not at the project"
         )
-    bad: list[tuple[Path, str]] = []
-    copied = 0
-
-    def unreadable(error: OSError) -> None:  # os.walk would skip an unreadable folder silently
-        bad.append((Path(error.filename), f"cannot be read ({error.strerror})"))
-
-    for folder, folder_names, file_names in os.walk(source, onerror=unreadable):  # linked folders are not entered
-        here = Path(folder)
-        (dest / here.relative_to(source)).mkdir(parents=True, exist_ok=True)
-        bad += _leave_out_linked_folders(here, folder_names)
-        for name in sorted(file_names):
-            problem = _copy_file(here / name, dest / here.relative_to(source) / name, root)
-            if problem:
-                bad.append((here / name, problem))
-            else:
-                copied += 1
-    if bad:
-        _refuse_or_list(bad, source, on_bad_link, log)
-    return copied
-
-
-def _leave_out_linked_folders(here: Path, folder_names: list[str]) -> list[tuple[Path, str]]:
-    """Take the links among ``folder_names`` out of os.walk's list (in place), so it never enters them;
-    returns them as (path, reason)."""
-    left_out = []
-    for name in sorted(folder_names):
-        if (here / name).is_symlink():
-            folder_names.remove(name)
-            left_out.append((here / name, "a link to a folder (links to folders are not followed)"))
-    return left_out
-
-
-def _copy_file(path: Path, target: Path, root: Path) -> str | None:
-    """Copy ``path`` (a file, or a link to a file inside ``root``) to ``target``; None when copied, else why
-    it cannot be copied safely."""
-    if path.is_symlink():
-        try:
-            resolved = path.resolve(strict=True)
-        except (OSError, RuntimeError):
-            return "a dangling link or a link loop"
-        if not resolved.is_relative_to(root):
-            return f"a link to {resolved}, outside the source folder"
-        path = resolved
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        return "not a regular file (a FIFO, socket or device)"
-    try:
-        shutil.copyfile(path, target)
-    except PermissionError as error:
-        return f"cannot be read ({error.strerror})"
-    return None
-
-
-def _refuse_or_list(bad: list[tuple[Path, str]], source: Path, on_bad_link: str, log: Log) -> None:
-    """Files that cannot be copied safely stop the download, or with data.on_bad_image: skip are listed."""
-    listed = bullet_list([f"{path}: {reason}" for path, reason in bad])
-    if on_bad_link != "skip":
-        raise PermanentFetchError(
-            f"{len(bad)} file(s) in {source} cannot be copied safely:\n{listed}\n"
-            "replace links with the files themselves, or set data.on_bad_image: skip to leave them out"
-        )
-    log(f"download: skipped {len(bad)} file(s) that cannot be copied safely (data.on_bad_image: skip):\n{listed}")
+    manifest = scan_folder(source, on_bad_link=on_bad_link, log=log)
+    dest.mkdir(parents=True, exist_ok=True)
+    for folder in manifest.folders:
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    files = [image.path for image in manifest.images] + manifest.other
+    for relative in files:
+        with open_regular(source / relative) as file, open(dest / relative, "xb") as out:
+            shutil.copyfileobj(file, out)
+    return len(files)

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..manifest import MANIFEST_NAME, read_manifest, scan_folder
 from .formats import DecodedDataset, decode_cifar10, decode_fashion_mnist
-from .imagefolder import decode_image_folder, is_hidden
+from .imagefolder import decode_manifest
 
 
 def decode(
@@ -21,8 +22,12 @@ def decode(
     max_image_pixels: int,
     workdir: Path,
     log: Callable[[str], None] = print,
+    cache_dir: Path | None = None,
+    project_root: Path | None = None,
 ) -> DecodedDataset:
-    """Fashion-MNIST and CIFAR-10 (fixed, small) decode in memory; image folders stream into ``workdir``."""
+    """Fashion-MNIST and CIFAR-10 (fixed, small) decode in memory; image folders stream into ``workdir``,
+    reusing what ``cache_dir`` holds. A folder read in place that the manifest names by a relative path is
+    found under ``project_root`` (the current folder when None)."""
     return DECODERS[dataset](
         raw_dir,
         image_size=image_size,
@@ -31,18 +36,36 @@ def decode(
         max_image_pixels=max_image_pixels,
         workdir=workdir,
         log=log,
+        cache_dir=cache_dir,
+        project_root=project_root or Path.cwd(),
     )
 
 
 def _decode_images(raw_dir: Path, **options: Any) -> DecodedDataset:
-    return decode_image_folder(
-        find_image_root(raw_dir / "images"),
+    """The images data/raw/manifest.json lists: in the source folder (read in place) or in data/raw/images
+    (fetched). A data/raw without a manifest (written before manifests) is scanned here."""
+    manifest_path = raw_dir / MANIFEST_NAME
+    if manifest_path.is_file():
+        manifest = read_manifest(manifest_path)
+        folder = options["project_root"] / manifest.folder if manifest.folder is not None else raw_dir / "images"
+    else:
+        folder = raw_dir / "images"
+        manifest = scan_folder(folder, on_bad_link=options["on_bad_image"], log=options["log"])
+    if not folder.is_dir():
+        raise DataError(
+            f"the image folder {folder} named in {manifest_path} is missing",
+            "put it back, or point data.source at the images and rerun the download stage (dvc repro)",
+        )
+    return decode_manifest(
+        manifest,
+        folder,
         image_size=options["image_size"],
         channels=options["channels"],
         on_bad_image=options["on_bad_image"],
         max_pixels=options["max_image_pixels"],
         workdir=options["workdir"],
         log=options["log"],
+        cache_dir=options["cache_dir"],
     )
 
 
@@ -52,16 +75,3 @@ DECODERS: dict[str, Callable[..., DecodedDataset]] = {
     "cifar10": lambda raw_dir, **_: decode_cifar10(raw_dir),
     "imagefolder": _decode_images,
 }
-
-
-def find_image_root(images_dir: Path) -> Path:
-    """The folder holding ``train/``: the extracted folder itself or its single top-level subfolder."""
-    if (images_dir / "train").is_dir():
-        return images_dir
-    children = [c for c in images_dir.iterdir() if c.is_dir() and not is_hidden(c.name)]
-    if len(children) == 1 and (children[0] / "train").is_dir():
-        return children[0]
-    raise DataError(
-        f"no train/ folder in the image source (found: {sorted(c.name for c in images_dir.iterdir())[:10]}); "
-        "lay it out as train/<class>/*, test/<class>/* (optional) and val/<class>/* (optional)"
-    )

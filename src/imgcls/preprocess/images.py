@@ -12,6 +12,7 @@ onto white, then the channel conversion and the resize.
 from __future__ import annotations
 
 import struct
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -111,8 +112,8 @@ def prepare_image(image: Image.Image, *, image_size: int, channels: int) -> np.n
     return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, H, W)
 
 
-def decode_image(path: str, *, image_size: int, channels: int, max_pixels: int) -> np.ndarray:
-    """uint8 array (channels, image_size, image_size) of the image file at ``path``."""
+def decode_image(path: str | BinaryIO, *, image_size: int, channels: int, max_pixels: int) -> np.ndarray:
+    """uint8 array (channels, image_size, image_size) of the image file at ``path`` (or an open binary file)."""
     with Image.open(path) as opened:
         _check_pixels(opened, max_pixels)
         if opened.format == "JPEG":

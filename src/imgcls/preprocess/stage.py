@@ -39,6 +39,8 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
             max_image_pixels=data.max_image_pixels,
             workdir=scratch,
             log=emit,
+            cache_dir=paths.decode_cache_dir,
+            project_root=paths.root,
         )
         plan = plan_splits(
             {name: labels for name, (_, labels) in decoded.splits.items()},
