@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .report import bullet_list
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 HASH_CHUNK_BYTES = 1 << 20
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 Log = Callable[[str], None]
 Progress = Callable[[int], None]  # called with the bytes just read
 
@@ -216,9 +218,10 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def _relative(text: str) -> str:
-    path = PurePosixPath(text)
-    if not isinstance(text, str) or path.is_absolute() or ".." in path.parts or not path.parts or "\\" in text:
+    if not isinstance(text, str) or text.startswith("/") or "\\" in text or "\0" in text:
         raise ValueError(f"path {text!r} is not relative to the folder")
+    if any(part in ("", ".", "..") for part in text.split("/")):
+        raise ValueError(f"path {text!r} is not a plain relative path")
     return text
 
 
@@ -229,6 +232,6 @@ def _size(value: int) -> int:
 
 
 def _sha256(value: str) -> str:
-    if not isinstance(value, str) or len(value) != 64 or not all(c in "0123456789abcdef" for c in value):
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
         raise ValueError(f"sha256 {value!r}")
     return value
