@@ -35,7 +35,15 @@ def test_a_real_drop_on_ten_thousand_images_is_refused_with_its_figures():
         check_int8_drop(drop, 0.9385, 0.9198, max_drop=0.5)
     message = str(caught.value)
     assert "1.87 points lower" in message and "230 images now wrong, 43 now right" in message
-    assert "+-0.32 points is noise" in message and "export.int8_max_drop" in message
+    assert "+-0.32 points is noise" in message and "-S export.int8_max_drop=2" in message
+    assert "the previous exports are kept" in message and "export.int8_calibration_images" in message
+
+
+def test_the_refusal_offers_more_calibration_only_when_training_images_are_left():
+    drop = PairedDrop(images=153, worse=24, better=11)  # measured on a 244-photo cat/dog set, 64 pixels
+    with pytest.raises(ExportError) as caught:
+        check_int8_drop(drop, 0.6275, 0.5425, max_drop=0.5, more_calibration=False)
+    assert "int8_calibration_images" not in str(caught.value) and "-S export.int8_max_drop=9" in str(caught.value)
 
 
 def test_a_drop_within_max_drop_passes_even_when_it_is_beyond_noise():

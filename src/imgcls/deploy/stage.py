@@ -4,6 +4,7 @@ test accuracy, an int8 ONNX model that must stay within export.int8_max_drop, ba
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,14 @@ def export_int8(
     int8["images_worse_than_fp32"], int8["images_better_than_fp32"] = drop.worse, drop.better
     int8["max_drop_points"] = config.int8_max_drop
     int8["calibration_images"] = int(len(calibration01))
-    check_int8_drop(drop, fp32.accuracy["test_accuracy"], int8["test_accuracy"], config.int8_max_drop)
+    more_calibration = len(calibration01) >= config.int8_calibration_images  # the training set was not exhausted
+    check_int8_drop(
+        drop,
+        fp32.accuracy["test_accuracy"],
+        int8["test_accuracy"],
+        config.int8_max_drop,
+        more_calibration=more_calibration,
+    )
     add_onnx_metadata(int8_path, {**fp32.facts, "test_accuracy": int8["test_accuracy"], "int8": True})
     int8["onnxruntime_median_ms"] = onnx_median_ms(int8_path, images01[0], config.latency_calls)
     int8["onnx_bytes"] = int8_path.stat().st_size
@@ -161,13 +169,20 @@ def int8_drop_summary(drop: PairedDrop, fp32_accuracy: float, int8_accuracy: flo
     )
 
 
-def check_int8_drop(drop: PairedDrop, fp32_accuracy: float, int8_accuracy: float, max_drop: float) -> None:
+def check_int8_drop(
+    drop: PairedDrop, fp32_accuracy: float, int8_accuracy: float, max_drop: float, *, more_calibration: bool = True
+) -> None:
     """Refuse an int8 model that is worse by more than export.int8_max_drop *and* by more than the noise of
-    this many test images: on 153 images one flipped image is 0.65 points, which proves nothing."""
+    this many test images: on 153 images one flipped image is 0.65 points, which proves nothing.
+    ``more_calibration``: whether more training images exist than calibration took (else raising
+    export.int8_calibration_images cannot help, and the message does not offer it)."""
     if drop.drop_points > max(max_drop, drop.noise_points):
+        allow = f"export.int8_max_drop={math.ceil(drop.drop_points)}"
+        calibrate = "export.int8_calibration_images, or " if more_calibration else ""
         raise ExportError(
             f"{int8_drop_summary(drop, fp32_accuracy, int8_accuracy)}, and export.int8_max_drop allows "
-            f"{max_drop}; nothing was exported. Raise export.int8_max_drop or export.int8_calibration_images"
+            f"{max_drop}; nothing was exported (the previous exports are kept). Raise {calibrate}accept this "
+            f"drop with -S {allow} (small models trained on little data often quantize poorly)"
         )
 
 
@@ -195,7 +210,7 @@ def summary_line(fp32: Fp32Export, int8: dict) -> str:
         f"torchscript {parity['torchscript']['max_abs_logit_diff']:.2e}, "
         f"onnx {parity['onnx']['max_abs_logit_diff']:.2e}; test accuracy fp32 {fp32.accuracy['test_accuracy']:.4f}, "
         f"int8 {int8['test_accuracy']:.4f} "
-        f"({int8['accuracy_drop_points']:+.2f} points, noise +-{int8['noise_points']:.2f}); "
+        f"({int8['accuracy_drop_points']:.2f} points lower, noise +-{int8['noise_points']:.2f}); "
         "batch-1 median latency "
         f"onnxruntime {latency['onnxruntime_median_ms']:.3f} ms (int8 {int8['onnxruntime_median_ms']:.3f} ms), "
         f"torchscript {latency['torchscript_median_ms']:.3f} ms"
