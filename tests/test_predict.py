@@ -141,7 +141,7 @@ def test_the_onnx_file_describes_itself(project):
     assert exported["fp32"]["test_accuracy"] == facts["test_accuracy"] and exported["tta"] is False
     card = (paths.metrics_dir / "model_card.md").read_text()
     assert card == (paths.export_dir / "model_card.md").read_text()
-    for fragment in ("red", "Intended use", "Known limits", f"{SIZE}x{SIZE}", "colours"):
+    for fragment in ("red", "Intended use", "Known limits", f"{SIZE}x{SIZE}", "colours", "points lower than fp32"):
         assert fragment in card
 
 

@@ -118,8 +118,10 @@ def results_section(names: list[str], confusion: np.ndarray, fp32: dict, int8: d
     ]
     if int8:
         lines.append(
-            f"- Accuracy (int8 ONNX): {int8['test_accuracy']:.4f}, {int8['accuracy_drop_points']:+.2f} points "
-            "against fp32 (a positive number is a drop)."
+            f"- Accuracy (int8 ONNX): {int8['test_accuracy']:.4f}, {int8['accuracy_drop_points']:.2f} points "
+            f"lower than fp32 ({int8['images_worse_than_fp32']} images now wrong, "
+            f"{int8['images_better_than_fp32']} now right; a drop within ±{int8['noise_points']:.2f} points is "
+            "noise at this many test images)."
         )
     lines += ["", "| class | test images | accuracy |", "|---|---:|---:|"]
     lines += [
