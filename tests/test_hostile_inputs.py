@@ -3,6 +3,7 @@ hard links through links, decompression bombs, folders whose links lead out, loo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -14,8 +15,9 @@ import pytest
 from conftest import make_image_folder
 
 from imgcls.download.archives import ArchiveLimits, extract_archive
-from imgcls.download.sources import copy_folder
+from imgcls.download.sources import FetchOptions, record_folder
 from imgcls.errors import DataError
+from imgcls.manifest import MANIFEST_NAME, read_manifest
 
 LIMITS = ArchiveLimits(max_bytes=1 << 30)
 
@@ -157,9 +159,14 @@ def test_duplicate_member_is_a_named_error_not_a_traceback(sandbox):
 # ---------------------------------------------------------------------------------------------- folders
 
 
-def copy(source: Path, dest: Path, on_bad_link: str = "error") -> tuple[int, list[str]]:
+def record(source: Path, raw_dir: Path, on_bad_link: str = "error") -> tuple[dict[str, str], list[str]]:
+    """The download stage on a local folder (read in place): its manifest as {path: sha256}, and its log."""
     messages: list[str] = []
-    return copy_folder(source, dest, on_bad_link=on_bad_link, log=messages.append), messages
+    raw_dir.mkdir(parents=True)
+    options = FetchOptions(retries=1, timeout_s=1, limits=LIMITS, on_bad_image=on_bad_link)
+    record_folder(source, raw_dir, options, log=messages.append)
+    images = read_manifest(raw_dir / MANIFEST_NAME).images
+    return {image.path: image.sha256 for image in images}, messages
 
 
 @pytest.mark.parametrize(
@@ -188,23 +195,24 @@ def test_folder_source_never_follows_links_out(tmp_path, make_link, reason):
     (outside / "secret.txt").write_text("host secret")
     make_link(root / "train" / "ants", outside)
     with pytest.raises(DataError) as caught:
-        copy(root, tmp_path / "dest")
+        record(root, tmp_path / "raw")
     assert reason in str(caught.value) and "data.on_bad_image: skip" in str(caught.value)
-    count, messages = copy(root, tmp_path / "dest2", on_bad_link="skip")
-    assert count == 24  # the 24 real images, nothing else
+    listed, messages = record(root, tmp_path / "raw2", on_bad_link="skip")
+    assert len(listed) == 24  # the 24 real images, nothing else
     assert any("skipped 1 file(s)" in m and reason in m for m in messages)
-    copied = list((tmp_path / "dest2").rglob("*"))
-    assert not any(p.is_symlink() for p in copied)
-    assert not any(p.is_file() and p.read_bytes() == b"host secret" for p in copied)
+    assert not [path for path in listed if (root / path).is_symlink() or not (root / path).is_file()]
+    secret = hashlib.sha256(b"host secret").hexdigest()
+    assert secret not in listed.values()  # nothing outside the folder is ever read
 
 
-def test_folder_link_to_a_file_inside_is_copied_as_the_file(tmp_path):
+def test_folder_link_to_a_file_inside_is_read_as_the_file(tmp_path):
     root = make_image_folder(tmp_path / "src")
     os.symlink(root / "train" / "ants" / "0.jpg", root / "train" / "ants" / "alias.jpg")
-    count, _ = copy(root, tmp_path / "dest")
-    alias = tmp_path / "dest" / "train" / "ants" / "alias.jpg"
-    assert count == 25 and not alias.is_symlink()
-    assert alias.read_bytes() == (root / "train" / "ants" / "0.jpg").read_bytes()
+    listed, _ = record(root, tmp_path / "raw")
+    assert len(listed) == 25
+    assert (
+        listed["train/ants/alias.jpg"] == hashlib.sha256((root / "train" / "ants" / "0.jpg").read_bytes()).hexdigest()
+    )
 
 
 def test_a_huge_long_name_header_is_refused_before_it_is_read(sandbox):
@@ -257,7 +265,7 @@ def test_an_existing_link_in_the_target_stops_extraction(sandbox):
 def test_a_source_folder_holding_the_destination_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "project")
     with pytest.raises(DataError, match="contains the project's data folder"):
-        copy(root, root / "data" / ".raw.tmp" / "images")
+        record(root, root / "data" / ".raw.tmp")
 
 
 def test_unreadable_files_and_folders_are_named_not_skipped_silently(tmp_path):
@@ -268,7 +276,7 @@ def test_unreadable_files_and_folders_are_named_not_skipped_silently(tmp_path):
     (root / "test" / "bees").chmod(0)
     try:
         with pytest.raises(DataError) as caught:
-            copy(root, tmp_path / "dest")
+            record(root, tmp_path / "raw")
         assert "0.jpg: cannot be read" in str(caught.value) and "bees: cannot be read" in str(caught.value)
     finally:
         (root / "train" / "ants" / "0.jpg").chmod(0o644)

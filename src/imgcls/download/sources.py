@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import datasets
 from ..datasets import CIFAR10_ARCHIVE, DATASETS, gunzip
 from ..errors import DataError, PermanentFetchError
-from ..manifest import MANIFEST_NAME, open_regular, scan_folder, write_manifest
+from ..manifest import MANIFEST_NAME, scan_folder, write_manifest
 from ..report import bullet_list
 from .archives import ArchiveLimits, extract_archive, is_archive
 from .fetch import byte_progress, digest_file, expand_source, fetch_file, is_url, join_location
@@ -175,23 +175,3 @@ def record_folder(source: Path, raw_dir: Path, options: FetchOptions, *, log: Lo
 
 # How each data set in datasets.DATASETS is fetched into data/raw (one entry per data set, a test checks).
 FETCHERS = {"fashion-mnist": _get_fashion_mnist, "cifar10": _get_cifar10, "imagefolder": _get_image_folder}
-
-
-def copy_folder(source: Path, dest: Path, *, on_bad_link: str, log: Log) -> int:
-    """Copy the files under ``source`` into the new folder ``dest`` with the checks of ``scan_folder`` (no link
-    followed out of ``source``; a link to a file inside is copied as that file). The pipeline itself reads
-    folders in place (``record_folder``); this is for copying a checked folder elsewhere. Returns the count."""
-    if dest.resolve().is_relative_to(source.resolve()):
-        raise PermanentFetchError(
-            f"{source} contains the project's data folder ({dest.parent}); point data.source "
-            "at the folder of images, not at the project"
-        )
-    manifest = scan_folder(source, on_bad_link=on_bad_link, log=log)
-    dest.mkdir(parents=True, exist_ok=True)
-    for folder in manifest.folders:
-        (dest / folder).mkdir(parents=True, exist_ok=True)
-    files = [image.path for image in manifest.images] + manifest.other
-    for relative in files:
-        with open_regular(source / relative) as file, open(dest / relative, "xb") as out:
-            shutil.copyfileobj(file, out)
-    return len(files)

@@ -29,8 +29,8 @@ from PIL import Image
 from ..datasets import IMAGE_SUFFIXES
 from ..download.archives import ArchiveLimits, extract_archive, is_archive
 from ..errors import DataError, UserError
+from ..manifest import is_hidden
 from ..prefetch import prefetched
-from ..preprocess.imagefolder import is_hidden
 from ..preprocess.images import DECODE_ERRORS, decode_image, prepare_image
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")

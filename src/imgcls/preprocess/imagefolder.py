@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import manifest as manifest_rules
 from ..arrays import NpyReader, NpyWriter
 from ..datasets import IMAGE_SUFFIXES, SPLIT_NAMES
 from ..errors import DataError
-from ..manifest import ImageFile, Manifest, file_sha256, open_regular, scan_folder
+from ..manifest import ImageFile, Manifest, file_sha256, is_hidden, open_regular, scan_folder
 from ..prefetch import prefetched
 from ..report import bullet_list, progress_bar
 from .cache import CachedImage, DecodeCache, DecodeSettings, PackWriter, read_cached, write_pack
@@ -30,11 +29,6 @@ from .images import DECODE_ERRORS, decode_image
 # memory small (a 224-pixel RGB chunk of 2,000 files would be 300 MB).
 CHUNK_FILES = 2000
 CHUNK_BYTES = 32 << 20
-
-
-def is_hidden(name: str) -> bool:
-    """Hidden names (the rule lives in manifest.py; predict's listing asks here until it imports it from there)."""
-    return manifest_rules.is_hidden(name)
 
 
 @dataclass(frozen=True)
