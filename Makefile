@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/transfer.py
+	$(BIN)/python bench/photos.py
 	$(BIN)/python bench/distributed.py
 
 clean-venv:

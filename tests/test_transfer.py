@@ -21,7 +21,7 @@ from imgcls.preprocess.splits import plan_splits
 from imgcls.stats import wilson_interval
 from imgcls.train.loop import make_training_setup
 from imgcls.train.optim import SHORT_RUN_STEPS, run_length
-from imgcls.train.stage import small_test_split_warnings, train
+from imgcls.train.stage import small_split_warnings, train
 from imgcls.train.transfer import (
     TransferError,
     apply_starting_weights,
@@ -33,14 +33,21 @@ from imgcls.train.transfer import (
 
 
 def project(
-    tmp_path, name: str, classes: list[str], n_train: int = 48, size: int = 32, channels: int = 3, seed: int = 0
+    tmp_path,
+    name: str,
+    classes: list[str],
+    n_train: int = 48,
+    size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+    n_val: int | None = None,
 ) -> ProjectPaths:
     """A prepared data set of learnable images: each class a brightness level, plus noise."""
     paths = ProjectPaths(tmp_path / name)
     paths.prepared_dir.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     splits = {}
-    for split, n in (("train", n_train), ("val", 2 * len(classes)), ("test", 4 * len(classes))):
+    for split, n in (("train", n_train), ("val", n_val or 2 * len(classes)), ("test", 4 * len(classes))):
         labels = np.arange(n, dtype=np.int64) % len(classes)
         base = (40 + 170 * labels / max(1, len(classes) - 1))[:, None, None, None]
         images = np.clip(base + rng.normal(0, 25, (n, channels, size, size)), 0, 255).astype(np.uint8)
@@ -337,15 +344,15 @@ def test_small_data_gets_enough_steps_and_short_runs_warn():
 
 
 def test_a_tiny_test_split_warns_with_its_interval(tmp_path, capsys):
-    warnings = small_test_split_warnings({"ants": 12, "bees": 12}, "a test/ folder")
+    warnings = small_split_warnings({"ants": 12, "bees": 12}, "a test/ folder")
     assert (
         len(warnings) == 1
         and "has 24 images" in warnings[0]
         and "+-16 points" in warnings[0]
         and "0.60..0.91" in warnings[0]
     )
-    assert small_test_split_warnings({"a": 1000, "b": 1000}, "x") == []
-    empty = small_test_split_warnings({"a": 500, "b": 0}, "x")
+    assert small_split_warnings({"a": 1000, "b": 1000}, "x") == []
+    empty = small_split_warnings({"a": 500, "b": 0}, "x")
     assert any("no test images of class(es) ['b']" in w for w in empty)
     # The train stage prints them, with the run-length notes, before training.
     paths = project(tmp_path, "tiny", ["a", "b"], n_train=24, size=16)

@@ -73,3 +73,59 @@ def paired_drop(first_predictions, second_predictions, labels) -> PairedDrop:
         worse=int((first_right & ~second_right).sum()),
         better=int((~first_right & second_right).sum()),
     )
+
+
+# A classifier that gives one class to at least this share of the images, when far fewer of them are of that
+# class, has stopped looking at the images: a constant classifier (the collapse of a diverged run, or of
+# BatchNorm statistics that no longer fit the weights).
+CONSTANT_SHARE = 0.95
+CONSTANT_MAX_TRUE_SHARE = 0.85  # a class that really is 95% of the images may be predicted for 95% of them
+CONSTANT_MIN_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class PredictionSpread:
+    """How a model's predictions spread over the classes on labelled images: its most predicted class, the
+    share of images it gets, the share that truly are of it, and chance (the most common true class's share:
+    what always answering it scores)."""
+
+    images: int
+    top_class: int
+    top_share: float
+    top_true_share: float
+    chance: float
+
+    @property
+    def constant(self) -> bool:
+        return (
+            self.images >= CONSTANT_MIN_IMAGES
+            and self.top_share >= CONSTANT_SHARE
+            and self.top_true_share <= CONSTANT_MAX_TRUE_SHARE
+        )
+
+
+def prediction_spread(predictions, labels, num_classes: int) -> PredictionSpread:
+    """The spread of predicted class indices against the true ones (NumPy arrays or tensors)."""
+    import numpy as np
+
+    predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
+    images = len(labels)
+    if images == 0:
+        return PredictionSpread(0, 0, 0.0, 0.0, 0.0)
+    predicted = np.bincount(predictions, minlength=num_classes)
+    true = np.bincount(labels, minlength=num_classes)
+    top = int(predicted.argmax())
+    return PredictionSpread(images, top, predicted[top] / images, true[top] / images, true.max() / images)
+
+
+def spread_of_confusion(confusion) -> PredictionSpread:
+    """prediction_spread from a confusion matrix (counts[true, predicted])."""
+    import numpy as np
+
+    confusion = np.asarray(confusion)
+    images = int(confusion.sum())
+    if images == 0:
+        return PredictionSpread(0, 0, 0.0, 0.0, 0.0)
+    predicted, true = confusion.sum(axis=0), confusion.sum(axis=1)
+    top = int(predicted.argmax())
+    return PredictionSpread(images, top, predicted[top] / images, true[top] / images, true.max() / images)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from ..evaluate.metrics import per_class_metrics
+from ..stats import spread_of_confusion
 
 
 def confused_pairs(confusion: np.ndarray, class_names: list[str], top: int = 5) -> list[tuple[str, str, int]]:
@@ -111,11 +112,20 @@ def per_class_accuracy(confusion: np.ndarray, class_names: list[str]) -> list[tu
 
 def results_section(names: list[str], confusion: np.ndarray, fp32: dict, int8: dict | None) -> list[str]:
     """Test accuracy (fp32 and int8), the per-class table and the most confused pairs."""
-    lines = [
-        "## Results on the test split",
+    lines = ["## Results on the test split"]
+    spread = spread_of_confusion(confusion)
+    if spread.constant:
+        lines.append(
+            f"- **Warning: a constant classifier.** It answers {names[spread.top_class]} for "
+            f"{spread.top_share:.0%} of the test images ({spread.top_true_share:.0%} are {names[spread.top_class]}): "
+            f"it ignores its input and scores what always guessing scores ({spread.chance:.3f}). Do not deploy it; "
+            "the train log names the params most likely behind it."
+        )
+    lines.append(
         f"- Accuracy (fp32 ONNX): **{fp32['test_accuracy']:.4f}** on {fp32['images']:,} images "
-        f"(95% interval {fp32['ci95'][0]:.4f} to {fp32['ci95'][1]:.4f}, Wilson).",
-    ]
+        f"(95% interval {fp32['ci95'][0]:.4f} to {fp32['ci95'][1]:.4f}, Wilson; always answering the most common "
+        f"class would score {spread.chance:.3f})."
+    )
     if int8:
         lines.append(
             f"- Accuracy (int8 ONNX): {int8['test_accuracy']:.4f}, {int8['accuracy_drop_points']:.2f} points "
@@ -141,14 +151,17 @@ def training_section(checkpoint: dict) -> list[str]:
     """The recipe as the checkpoint recorded it (run length and batch as trained), start and time."""
     train = checkpoint["params"]["train"]
     extra = checkpoint.get("extra", {})
+    augment = train["augment"]
+    shown = ("flip", "translate", "crop_scale", "color_jitter", "policy", "mixup", "cutmix")
     return [
         "## Training",
         f"- Recipe: `{train['model']}` width {train['width']}, {extra.get('epochs', train['epochs'])} epochs, "
         f"batch {extra.get('batch_size', train['batch_size'])}, "
         f"{train['optimizer']} lr {train['lr']} ({train['schedule']} schedule, "
         f"{train['warmup_epochs']} warm-up epochs), "
-        f"label smoothing {train['label_smoothing']}, augmentation flip {train['augment']['flip']} / translate "
-        f"{train['augment']['translate']} px; seed {checkpoint['params']['base']['seed']}.",
+        f"label smoothing {train['label_smoothing']}; augmentation "
+        + ", ".join(f"{key} {augment[key]}" for key in shown if key in augment)
+        + f"; seed {checkpoint['params']['base']['seed']}.",
         start_line(extra.get("start")),
         f"- Training time: {extra.get('train_seconds', float('nan')):.1f} s, precision {extra.get('precision', '?')}"
         + (f", on {extra['device']}" if extra.get("device") else "")

@@ -22,7 +22,7 @@ from ..paths import ProjectPaths
 from ..prepared import load_prepared
 from ..report import progress_bar
 from ..runtime import resolve_device, resolve_precision, set_threads
-from ..stats import Accuracy, accuracy_of
+from ..stats import Accuracy, accuracy_of, spread_of_confusion
 from .metrics import (
     confusion_matrix,
     per_class_metrics,
@@ -129,7 +129,17 @@ def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: st
     }
     scored = {name: values["accuracy"] for name, values in outcome.per_class.items() if values["images"]}
     weakest = min(scored, key=scored.get) if scored else None
-    summary = {"weakest_class": weakest, "weakest_class_accuracy": scored.get(weakest)}
+    spread = spread_of_confusion(outcome.confusion)
+    summary = {
+        "weakest_class": weakest,
+        "weakest_class_accuracy": scored.get(weakest),
+        # One class predicted for (nearly) every image that is not (nearly) every image's class: the model
+        # ignores its input (stats.PredictionSpread.constant).
+        "constant_classifier": spread.constant,
+        "most_predicted_class": list(outcome.per_class)[spread.top_class],
+        "most_predicted_share": spread.top_share,
+        "chance_accuracy": spread.chance,
+    }
     write_json(path, {"test": test, **summary, "tta": tta, "precision": precision})
 
 
@@ -162,6 +172,14 @@ def report(emit: Callable[[str], None], outcome: Evaluation, shown: int) -> None
     scored = {name: values for name, values in per_class.items() if values["images"]}
     worst = min(scored, key=lambda n: scored[n]["accuracy"])
     low, high = outcome.score.ci95
+    spread = spread_of_confusion(outcome.confusion)
+    if spread.constant:
+        name = list(per_class)[spread.top_class]
+        emit(
+            f"warning: the model predicts {name!r} for {spread.top_share:.0%} of the test images "
+            f"({spread.top_true_share:.0%} are {name!r}): a constant classifier, as good as always guessing "
+            "(eval.json: constant_classifier). The train log's warnings name the likely params"
+        )
     emit(
         f"test accuracy {outcome.accuracy:.4f} (95% interval {low:.4f}..{high:.4f}), loss {outcome.loss:.4f} "
         f"on {outcome.score.images} images; "

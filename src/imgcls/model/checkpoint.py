@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..fileio import atomic_path
 from ..params.core import MAX_IMAGE_SIZE
-from .registry import MODELS, build_model, normalized_channels
+from .registry import MODELS, build_model, is_model, model_spec, normalized_channels
 
 FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel/DDP
@@ -165,8 +165,12 @@ def _read_checkpoint(path: Path) -> dict:
     missing = [key for key in ("state_dict", "architecture", "arguments", "class_names") if key not in checkpoint]
     if missing:
         raise _bad(path, f"missing {', '.join(missing)}")
-    if checkpoint["architecture"] not in MODELS:
-        raise _bad(path, f"unknown architecture {checkpoint['architecture']!r} (this code builds {', '.join(MODELS)})")
+    if not isinstance(checkpoint["architecture"], str) or not is_model(checkpoint["architecture"]):
+        raise _bad(
+            path,
+            f"unknown architecture {str(checkpoint['architecture'])[:80]!r} (this code builds {', '.join(MODELS)} "
+            "and torchvision's classification networks)",
+        )
     return checkpoint
 
 
@@ -194,10 +198,10 @@ def _checked_arguments(path: Path, checkpoint: dict) -> ModelArguments:
     channels = normalized_channels(architecture, arguments.in_channels)
     if len(arguments.mean) != channels or len(arguments.std) != channels:
         raise _bad(path, f"mean/std need {channels} value(s), one per channel")
-    if arguments.image_size < MODELS[architecture].min_image_size:
+    if arguments.image_size < model_spec(architecture).min_image_size:
         raise _bad(
             path,
-            f"{architecture} needs images of at least {MODELS[architecture].min_image_size} pixels, "
+            f"{architecture} needs images of at least {model_spec(architecture).min_image_size} pixels, "
             f"arguments say {arguments.image_size}",
         )
     return arguments

@@ -18,10 +18,11 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..model.checkpoint import plain_state_dict
-from ..model.inference import evaluate_model
+from ..model.inference import evaluate_model, to_float_images
 from ..model.networks import Network
 from ..params.train import TrainParams
 from ..runtime import autocast
+from ..stats import prediction_spread
 from .batches import Augmentation, ImageSource, ResidentImages, iterate_batches
 from .distributed import SINGLE, World, all_reduce_sum, wrap
 from .optim import REFERENCE_BATCH_SIZE, Lookahead, StepPlan, lr_factor, make_optimizer, run_length
@@ -303,8 +304,10 @@ class EpochTally:
         )
 
     def add(self, logits: torch.Tensor, loss: torch.Tensor, labels: torch.Tensor) -> None:
+        """``labels``: class indices (B,), or mixup/cutmix's soft targets (B, classes), scored by their largest."""
         self.loss += loss.detach() * len(labels)
-        self.correct += (logits.detach().argmax(1) == labels).sum()
+        hard = labels.argmax(1) if labels.ndim == 2 else labels
+        self.correct += (logits.detach().argmax(1) == hard).sum()
         self.seen += len(labels)
 
     def progress(self, batches_done: int, step: int) -> dict:
@@ -491,9 +494,43 @@ def epoch_record(epoch: int, result: dict, model: nn.Module, val: tuple | None, 
         metrics = evaluate_model(
             model, val[0], val[1], batch_size=VALIDATION_BATCH_SIZE, device=setup.device, precision=setup.precision
         )
-        record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
+        spread = prediction_spread(metrics["predictions"].cpu(), val[1].cpu(), metrics["logits"].shape[1])
+        record.update(
+            val_loss=metrics["loss"],
+            val_accuracy=metrics["accuracy"],
+            val_top_class=spread.top_class,
+            val_top_share=spread.top_share,
+            val_top_true_share=spread.top_true_share,
+            val_chance=spread.chance,
+            val_constant=spread.constant,
+        )
     record["elapsed_seconds"] = time.perf_counter() - run.started
     return record
+
+
+# Training images (unaugmented, the first ones of the split) recompute_batchnorm runs: enough for stable
+# statistics at any size, a few seconds at most on a CPU.
+RECOMPUTE_BATCHNORM_IMAGES = 2048
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, images: ImageSource, batch_size: int, setup: FitSetup) -> None:
+    """BatchNorm running statistics recomputed for the weights as they are (train.recompute_batchnorm): reset,
+    then the plain average over batches of training images (torch.optim.swa_utils.update_bn, as after
+    stochastic weight averaging). Running statistics are an average over past steps at the BatchNorm's
+    momentum; when the weights moved fast (or were averaged by the lookahead) they describe another network,
+    and the eval-mode model can output one class for everything. Every rank computes the same."""
+    from torch.optim.swa_utils import update_bn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    count = min(len(images), RECOMPUTE_BATCHNORM_IMAGES)
+    batches = (
+        to_float_images(images.take(torch.arange(start, min(count, start + batch_size))))
+        for start in range(0, count, batch_size)
+    )
+    with autocast(setup.device, setup.precision):
+        update_bn(batches, model)
 
 
 def check_finite_loss(record: dict, config: TrainParams, batch_size: int) -> None:
@@ -594,6 +631,8 @@ def fit(
         result = run_epoch(epoch, step_module, (images, labels), training, setup, run, generator, hooks)
         if training.lookahead is not None and epoch == training.epochs:
             training.lookahead.finish(model)
+        if config.recompute_batchnorm and (val is not None or epoch == training.epochs):
+            recompute_batchnorm(model, images, training.batch_size, setup)
         record = epoch_record(epoch, result, model, val, setup, run)
         check_finite_loss(record, config, training.batch_size)
         run.records.append(record)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from ..cli import log
-from ..errors import RuntimeChoiceError
+from ..errors import RuntimeChoiceError, TrainingError
 from ..fileio import atomic_dir
 from ..model.checkpoint import save_checkpoint
 from ..model.networks import Network
 from ..model.registry import build_model, normalized_channels
 from ..params.core import as_dict
-from ..params.train import TrainParams
+from ..params.train import TrainParams, describe_recipe, params_with_recipe
 from ..params.train import TrainStageParams as Params
 from ..paths import ProjectPaths
 from ..prepared import PreparedData, images_file, load_prepared
@@ -57,23 +57,30 @@ from .optim import RunLength, run_length
 from .reporting import EpochReporter
 from .resume import ResumeStateWriter, discard_resume_state, load_resume_state, run_digest
 from .transfer import StartingWeights, apply_starting_weights, load_init_checkpoint, load_pretrained
+from .watch import TrainingWatch
 
 # A test split that knows an accuracy of 80% only to within more than this (half its 95% interval) gets a warning.
 TEST_SPLIT_MAX_HALF_WIDTH = 0.05
 
 
-def small_test_split_warnings(counts: dict[str, int], source_hint: str) -> list[str]:
-    """Warnings for a test split too small to mean anything: its total, and classes without test images."""
+def small_split_warnings(counts: dict[str, int], source_hint: str, split: str = "test") -> list[str]:
+    """Warnings for a test or validation split too small to mean anything: its total, and classes without
+    images in it."""
     warnings, total = [], sum(counts.values())
     low, high = wilson_interval(round(0.8 * total), total)
-    if (high - low) / 2 > TEST_SPLIT_MAX_HALF_WIDTH:
+    if total and (high - low) / 2 > TEST_SPLIT_MAX_HALF_WIDTH:
+        consequence = (
+            "so runs cannot be told apart"
+            if split == "test"
+            else "so its curves are mostly noise and a best epoch picked on it is luck"
+        )
         warnings.append(
-            f"warning: the test split has {total} images: an accuracy near 80% on it is only known to "
-            f"{low:.2f}..{high:.2f} (95% interval, +-{(high - low) / 2 * 100:.0f} points), so runs cannot "
-            f"be told apart; give it more images ({source_hint})"
+            f"warning: the {'test' if split == 'test' else 'validation'} split has {total} images: an accuracy "
+            f"near 80% on it is only known to {low:.2f}..{high:.2f} (95% interval, +-{(high - low) / 2 * 100:.0f} "
+            f"points), {consequence}; give it more images ({source_hint})"
         )
     empty = [name for name, count in counts.items() if count == 0]
-    if empty:
+    if empty and split == "test":
         warnings.append(f"warning: no test images of class(es) {empty}: their accuracy cannot be measured")
     return warnings
 
@@ -194,11 +201,16 @@ class SilentReporter:
 
 def train(params: Params, paths: ProjectPaths) -> None:
     """The train stage. With train.processes > 1 (and not already under torchrun) it starts torchrun, which
-    runs this again in each process; under torchrun each process trains as its rank."""
-    world = world_from_env()
+    runs this again in each process; under torchrun each process trains as its rank. The recipe keys left at
+    auto take the model's values here (the checkpoint's params snapshot holds the values used)."""
+    emit, world = log("train"), world_from_env()
+    resolved = params_with_recipe(params)
+    if world.is_main if world is not None else resolved.train.processes == 1:  # said once, by who trains
+        emit(describe_recipe(params.train, resolved.train))
+    params = resolved
     if world is None and params.train.processes > 1:
-        check_launch(params, paths, log("train"))
-        launch(params.train.processes, params.base.threads, log("train"))
+        check_launch(params, paths, emit)
+        launch(params.train.processes, params.base.threads, emit)
         return
     world = world or SINGLE
     try:
@@ -317,14 +329,22 @@ def build_network(config: TrainParams, meta: dict, rank: Rank) -> BuiltModel:
         apply_and_describe_start(model, start, config, len(meta["class_names"]), emit)
     # Measured on the plain model (SyncBatchNorm's forward would talk to the other ranks); checked by plan_run,
     # when the batch size and the memory left after the data are known.
-    step_memory = estimate_step_memory(
-        model,
-        (channels, height, width),
-        config=config,
-        device=rank.device,
-        precision=rank.precision,
-        processes=rank.world.size,
-    )
+    try:
+        step_memory = estimate_step_memory(
+            model,
+            (channels, height, width),
+            config=config,
+            device=rank.device,
+            precision=rank.precision,
+            processes=rank.world.size,
+        )
+    except (RuntimeError, AssertionError, ValueError) as error:  # vit_*: "Wrong image height!"; pools past 1 px
+        raise TrainingError(
+            f"train.model = {config.model!r} fails on {channels}x{height}x{width} images "
+            f"({type(error).__name__}: {str(error)[:200]})",
+            advice="set data.image_size to a size it takes (torchvision's ViT and Swin networks take only 224) "
+            "or choose another train.model",
+        ) from None
     if config.sync_batchnorm and rank.world.size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rank.device, memory_format=torch.channels_last)
@@ -400,14 +420,17 @@ def plan_run(params: Params, meta: dict, data: TrainingData, step_memory: StepMe
         image_shape=meta["image_shape"],
         device=device,
     )
-    test_counts = meta.get("counts", {}).get("test")
-    if test_counts is not None:
+    counts = meta.get("counts", {})
+    if counts.get("test") is not None:
         hint = (
             "a test/ folder, data.test_fraction or data.val_folder"
             if meta["dataset"] == "imagefolder"
             else "data.limit keeps fewer"
         )
-        for line in small_test_split_warnings(test_counts, hint):
+        for line in small_split_warnings(counts["test"], hint):
+            emit(line)
+    if counts.get("val"):
+        for line in small_split_warnings(counts["val"], "raise preprocess.val_fraction", split="val"):
             emit(line)
     return length
 
@@ -512,7 +535,13 @@ def fit_or_stop(
     started = time.perf_counter()
     # Ctrl-C with several processes: torchrun ends them all; the state of the last finished epoch resumes.
     with stop_on_ctrl_c(emit) if world.size == 1 else contextlib.nullcontext(lambda: False) as stop_requested:
-        hooks = FitHooks(on_epoch=reporter, save_state=writer, should_stop=stop_requested, on_resume=verdict)
+        watch = TrainingWatch(config, length.batch_size, built.class_names, emit)
+
+        def on_epoch(record: dict) -> None:
+            reporter(record)
+            watch(record)
+
+        hooks = FitHooks(on_epoch=on_epoch, save_state=writer, should_stop=stop_requested, on_resume=verdict)
         try:
             records = fit(
                 built.model,
@@ -536,6 +565,9 @@ def fit_or_stop(
                 )
             )
             raise SystemExit(130) from None
+    final = watch.final_warning()
+    if final is not None:
+        emit(final)
     return FitOutcome(records, time.perf_counter() - started + verdict.resumed_seconds)
 
 

@@ -26,7 +26,7 @@ from ..model.checkpoint import (
     weights_mismatch,
 )
 from ..model.networks import Network
-from ..model.registry import MODELS
+from ..model.registry import model_spec
 from ..report import first_of
 
 
@@ -251,7 +251,7 @@ def _check_init_fits(path: str, checkpoint: dict, *, architecture: str, in_chann
             f"this data has {in_channels}",
             advice=f"use data of that many channels (data.channels: {arguments['in_channels']} for an image folder)",
         )
-    if MODELS[architecture].takes_width and arguments.get("width", 32) != width:
+    if model_spec(architecture).takes_width and arguments.get("width", 32) != width:
         raise TransferError(
             f"train.init_from = {path!r} has width {arguments.get('width', 32)}, train.width is {width}",
             advice=f"set train.width: {arguments.get('width', 32)}",

@@ -1,0 +1,150 @@
+"""Recipes that follow the model (model/registry.py), any torchvision network by name, and the collapse
+warnings: a model that predicts one class for everything is caught in the train log, eval.json and the card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import real_params
+from test_transfer import project
+
+from imgcls.deploy.card import results_section
+from imgcls.errors import ParamsError
+from imgcls.evaluate.stage import evaluate
+from imgcls.model.registry import FAST_RECIPE, MODELS, TORCHVISION_RECIPE, model_spec, torchvision_spec
+from imgcls.params.core import parse_params
+from imgcls.params.train import TrainStageParams, augmentation_defaults, describe_recipe
+from imgcls.stats import prediction_spread
+from imgcls.train.stage import train
+from imgcls.train.watch import CHANCE_EPOCHS, CONSTANT_EPOCHS, TrainingWatch
+
+PHOTOS = {"dataset": "imagefolder", "source": "photos", "image_size": 96}
+
+
+def resolved(data: dict | None = None, **train_keys):
+    raw = real_params(data=data or {}, train=train_keys).model_dump()
+    return parse_params(raw, TrainStageParams)
+
+
+def test_auto_keys_take_the_models_recipe_and_set_keys_win():
+    params = resolved()  # committed params: fast, every recipe key auto
+    assert params.train.lr == "auto"
+    fast = params.with_recipe().train
+    assert (fast.optimizer, fast.lr, fast.bias_lr_scale, fast.ema) == ("sgd", 0.375, 64.0, 0.95)
+    assert fast.recompute_batchnorm is FAST_RECIPE.recompute_batchnorm is False
+    mobilenet = resolved(model="mobilenet_v3_small", label_smoothing=0.0).with_recipe().train
+    assert mobilenet.lr == TORCHVISION_RECIPE.lr and mobilenet.bias_lr_scale == 1.0 and mobilenet.ema == 0.0
+    assert mobilenet.recompute_batchnorm is True
+    assert mobilenet.label_smoothing == 0.0  # set in params.yaml: kept, not the recipe's 0.1
+    line = describe_recipe(resolved(model="mobilenet_v3_small", label_smoothing=0.0).train, mobilenet)
+    assert "label_smoothing 0.0 (set)" in line and "lr 0.2," in line and "mobilenet_v3_small's" in line
+
+
+def test_augmentation_defaults_follow_the_image_size():
+    small = resolved().with_recipe().train.augment  # Fashion-MNIST: 28 px
+    assert (small.translate, small.crop_scale, small.color_jitter, small.policy) == (2, 1.0, 0.0, "none")
+    photos = resolved(data=PHOTOS).with_recipe().train.augment
+    assert photos.crop_scale < 1 and photos.color_jitter > 0 and photos.policy == "trivialaugment"
+    assert photos.translate == 0
+    assert augmentation_defaults(63)["policy"] == "none" and augmentation_defaults(64)["policy"] != "none"
+    kept = resolved(data=PHOTOS, augment={"policy": "randaugment"})
+    assert kept.with_recipe().train.augment.policy == "randaugment"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("lr", "fast", "train.lr"),
+        ("lr", -1, "train.lr"),
+        ("optimizer", "adam", "train.optimizer"),
+        ("recompute_batchnorm", "yes", "train.recompute_batchnorm"),
+        ("model", "googlenet", "train.model"),  # its training output is a tuple: refused
+        ("model", "resnet9000", "train.model"),
+    ],
+)
+def test_bad_recipe_values_are_refused_naming_the_key(key, value, expected):
+    raw = real_params().model_dump()
+    raw["train"][key] = value
+    with pytest.raises(ParamsError) as caught:
+        parse_params(raw, TrainStageParams)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("efficientnet_b0", "classifier.1"),
+        ("shufflenet_v2_x1_0", "fc"),
+        ("regnet_x_400mf", "fc"),
+        ("vgg11", "classifier.6"),
+    ],
+)
+def test_any_torchvision_network_by_name(name, head):
+    assert name not in MODELS
+    spec = model_spec(name)
+    assert spec.torchvision_head == head and spec.recipe == TORCHVISION_RECIPE and spec is torchvision_spec(name)
+    assert resolved(data=PHOTOS, model=name).train.model == name
+
+
+def test_prediction_spread_flags_a_constant_classifier():
+    labels = np.arange(100) % 4
+    constant = prediction_spread(np.zeros(100, dtype=np.int64), labels, 4)
+    assert constant.constant and constant.top_share == 1.0 and constant.top_true_share == 0.25
+    assert constant.chance == 0.25
+    assert not prediction_spread(labels, labels, 4).constant
+    # A class that really is 96% of the images may be predicted for all of them.
+    skewed = np.where(np.arange(100) < 96, 0, 1)
+    assert not prediction_spread(np.zeros(100, dtype=np.int64), skewed, 2).constant
+
+
+def test_watch_says_collapse_and_chance_once_naming_the_params():
+    lines = []
+    config = resolved(model="mobilenet_v3_small", recompute_batchnorm=False).with_recipe().train
+    watch = TrainingWatch(config, 27, ["cat", "dog"], lines.append)
+    for epoch in range(1, 6):
+        watch(
+            {
+                "epoch": epoch,
+                "train_accuracy": 0.9,
+                "val_accuracy": 0.5,
+                "val_top_class": 0,
+                "val_top_share": 1.0,
+                "val_top_true_share": 0.5,
+                "val_chance": 0.5,
+                "val_constant": True,
+            }
+        )
+    constant = [line for line in lines if "constant classifier" in line]
+    chance = [line for line in lines if "stayed at chance" in line]
+    assert len(constant) == 1 and f"epoch {CONSTANT_EPOCHS}" in constant[0] and "'cat' for 100%" in constant[0]
+    assert len(chance) == 1 and f"for {CHANCE_EPOCHS} epochs" in chance[0]
+    assert "train.recompute_batchnorm" in constant[0] and "train.lr (0.2 at batch 256" in constant[0]
+    assert "constant classifier" in watch.final_warning()
+
+
+def test_collapsed_model_is_flagged_by_the_stages(tmp_path, capsys):
+    """mobilenet_v3_small with the BatchNorm statistics left to lag (recompute_batchnorm: false, the fast
+    recipe's lookahead) predicts one class in eval mode: the train log says so; with the recipe's recompute
+    the same run does not collapse. The evaluate stage flags the collapsed model in eval.json, the card too."""
+    paths = project(tmp_path, "collapse", ["a", "b"], n_train=64, size=32, n_val=20)
+    keys = {"model": "mobilenet_v3_small", "epochs": 3, "min_steps": 0, "batch_size": 16, "log_images": 0}
+    train(real_params(train={**keys, "recompute_batchnorm": False, "ema": 0.95}), paths)
+    log = capsys.readouterr().out
+    assert "a constant classifier" in log and "train.recompute_batchnorm" in log
+    evaluate(real_params(evaluate={"tta": False}), paths)
+    verdict = json.loads((paths.metrics_dir / "eval.json").read_text())
+    assert verdict["constant_classifier"] is True and verdict["most_predicted_share"] >= 0.95
+    assert verdict["chance_accuracy"] == 0.5
+    assert "a constant classifier" in capsys.readouterr().out
+    confusion = np.array([[8, 0], [8, 0]])
+    card = "\n".join(
+        results_section(["a", "b"], confusion, {"test_accuracy": 0.5, "images": 16, "ci95": [0.28, 0.72]}, None)
+    )
+    assert "Warning: a constant classifier" in card
+
+    train(real_params(train=keys), paths)  # the recipe: recompute_batchnorm auto (true for torchvision)
+    assert "constant classifier" not in capsys.readouterr().out
+    evaluate(real_params(evaluate={"tta": False}), paths)
+    assert json.loads((paths.metrics_dir / "eval.json").read_text())["constant_classifier"] is False
