@@ -1,6 +1,7 @@
 """What an exported model says about itself, so that `imgcls predict` needs nothing but the file: class
-names, input size and channels, data set, test accuracy. One home for the keys: the export stage writes
-them (ONNX ``metadata_props``, a TorchScript extra file) and imgcls.predict reads them."""
+names, input size and channels, how a picture is made square (resize), data set, test accuracy. One home for
+the keys: the export stage writes them (ONNX ``metadata_props``, a TorchScript extra file) and imgcls.predict
+reads them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ TORCHSCRIPT_EXTRA_FILE = "imgcls.json"
 FORMAT_VERSION = 1
 
 
+def trained_resize(checkpoint: dict) -> object:
+    """How the model's training images were made square: data.resize in the checkpoint's params snapshot, or
+    "squash" for a checkpoint without one (written before data.resize existed, when every image was squashed).
+    Returned as found: a reader of an untrusted file checks it against preprocess/images.py RESIZE_MODES."""
+    params = checkpoint.get("params")
+    data = params.get("data") if isinstance(params, dict) else None
+    return data.get("resize", "squash") if isinstance(data, dict) else "squash"
+
+
 def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: bool) -> dict:
     arguments = checkpoint["arguments"]
     return {
@@ -19,6 +29,7 @@ def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: bo
         "class_names": list(checkpoint["class_names"]),
         "image_size": int(arguments["image_size"]),
         "channels": int(arguments["in_channels"]),
+        "resize": trained_resize(checkpoint),  # squash | crop | pad: predict decodes pictures the same way
         "input": "float32 (N, C, H, W) in [0, 1]; normalization is inside the graph",
         "mean": list(arguments["mean"]),
         "std": list(arguments["std"]),

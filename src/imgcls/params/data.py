@@ -19,6 +19,8 @@ class DataParams(Section):
     test_fraction: float = Field(gt=0, lt=1)
     on_bad_image: Literal["error", "skip"]
     image_size: int = Field(ge=8, le=MAX_IMAGE_SIZE)
+    # imagefolder: how a non-square picture becomes image_size x image_size (preprocess/images.py RESIZE_MODES)
+    resize: Literal["squash", "crop", "pad"]
     channels: Literal[1, 3]
     # Pillow itself refuses images of more than 178,956,970 pixels (its decompression-bomb limit).
     max_image_pixels: int = Field(ge=1024, le=178_956_970)

@@ -137,9 +137,12 @@ def output_problem(path: Path) -> str | None:
 
 
 def items_of(args: argparse.Namespace, model: LoadedModel, scratch: Path, threads: int) -> Iterator[Item]:
-    size, channels = model.image_size, model.channels
+    # Every picture is made square the way the model's training images were (the model file's resize).
+    size, channels, resize = model.image_size, model.channels, model.resize
     if args.camera is not None:
-        yield from camera_frames(args.camera, image_size=size, channels=channels, every=args.every, limit=args.frames)
+        yield from camera_frames(
+            args.camera, image_size=size, channels=channels, every=args.every, limit=args.frames, resize=resize
+        )
         return
     planned = plan_sources(args.sources, model.class_names, scratch)
     run: list[FileJob] = []
@@ -148,12 +151,14 @@ def items_of(args: argparse.Namespace, model: LoadedModel, scratch: Path, thread
             run.append(entry)
             continue
         if run:  # consecutive image files decode together on the process pool
-            yield from decode_jobs(run, image_size=size, channels=channels, workers=threads)
+            yield from decode_jobs(run, image_size=size, channels=channels, workers=threads, resize=resize)
             run = []
         if isinstance(entry, Skipped):
             yield Item(entry.name, None, None, entry.reason)
         elif entry is not None:
-            yield from video_frames(entry, image_size=size, channels=channels, every=args.every, threads=threads)
+            yield from video_frames(
+                entry, image_size=size, channels=channels, every=args.every, threads=threads, resize=resize
+            )
 
 
 def batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -316,7 +321,8 @@ def run_predictions(args: argparse.Namespace, threads: int, writer: ResultWriter
 def model_line(model: LoadedModel, *, int8: bool) -> str:
     return (
         f"model {printable(str(model.path))} ({model.kind}{', int8' if int8 else ''}): "
-        f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}"
+        f"{len(model.class_names)} classes, input {model.channels}x{model.image_size}x{model.image_size}, "
+        f"resize {model.resize}"
     )
 
 

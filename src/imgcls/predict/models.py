@@ -8,9 +8,10 @@ program (its scripted methods, ``__setstate__`` among them, run when it loads) a
 need the user's explicit ``--trust-model``.
 
 What a file says about itself is checked before anything is sized from it: types and ranges of the metadata
-(image size capped as for checkpoints, 1 or 3 channels, distinct class names), then the graph's declared input
-and output shapes, then a probe batch through the model, so a file whose metadata disagrees with its graph
-is one line naming the file and the field, never an allocation the metadata asked for or a runtime traceback.
+(image size capped as for checkpoints, 1 or 3 channels, distinct class names, a known resize mode; a file
+without one is from before data.resize and means squash), then the graph's declared input and output shapes,
+then a probe batch through the model, so a file whose metadata disagrees with its graph is one line naming
+the file and the field, never an allocation the metadata asked for or a runtime traceback.
 An ONNX graph is data but can still ask for work: it runs in an arena capped at a share of the memory
 available, each call under a time limit, and on a thread the main thread watches, so Ctrl-C and SIGTERM stop
 it (ONNX Runtime's terminate flag) instead of waiting for a graph that loops for ever.
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..deploy.metadata import METADATA_KEY, TORCHSCRIPT_EXTRA_FILE
+from ..deploy.metadata import METADATA_KEY, TORCHSCRIPT_EXTRA_FILE, trained_resize
 from ..errors import UserError
 from ..host import host_available_memory
 from ..params.core import MAX_IMAGE_SIZE
+from ..preprocess.images import RESIZE_MODES
 
 MAX_CLASSES = 100_000  # as a checkpoint's num_classes
 MAX_CLASS_NAME_CHARS = 256
@@ -55,6 +57,7 @@ class LoadedModel:
     class_names: list[str]
     image_size: int
     channels: int
+    resize: str  # squash | crop | pad: how a picture is made square, as for the model's training images
     facts: dict  # everything the file says about itself (data set, test accuracy, ...)
     logits: Callable[[np.ndarray], np.ndarray]  # float32 images in [0, 1] (N, C, H, W) -> logits (N, K)
 
@@ -75,6 +78,16 @@ class LoadedModel:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def checked_resize(path: Path, value: object, field: str, redo: str) -> str:
+    """``value`` when it names a resize mode (RESIZE_MODES); otherwise a UserError naming ``field``."""
+    if not (isinstance(value, str) and value in RESIZE_MODES):
+        raise UserError(
+            f"{path}: {field} = {str(value)[:40]!r} is not one of {', '.join(RESIZE_MODES)} (how a picture is made "
+            f"square); the file is damaged or from another version; {redo}"
+        )
+    return value
 
 
 def check_facts(path: Path, facts: object) -> dict:
@@ -101,6 +114,8 @@ def check_facts(path: Path, facts: object) -> dict:
         )
     if not (_is_int(channels) and channels in (1, 3)):
         raise UserError(f"{path}: metadata field channels = {str(channels)[:40]} is not 1 or 3; {redo}")
+    # Exports from before data.resize carry no resize: every image was squashed then.
+    facts["resize"] = checked_resize(path, facts.get("resize", "squash"), "metadata field resize", redo)
     return facts
 
 
@@ -223,6 +238,12 @@ def _runtime_error(error: Exception, path: Path, *, batch: int) -> UserError:
     return UserError(f"{path}: ONNX Runtime failed on a batch of {batch} ({type(error).__name__}: {text[:200]})")
 
 
+def _loaded(path: Path, kind: str, facts: dict, logits: Callable[[np.ndarray], np.ndarray]) -> LoadedModel:
+    """A LoadedModel of checked ``facts`` (class names, image size, channels, resize)."""
+    size, channels = facts["image_size"], facts["channels"]
+    return LoadedModel(path, kind, facts["class_names"], size, channels, facts["resize"], facts, logits)
+
+
 def _missing(path: Path) -> UserError:
     return UserError(
         f"no model at {path}: run `dvc repro` to train and export one, or `dvc pull` to fetch the "
@@ -253,7 +274,7 @@ def load_onnx(path: Path, threads: int) -> LoadedModel:
         limit = max(CALL_SECONDS_FLOOR, CALL_SECONDS_PER_PROBE * probed[0] * len(images)) if probed else PROBE_SECONDS
         return run_interruptibly(session, {input_name: images}, seconds=limit, path=path)
 
-    model = LoadedModel(path, "onnx", facts["class_names"], facts["image_size"], facts["channels"], facts, logits)
+    model = _loaded(path, "onnx", facts, logits)
     probed.append(_probe(model))
     return model
 
@@ -280,9 +301,7 @@ def load_torchscript(path: Path, threads: int) -> LoadedModel:
             raise UserError(f"{path}: the model returned {type(output).__name__}, not a tensor of logits")
         return output.float().numpy()
 
-    model = LoadedModel(
-        path, "torchscript", facts["class_names"], facts["image_size"], facts["channels"], facts, logits
-    )
+    model = _loaded(path, "torchscript", facts, logits)
     _probe(model)
     return model
 
@@ -299,6 +318,9 @@ def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:
         "class_names": checkpoint["class_names"],
         "image_size": arguments["image_size"],
         "channels": arguments["in_channels"],
+        "resize": checked_resize(
+            path, trained_resize(checkpoint), "params.data.resize", "retrain it (dvc repro train)"
+        ),
         "architecture": checkpoint["architecture"],
     }
 
@@ -306,7 +328,7 @@ def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:
         with torch.no_grad():
             return model(torch.from_numpy(images)).float().numpy()
 
-    return LoadedModel(path, "checkpoint", facts["class_names"], facts["image_size"], facts["channels"], facts, logits)
+    return _loaded(path, "checkpoint", facts, logits)
 
 
 def load_model(path: Path, *, threads: int, int8: bool = False, trust: bool = False) -> LoadedModel:

@@ -7,7 +7,8 @@ reason it could not be read. Only regular files are opened (a FIFO named ``p.png
 links to folders are never followed inside a folder or a ``**`` pattern (a link to an ancestor makes the
 walk endless), and each one skipped is reported as an item, as is a folder that cannot be listed.
 Pictures become model input through the preprocess stage's own functions
-(``decode_image`` for files, ``prepare_image`` for decoded frames), so predict sees what training saw."""
+(``decode_image`` for files, ``prepare_image`` for decoded frames), made square the way the model's training
+images were (``resize``: squash, crop or pad, from the model file), so predict sees what training saw."""
 
 from __future__ import annotations
 
@@ -220,16 +221,15 @@ def plan_sources(sources: list[str], class_names: list[str], scratch: Path) -> l
     return planned
 
 
-def _decode_files(jobs: list[tuple[str, str, int | None]], image_size: int, channels: int) -> list[Item]:
+def _decode_files(jobs: list[tuple[str, str, int | None]], image_size: int, channels: int, resize: str) -> list[Item]:
     items = []
     for path, name, label in jobs:
         if not is_regular_file(path):  # checked again here: the file may have been swapped since the listing
             items.append(Item(name, label, None, "not a regular file (a FIFO, device or socket, or gone)"))
             continue
         try:
-            items.append(
-                Item(name, label, decode_image(path, image_size=image_size, channels=channels, max_pixels=MAX_PIXELS))
-            )
+            image = decode_image(path, image_size=image_size, channels=channels, max_pixels=MAX_PIXELS, resize=resize)
+            items.append(Item(name, label, image))
         except DECODE_ERRORS as error:
             items.append(Item(name, label, None, f"{type(error).__name__}: {error}"))
     return items
@@ -243,9 +243,11 @@ def _worker_start() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers: int) -> Iterator[Item]:
-    """Decode image files in order; with ``workers`` > 1 on a process pool (no more processes than tasks
-    or cores), a few tasks ahead."""
+def decode_jobs(
+    jobs: list[FileJob], *, image_size: int, channels: int, workers: int, resize: str = "squash"
+) -> Iterator[Item]:
+    """Decode image files in order, made square by ``resize``; with ``workers`` > 1 on a process pool (no more
+    processes than tasks or cores), a few tasks ahead."""
     tasks = [
         [(str(j.path), j.name, j.label) for j in jobs[i : i + FILES_PER_TASK]]
         for i in range(0, len(jobs), FILES_PER_TASK)
@@ -253,11 +255,11 @@ def decode_jobs(jobs: list[FileJob], *, image_size: int, channels: int, workers:
     workers = min(workers, len(tasks), os.cpu_count() or 1)
     if workers <= 1:
         for task in tasks:
-            yield from _decode_files(task, image_size, channels)
+            yield from _decode_files(task, image_size, channels, resize)
         return
     pool = ProcessPoolExecutor(workers, initializer=_worker_start)
     try:
-        arguments = ((task, image_size, channels) for task in tasks)
+        arguments = ((task, image_size, channels, resize) for task in tasks)
         for items in prefetched(pool, _decode_files, arguments, ahead=2 * workers):
             yield from items
     except BrokenProcessPool:
@@ -275,8 +277,10 @@ def _picture(frame) -> Image.Image:
     return Image.fromarray(frame.to_ndarray(format="rgb24"))
 
 
-def video_frames(path: Path, *, image_size: int, channels: int, every: int, threads: int) -> Iterator[Item]:
-    """Every ``every``-th frame of a video file, decoded by PyAV (FFmpeg)."""
+def video_frames(
+    path: Path, *, image_size: int, channels: int, every: int, threads: int, resize: str = "squash"
+) -> Iterator[Item]:
+    """Every ``every``-th frame of a video file, decoded by PyAV (FFmpeg), made square by ``resize``."""
     import av
 
     try:
@@ -296,7 +300,7 @@ def video_frames(path: Path, *, image_size: int, channels: int, every: int, thre
             for index, frame in enumerate(container.decode(stream)):
                 if index % every:
                     continue
-                image = prepare_image(_picture(frame), image_size=image_size, channels=channels)
+                image = prepare_image(_picture(frame), image_size=image_size, channels=channels, resize=resize)
                 frames += 1
                 yield Item(f"{path}#frame={index}", None, image)
         except av.error.FFmpegError as error:
@@ -306,8 +310,11 @@ def video_frames(path: Path, *, image_size: int, channels: int, every: int, thre
             yield Item(f"{path}", None, None, "no frame could be decoded from this video")
 
 
-def camera_frames(camera: int, *, image_size: int, channels: int, every: int, limit: int | None) -> Iterator[Item]:
-    """Frames of camera ``camera`` (/dev/video<N>, through FFmpeg's video4linux2 input)."""
+def camera_frames(
+    camera: int, *, image_size: int, channels: int, every: int, limit: int | None, resize: str = "squash"
+) -> Iterator[Item]:
+    """Frames of camera ``camera`` (/dev/video<N>, through FFmpeg's video4linux2 input), made square by
+    ``resize``."""
     import av
 
     device = f"/dev/video{camera}"
@@ -329,5 +336,5 @@ def camera_frames(camera: int, *, image_size: int, channels: int, every: int, li
                 yield Item(
                     f"camera{camera}#frame={index}",
                     None,
-                    prepare_image(_picture(frame), image_size=image_size, channels=channels),
+                    prepare_image(_picture(frame), image_size=image_size, channels=channels, resize=resize),
                 )

@@ -3,8 +3,8 @@ decodes only those. It lives outside DVC's outputs (data/cache/decoded/), and de
 next run decodes everything again and writes the same bytes.
 
 Layout: one folder per decode setting, named by a hash of everything that changes the decoded pixels
-(image_size, channels, max_image_pixels, the decoding code itself, Pillow's and NumPy's versions), holding
-*packs*: one file per decoded chunk, ``<32 hex>.pack``::
+(image_size, channels, max_image_pixels, resize, the decoding code itself, Pillow's and NumPy's versions),
+holding *packs*: one file per decoded chunk, ``<32 hex>.pack``::
 
     header  "IMGCLSP1", count (uint32), bytes per image (uint32)
     table   count x (SHA-256 of the image file (32 bytes), check (16 bytes))
@@ -53,6 +53,12 @@ class DecodeSettings:
     image_size: int
     channels: int
     max_pixels: int
+    resize: str  # squash | crop | pad: the same file gives other pixels under each
+
+    def __post_init__(self) -> None:
+        # A bug, not a bad image: refused before any file is decoded (a decoder's ValueError counts as unreadable).
+        if self.resize not in images_module.RESIZE_MODES:
+            raise ValueError(f"resize must be one of {images_module.RESIZE_MODES}, not {self.resize!r}")
 
     @property
     def row_bytes(self) -> int:
@@ -64,6 +70,7 @@ class DecodeSettings:
             "image_size": self.image_size,
             "channels": self.channels,
             "max_image_pixels": self.max_pixels,
+            "resize": self.resize,
             "decoder_sha256": code,  # preprocess/images.py: a change to decoding never reuses old pixels
             "pillow": PIL.__version__,
             "numpy": np.__version__,

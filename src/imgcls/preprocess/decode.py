@@ -21,17 +21,20 @@ def decode(
     on_bad_image: str,
     max_image_pixels: int,
     workdir: Path,
+    resize: str = "squash",
     log: Callable[[str], None] = print,
     cache_dir: Path | None = None,
     project_root: Path | None = None,
 ) -> DecodedDataset:
-    """Fashion-MNIST and CIFAR-10 (fixed, small) decode in memory; image folders stream into ``workdir``,
-    reusing what ``cache_dir`` holds. A folder read in place that the manifest names by a relative path is
-    found under ``project_root`` (the current folder when None)."""
+    """Fashion-MNIST and CIFAR-10 (fixed, small, square) decode in memory; image folders stream into
+    ``workdir``, made square by ``resize`` (squash | crop | pad), reusing what ``cache_dir`` holds. A folder read
+    in place that the manifest names by a relative path is found under ``project_root`` (the current folder
+    when None)."""
     return DECODERS[dataset](
         raw_dir,
         image_size=image_size,
         channels=channels,
+        resize=resize,
         on_bad_image=on_bad_image,
         max_image_pixels=max_image_pixels,
         workdir=workdir,
@@ -61,6 +64,7 @@ def _decode_images(raw_dir: Path, **options: Any) -> DecodedDataset:
         folder,
         image_size=options["image_size"],
         channels=options["channels"],
+        resize=options["resize"],
         on_bad_image=options["on_bad_image"],
         max_pixels=options["max_image_pixels"],
         workdir=options["workdir"],

@@ -98,7 +98,11 @@ def _decode_verified(path: str, size: int, sha256: str, settings: DecodeSettings
             raise SourceChanged(f"{path}: the manifest says {size:,} bytes, sha256 {sha256}; found {found}")
         file.seek(0)
         return decode_image(
-            file, image_size=settings.image_size, channels=settings.channels, max_pixels=settings.max_pixels
+            file,
+            image_size=settings.image_size,
+            channels=settings.channels,
+            max_pixels=settings.max_pixels,
+            resize=settings.resize,
         )
 
 
@@ -239,6 +243,7 @@ def decode_image_folder(
     on_bad_image: str,
     max_pixels: int,
     workdir: Path,
+    resize: str = "squash",
     log: Callable[[str], None] = print,
     workers: int | None = None,
     cache_dir: Path | None = None,
@@ -254,6 +259,7 @@ def decode_image_folder(
         on_bad_image=on_bad_image,
         max_pixels=max_pixels,
         workdir=workdir,
+        resize=resize,
         log=log,
         workers=workers,
         cache_dir=cache_dir,
@@ -269,13 +275,15 @@ def decode_manifest(
     on_bad_image: str,
     max_pixels: int,
     workdir: Path,
+    resize: str = "squash",
     log: Callable[[str], None] = print,
     workers: int | None = None,
     cache_dir: Path | None = None,
 ) -> DecodedDataset:
     """Decode the images ``manifest`` lists (paths relative to ``folder``) into ``workdir/<split>.npy`` (uint8
-    (N, C, H, W), streamed: memory is bounded by a few chunks per worker); the result's images are readers over
-    those files. With ``cache_dir``, images decoded before with the same settings are reused by their SHA-256."""
+    (N, C, H, W), streamed: memory is bounded by a few chunks per worker), each made square by ``resize``
+    (squash | crop | pad, images.py); the result's images are readers over those files. With ``cache_dir``,
+    images decoded before with the same settings are reused by their SHA-256."""
     tree = ImageTree(manifest, folder)
     train = _list_train(tree)
     listings = {
@@ -283,7 +291,7 @@ def decode_manifest(
         for split in SPLIT_NAMES
         if tree.has_split(split)
     }
-    settings = DecodeSettings(image_size, channels, max_pixels)
+    settings = DecodeSettings(image_size, channels, max_pixels, resize)
     cache = DecodeCache(cache_dir, settings, log) if cache_dir is not None else None
     workers = workers or min(4, os.cpu_count() or 1)
     workdir.mkdir(parents=True, exist_ok=True)

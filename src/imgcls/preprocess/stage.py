@@ -8,6 +8,7 @@ import json
 import shutil
 
 from ..cli import log
+from ..datasets import DATASETS
 from ..errors import DataError
 from ..fileio import atomic_dir
 from ..params.preprocess import PreprocessStageParams as Params
@@ -35,6 +36,7 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
             paths.raw_dir,
             image_size=data.image_size,
             channels=data.channels,
+            resize=data.resize,
             on_bad_image=data.on_bad_image,
             max_image_pixels=data.max_image_pixels,
             workdir=scratch,
@@ -50,7 +52,11 @@ def preprocess(params: Params, paths: ProjectPaths) -> None:
             seed=params.base.seed,
             val_folder=data.val_folder,
         )
-        meta = write_splits(tmp, decoded, plan, dataset=data.dataset, source=provenance)
+        # data.resize applies where images are resized (image folders); built-in data sets come square.
+        resized = DATASETS[data.dataset].image_size is None
+        meta = write_splits(
+            tmp, decoded, plan, dataset=data.dataset, source=provenance, resize=data.resize if resized else None
+        )
         shutil.rmtree(scratch, ignore_errors=True)
     counts = ", ".join(
         f"{split} {len(rows)}" + (f" (from {source}/)" if source != split else "")

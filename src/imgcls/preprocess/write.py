@@ -16,8 +16,12 @@ from .splits import ChannelStats, SplitPlan, build_meta, gather
 COPY_CHUNK_BYTES = 32 << 20
 
 
-def write_splits(directory: Path, decoded: DecodedDataset, plan: SplitPlan, *, dataset: str, source: dict) -> dict:
-    """Write ``<split>_images.npy``/``<split>_labels.npy`` for every planned split and meta.json; returns meta."""
+def write_splits(
+    directory: Path, decoded: DecodedDataset, plan: SplitPlan, *, dataset: str, source: dict, resize: str | None = None
+) -> dict:
+    """Write ``<split>_images.npy``/``<split>_labels.npy`` for every planned split and meta.json; returns meta.
+    ``resize``: how the images were made square (data.resize), recorded in meta.json; None for data sets whose
+    images come square at their fixed size (nothing was resized, and their meta.json stays as it was)."""
     first_images = next(iter(decoded.splits.values()))[0]
     image_shape = list(first_images.shape[1:])
     row_bytes = int(np.prod(image_shape))
@@ -39,5 +43,7 @@ def write_splits(directory: Path, decoded: DecodedDataset, plan: SplitPlan, *, d
         dataset=dataset, class_names=decoded.class_names, image_shape=image_shape, labels=labels, mean=mean, std=std
     )
     meta["source"] = source
+    if resize is not None:
+        meta["resize"] = resize
     save_meta(directory, meta)
     return meta
