@@ -30,6 +30,7 @@ from imgcls.model.networks import TTAModel
 from imgcls.model.registry import build_model
 from imgcls.params.core import read_yaml
 from imgcls.params.project import parse_params
+from imgcls.params.train import params_with_recipe
 from imgcls.runtime import resolve_precision, seed_everything
 from imgcls.train.loop import apply_update, backward, epoch_batches, forward_loss, make_training_setup, set_rate
 
@@ -44,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     recipe = yaml.safe_load((REPO_ROOT / "bench" / "recipes.yaml").read_text())[args.recipe]
     # the recipe's overrides, validated like a stage validates them
-    params = parse_params(merge_params(read_yaml(REPO_ROOT / "params.yaml"), recipe))
+    params = params_with_recipe(parse_params(merge_params(read_yaml(REPO_ROOT / "params.yaml"), recipe)))
     config, evaluate_config = params.train, params.evaluate
 
     generator = seed_everything(0)

@@ -31,11 +31,13 @@ def committed_params_raw() -> dict:
 
 
 def real_params(**sections):
-    """The committed params.yaml, shrunk or changed by ``sections``, validated like a stage validates it:
-    tests train on the project's real recipe, not on defaults of their own."""
+    """The committed params.yaml, shrunk or changed by ``sections``, validated like a stage validates it, with
+    the recipe keys left at auto resolved as the train stage resolves them: tests train on the project's real
+    recipe, not on defaults of their own."""
     from imgcls.params.project import parse_params
+    from imgcls.params.train import params_with_recipe
 
-    return parse_params(merge(committed_params_raw(), sections))
+    return params_with_recipe(parse_params(merge(committed_params_raw(), sections)))
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -477,7 +477,7 @@ def test_an_output_that_cannot_be_written_fails_before_any_inference(project, tm
     assert code == 1 and "Traceback" not in err and "file" in err
 
 
-def _decode_or_die(jobs, image_size, channels):
+def _decode_or_die(jobs, image_size, channels, resize):
     """A decode task whose worker is killed (as by the out-of-memory killer) when it meets die.png."""
     import os
 

@@ -97,7 +97,7 @@ class PredictionSpread:
 
     @property
     def constant(self) -> bool:
-        return (
+        return bool(
             self.images >= CONSTANT_MIN_IMAGES
             and self.top_share >= CONSTANT_SHARE
             and self.top_true_share <= CONSTANT_MAX_TRUE_SHARE
@@ -115,7 +115,9 @@ def prediction_spread(predictions, labels, num_classes: int) -> PredictionSpread
     predicted = np.bincount(predictions, minlength=num_classes)
     true = np.bincount(labels, minlength=num_classes)
     top = int(predicted.argmax())
-    return PredictionSpread(images, top, predicted[top] / images, true[top] / images, true.max() / images)
+    return PredictionSpread(
+        images, top, float(predicted[top] / images), float(true[top] / images), float(true.max() / images)
+    )
 
 
 def spread_of_confusion(confusion) -> PredictionSpread:
@@ -128,4 +130,6 @@ def spread_of_confusion(confusion) -> PredictionSpread:
         return PredictionSpread(0, 0, 0.0, 0.0, 0.0)
     predicted, true = confusion.sum(axis=0), confusion.sum(axis=1)
     top = int(predicted.argmax())
-    return PredictionSpread(images, top, predicted[top] / images, true[top] / images, true.max() / images)
+    return PredictionSpread(
+        images, top, float(predicted[top] / images), float(true[top] / images), float(true.max() / images)
+    )

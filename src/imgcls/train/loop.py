@@ -55,8 +55,10 @@ def make_training_setup(
     generator: torch.Generator,
     fine_tune: bool = False,
     processes: int = 1,
+    num_classes: int = 0,
 ) -> TrainingSetup:
-    """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``.
+    """Batch size, schedule, optimizer, loss and augmentation for ``config`` on training ``images``
+    (``num_classes``: the width of mixup's and cutmix's soft targets, needed when either is on).
     ``fine_tune``: the model starts from loaded weights; its head and backbone get their own rates."""
     length = run_length(len(images), config, processes)
     # A warm-up longer than the run (train.epochs: 1 with the default warm-up) ends with the run.
@@ -75,7 +77,15 @@ def make_training_setup(
         optimizer=recipe_optimizer(model, config, length.batch_size, fine_tune),
         loss_fn=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
         augmentation=Augmentation(
-            flip=augment.flip, translate=augment.translate, alternate_flip=augment.alternate_flip
+            flip=augment.flip,
+            translate=augment.translate,
+            alternate_flip=augment.alternate_flip,
+            crop_scale=augment.crop_scale,
+            color_jitter=augment.color_jitter,
+            policy=augment.policy,
+            mixup=augment.mixup,
+            cutmix=augment.cutmix,
+            num_classes=num_classes,
         ),
         flip_halves=torch.rand(len(images), generator=generator) < 0.5,
         lookahead=Lookahead(model, config.ema) if config.ema > 0 else None,
@@ -252,6 +262,7 @@ class FitSetup:
     precision: str
     fine_tune: bool = False
     world: World = SINGLE
+    num_classes: int = 0  # the model's classes (mixup's and cutmix's soft targets); 0: the labels' largest + 1
 
 
 @dataclass(frozen=True)
@@ -619,7 +630,13 @@ def fit(
         model.initialize_from_data(images.first(model.init_images))
     config, world = setup.config, setup.world
     training = make_training_setup(
-        model, images, config=config, generator=generator, fine_tune=setup.fine_tune, processes=world.size
+        model,
+        images,
+        config=config,
+        generator=generator,
+        fine_tune=setup.fine_tune,
+        processes=world.size,
+        num_classes=setup.num_classes or (int(labels.max()) + 1 if len(labels) else 0),
     )
     run = resume_run(model, training, resume_from, generator, hooks)
     if world.size > 1:

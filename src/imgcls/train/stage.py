@@ -531,7 +531,14 @@ def fit_or_stop(
     world, emit = rank.world, rank.emit
     verdict = ResumeVerdict(resume.state, paths.resume_state, length.epochs, world, emit)
     writer = ResumeStateWriter(paths.resume_state, resume.digest, emit) if world.is_main else None
-    setup = FitSetup(config, rank.device, rank.precision, fine_tune=built.start is not None, world=world)
+    setup = FitSetup(
+        config,
+        rank.device,
+        rank.precision,
+        fine_tune=built.start is not None,
+        world=world,
+        num_classes=len(built.class_names),
+    )
     started = time.perf_counter()
     # Ctrl-C with several processes: torchrun ends them all; the state of the last finished epoch resumes.
     with stop_on_ctrl_c(emit) if world.size == 1 else contextlib.nullcontext(lambda: False) as stop_requested:
