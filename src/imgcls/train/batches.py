@@ -1,5 +1,6 @@
 """Batches of training images: shuffling and augmentation on whole uint8 batches (a quarter of float's
-bytes) before the float conversion (after airbench's batch_flip_lr and batch_crop).
+bytes) before the float conversion (after airbench's batch_flip_lr and batch_crop; the photo ops, random
+resized crop, colour jitter, TrivialAugment / RandAugment and mixup / cutmix, live in augment.py).
 
 The images come from one of two sources with the same interface: ``ResidentImages`` (the whole split as a
 tensor in memory or on the GPU: the fast path for data that fits) or ``StreamedImages`` (each batch read
@@ -16,6 +17,16 @@ import torch
 
 from ..arrays import NpyReader
 from ..model.inference import to_float_images
+from .augment import (
+    POLICIES,
+    adjust_colors,
+    apply_policy,
+    jitter_factors,
+    mix_batch,
+    policy_seeds,
+    resized_crop,
+    resized_crop_boxes,
+)
 
 # train.in_memory: auto keeps a split resident when it is at most this large and at most a quarter of the
 # memory available (host memory, or the GPU's free memory when training there).
@@ -134,9 +145,32 @@ def batch_translate(
 
 @dataclass(frozen=True)
 class Augmentation:
+    """Training augmentation. Every field after ``translate`` defaults to off, and an op that is off draws no
+    random numbers: batches with them all off are byte-identical to those before they existed."""
+
     flip: bool
     translate: int
     alternate_flip: bool = False  # airbench: flip a fixed random half in even epochs, the other half in odd ones
+    crop_scale: float = 1.0  # random resized crop: smallest area share of a box, aspect 3/4..4/3 (1.0: off)
+    color_jitter: float = 0.0  # brightness, contrast and saturation factors uniform in 1 +- this (0: off)
+    policy: str = "none"  # "trivialaugment" or "randaugment" (torchvision v2, per image), or "none"
+    policy_group_size: int = 1  # images in a row sharing one policy op (1: per image; more: faster, less varied)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup's blend (0: off)
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix's area; with mixup too, one of the two per batch (0: off)
+    num_classes: int = 0  # width of the soft targets that mixup and cutmix yield (needed when either is on)
+
+    def __post_init__(self):
+        if self.policy != "none" and self.policy not in POLICIES:
+            raise ValueError(f"augmentation policy {self.policy!r}: expected none or one of {', '.join(POLICIES)}")
+        if self.policy_group_size < 1:
+            raise ValueError(f"policy_group_size must be at least 1 (1: an op per image), got {self.policy_group_size}")
+        if self.mixes and self.num_classes < 2:
+            raise ValueError(f"mixup / cutmix need num_classes (>= 2) for their soft targets, got {self.num_classes}")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (and yield soft targets instead of int labels)."""
+        return self.mixup > 0 or self.cutmix > 0
 
 
 def _batch_reads(images: ImageSource, indices: list[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -154,6 +188,41 @@ def _batch_reads(images: ImageSource, indices: list[torch.Tensor]) -> Iterator[t
             yield batch
 
 
+def augment_batch(
+    batch: torch.Tensor,
+    augmentation: Augmentation,
+    *,
+    whole_size: int,
+    part: slice,
+    index: torch.Tensor,
+    epoch: int,
+    flip_halves: torch.Tensor | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The uint8 ops on one batch (B, C, H, W), in order: flip, translate, random resized crop, colour jitter,
+    policy. Each draws its random numbers for the whole global batch (``whole_size`` images) and applies the rows
+    of ``part``, this rank's share (``index``: their positions in the split); an op that is off draws nothing."""
+    if augmentation.flip:
+        if augmentation.alternate_flip and flip_halves is not None:
+            mask = flip_halves[index] ^ bool(epoch % 2)
+        else:
+            mask = (torch.rand(whole_size, generator=generator) < 0.5)[part]
+        batch = batch_flip(batch, mask=mask)
+    if augmentation.translate:
+        dy, dx = random_offsets(whole_size, augmentation.translate, generator)
+        batch = batch_translate(batch, augmentation.translate, offsets=(dy[part], dx[part]))
+    if augmentation.crop_scale < 1:
+        height, width = batch.shape[2:]
+        boxes = resized_crop_boxes(whole_size, height, width, scale=(augmentation.crop_scale, 1.0), generator=generator)
+        batch = resized_crop(batch, boxes[part])
+    if augmentation.color_jitter > 0:
+        batch = adjust_colors(batch, jitter_factors(whole_size, augmentation.color_jitter, generator)[part])
+    if augmentation.policy != "none":
+        seeds = policy_seeds(whole_size, generator, augmentation.policy_group_size)
+        batch = apply_policy(batch, augmentation.policy, seeds[part])
+    return batch
+
+
 def iterate_batches(
     images: ImageSource | torch.Tensor,
     labels: torch.Tensor,
@@ -166,33 +235,47 @@ def iterate_batches(
     drop_last: bool = True,
     shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled, augmented float batches; ``labels`` are on the training device.
+    """Shuffled, augmented float batches with their int64 labels (N,) on the training device, or, when the
+    augmentation mixes (mixup / cutmix), with soft targets (N, num_classes) float.
 
-    Augmentation works on uint8 (a quarter of float's bytes) before the conversion to float; translation
-    reflect-pads the batch and crops it (per batch: no padded copy of the whole split).
+    Augmentation works on uint8 (a quarter of float's bytes) before the conversion to float (``augment_batch``;
+    translation reflect-pads the batch and crops it per batch: no padded copy of the whole split); mixing works
+    on the float batch after it.
 
     ``shard`` = (rank, world size): data-parallel training. Every rank draws the same order and the same
     augmentation for the whole global batch of ``batch_size`` (a multiple of the world size) and reads and
-    yields only its own contiguous part of it: the ranks' parts together are exactly one process's batch.
+    yields only its own contiguous part of it: the ranks' parts together are exactly one process's batch
+    (with mixing: when each part has an even size, as mixing pairs neighbours, 0 with 1, 2 with 3, ...).
     """
     if isinstance(images, torch.Tensor):
         images = ResidentImages(images)
     rank, world = shard
     order = torch.randperm(len(images), generator=generator)
     end = len(images) - (len(images) % batch_size if drop_last and len(images) >= batch_size else 0)
-    translate = augmentation.translate if augmentation is not None else 0
     batches = [order[start : start + batch_size] for start in range(0, end, batch_size)]
     mine = [slice(rank * len(b) // world, (rank + 1) * len(b) // world) for b in batches]
     indices = [b[part] for b, part in zip(batches, mine, strict=False)]
     for whole, part, index, batch in zip(batches, mine, indices, _batch_reads(images, indices), strict=True):
         # batch: uint8 (B, C, H, W)
-        if augmentation is not None and augmentation.flip:
-            if augmentation.alternate_flip and flip_halves is not None:
-                mask = flip_halves[index] ^ bool(epoch % 2)
-            else:
-                mask = (torch.rand(len(whole), generator=generator) < 0.5)[part]
-            batch = batch_flip(batch, mask=mask)
-        if translate:
-            dy, dx = random_offsets(len(whole), translate, generator)
-            batch = batch_translate(batch, translate, offsets=(dy[part], dx[part]))
-        yield to_float_images(batch), labels[index.to(labels.device)]
+        if augmentation is not None:
+            batch = augment_batch(
+                batch,
+                augmentation,
+                whole_size=len(whole),
+                part=part,
+                index=index,
+                epoch=epoch,
+                flip_halves=flip_halves,
+                generator=generator,
+            )
+        images_float, targets = to_float_images(batch), labels[index.to(labels.device)]
+        if augmentation is not None and augmentation.mixes:
+            images_float, targets = mix_batch(
+                images_float,
+                targets,
+                augmentation.num_classes,
+                mixup_alpha=augmentation.mixup,
+                cutmix_alpha=augmentation.cutmix,
+                generator=generator,
+            )
+        yield images_float, targets
