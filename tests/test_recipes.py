@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import real_params
+from conftest import committed_params_raw, merge, real_params
 from test_transfer import project
 
 from imgcls.deploy.card import results_section
@@ -24,8 +24,8 @@ PHOTOS = {"dataset": "imagefolder", "source": "photos", "image_size": 96}
 
 
 def resolved(data: dict | None = None, **train_keys):
-    raw = real_params(data=data or {}, train=train_keys).model_dump()
-    return parse_params(raw, TrainStageParams)
+    """The committed params (recipe keys auto) with these changes, parsed but not resolved."""
+    return parse_params(merge(committed_params_raw(), {"data": data or {}, "train": train_keys}), TrainStageParams)
 
 
 def test_auto_keys_take_the_models_recipe_and_set_keys_win():
@@ -65,7 +65,7 @@ def test_augmentation_defaults_follow_the_image_size():
     ],
 )
 def test_bad_recipe_values_are_refused_naming_the_key(key, value, expected):
-    raw = real_params().model_dump()
+    raw = committed_params_raw()
     raw["train"][key] = value
     with pytest.raises(ParamsError) as caught:
         parse_params(raw, TrainStageParams)
@@ -113,7 +113,7 @@ def test_watch_says_collapse_and_chance_once_naming_the_params():
                 "val_top_share": 1.0,
                 "val_top_true_share": 0.5,
                 "val_chance": 0.5,
-                "val_constant": True,
+                "val_images": 40,
             }
         )
     constant = [line for line in lines if "constant classifier" in line]
@@ -128,7 +128,7 @@ def test_collapsed_model_is_flagged_by_the_stages(tmp_path, capsys):
     """mobilenet_v3_small with the BatchNorm statistics left to lag (recompute_batchnorm: false, the fast
     recipe's lookahead) predicts one class in eval mode: the train log says so; with the recipe's recompute
     the same run does not collapse. The evaluate stage flags the collapsed model in eval.json, the card too."""
-    paths = project(tmp_path, "collapse", ["a", "b"], n_train=64, size=32, n_val=20)
+    paths = project(tmp_path, "collapse", ["a", "b"], n_train=64, size=32, n_val=20, n_test=20)
     keys = {"model": "mobilenet_v3_small", "epochs": 3, "min_steps": 0, "batch_size": 16, "log_images": 0}
     train(real_params(train={**keys, "recompute_batchnorm": False, "ema": 0.95}), paths)
     log = capsys.readouterr().out

@@ -41,13 +41,14 @@ def project(
     channels: int = 3,
     seed: int = 0,
     n_val: int | None = None,
+    n_test: int | None = None,
 ) -> ProjectPaths:
     """A prepared data set of learnable images: each class a brightness level, plus noise."""
     paths = ProjectPaths(tmp_path / name)
     paths.prepared_dir.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     splits = {}
-    for split, n in (("train", n_train), ("val", n_val or 2 * len(classes)), ("test", 4 * len(classes))):
+    for split, n in (("train", n_train), ("val", n_val or 2 * len(classes)), ("test", n_test or 4 * len(classes))):
         labels = np.arange(n, dtype=np.int64) % len(classes)
         base = (40 + 170 * labels / max(1, len(classes) - 1))[:, None, None, None]
         images = np.clip(base + rng.normal(0, 25, (n, channels, size, size)), 0, 255).astype(np.uint8)

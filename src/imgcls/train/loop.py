@@ -513,7 +513,7 @@ def epoch_record(epoch: int, result: dict, model: nn.Module, val: tuple | None, 
             val_top_share=spread.top_share,
             val_top_true_share=spread.top_true_share,
             val_chance=spread.chance,
-            val_constant=spread.constant,
+            val_images=spread.images,
         )
     record["elapsed_seconds"] = time.perf_counter() - run.started
     return record

@@ -8,11 +8,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..params.train import TrainParams
+from ..stats import PredictionSpread
 
 CONSTANT_EPOCHS = 2  # a constant classifier this many epochs in a row is reported (an untrained one often is)
 CHANCE_EPOCHS = 3  # validation at chance this many epochs in a row (training learning meanwhile) is reported
 CHANCE_MARGIN = 0.05  # "at chance": validation accuracy at most chance + this
 LEARNING_MARGIN = 0.15  # "training learns": training accuracy at least chance + this
+
+
+def is_constant(record: dict) -> bool:
+    """Whether an epoch record's validation predictions are a constant classifier's."""
+    spread = PredictionSpread(
+        record["val_images"],
+        record["val_top_class"],
+        record["val_top_share"],
+        record["val_top_true_share"],
+        record["val_chance"],
+    )
+    return spread.constant
 
 
 def likely_causes(config: TrainParams, batch_size: int) -> str:
@@ -31,7 +44,8 @@ def likely_causes(config: TrainParams, batch_size: int) -> str:
 @dataclass
 class TrainingWatch:
     """Fed each epoch record (after the console line); says once what looks wrong. The records' validation
-    fields come from epoch_record: val_accuracy, val_top_class, val_top_share, val_top_true_share, val_chance."""
+    fields come from epoch_record: val_accuracy, val_top_class, val_top_share, val_top_true_share, val_chance,
+    val_images (numbers only: records go into resume states, which hold numbers)."""
 
     config: TrainParams
     batch_size: int
@@ -47,7 +61,7 @@ class TrainingWatch:
             return
         self.last = record
         name = self.class_names[record["val_top_class"]]
-        self.constant = self.constant + 1 if record["val_constant"] else 0
+        self.constant = self.constant + 1 if is_constant(record) else 0
         if self.constant == CONSTANT_EPOCHS and "constant" not in self.said:
             self.said.add("constant")
             self.emit(
@@ -70,7 +84,7 @@ class TrainingWatch:
 
     def final_warning(self) -> str | None:
         """After the run: the trained model's verdict on the validation split, if it is a constant classifier."""
-        if self.last is None or not self.last["val_constant"]:
+        if self.last is None or not is_constant(self.last):
             return None
         return (
             f"warning: the trained model predicts {self.class_names[self.last['val_top_class']]!r} for "
