@@ -7,11 +7,15 @@ from pydantic import BaseModel
 
 from imgcls.errors import ParamsError
 from imgcls.params.project import Params, load_params, parse_params
+from imgcls.params.train import params_with_recipe
 
 
 def test_committed_params_parse():
     params = load_params(REPO_ROOT / "params.yaml")
-    assert isinstance(params.train.weight_decay, float) and isinstance(params.train.augment.translate, int)
+    assert isinstance(params.evaluate.batch_size, int) and isinstance(params.train.augment.mixup, float)
+    assert params.train.weight_decay == "auto"  # the model's recipe
+    resolved = params_with_recipe(params).train
+    assert isinstance(resolved.weight_decay, float) and isinstance(resolved.augment.translate, int)
 
 
 def required_everywhere(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -38,10 +42,10 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
     [
         ({"trian": {"lr": 1}}, "unknown key 'trian' (value {'lr': 1}); params.yaml allows: base, data"),
         ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr' (value 0.1); train allows: model, pretrained"),
-        ({"train": {"lr": "fast"}}, "train.lr = 'fast' has the wrong type; expected a number"),
+        ({"train": {"lr": "fast"}}, "train.lr = 'fast' has the wrong type; expected auto or a number"),
         ({"train": {"epochs": 2.5}}, "train.epochs = 2.5 has the wrong type; expected an integer"),
         ({"train": {"epochs": True}}, "train.epochs = True has the wrong type; expected an integer"),
-        ({"train": {"lr": -1}}, "train.lr = -1 is not allowed; expected 0 < x <= 10"),
+        ({"train": {"lr": -1}}, "train.lr = -1 is not allowed; expected auto or 0 < x <= 10"),
         ({"train": {"width": 100000}}, "train.width = 100000 is not allowed; expected 8..256"),
         ({"train": {"model": "resnet9000"}}, "train.model = 'resnet9000' is not allowed; expected one of 'lenet'"),
         (
@@ -59,7 +63,7 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         (
             {"train": {"pretrained": "imagenet"}},
             "train.pretrained = 'imagenet' loads torchvision's ImageNet weights, "
-            "which exist for resnet18, mobilenet_v3_small, not for train.model = 'fast'",
+            "which exist for torchvision's networks (resnet18, mobilenet_v3_small, ...), not for train.model = 'fast'",
         ),
         (
             {"train": {"model": "resnet18", "pretrained": "imagenet", "init_from": "a.pt"}},
@@ -99,12 +103,12 @@ def write_params(tmp_path, text_edit):
 
 def test_yaml_1_2_numbers_are_numbers_as_dvc_reads_them(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; DVC and YAML 1.2 read a number.
-    path = write_params(tmp_path, lambda t: t.replace("  lr: 0.375", "  lr: 1e-3", 1))
+    path = write_params(tmp_path, lambda t: t.replace("  lr: auto", "  lr: 1e-3", 1))
     assert load_params(path).train.lr == 0.001
 
 
 def test_a_duplicate_key_is_refused_naming_it(tmp_path):
-    path = write_params(tmp_path, lambda t: t.replace("  lr: 0.375", "  lr: 0.375\n  lr: 0.5", 1))
+    path = write_params(tmp_path, lambda t: t.replace("  lr: auto", "  lr: 0.375\n  lr: 0.5", 1))
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  lr: 0.5"))
     with pytest.raises(
         ParamsError,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import reprlib
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,16 +53,21 @@ def _allowed(field_info: Any) -> str:
     """The rule a field's value broke, from its description or its bounds: "8..512", "0 < x <= 10"."""
     if field_info.description:
         return field_info.description
+    return _bounds_rule(field_info.metadata, field_info.annotation is int) or str(field_info.annotation)
+
+
+def _bounds_rule(metadata: list, is_int: bool) -> str | None:
+    """Bounds (annotated_types' Ge, Gt, Le, Lt) as a rule: "8..512", "0 < x <= 10"; None without any."""
     bounds = {}
-    for item in field_info.metadata:
+    for item in metadata:
         for name in ("ge", "gt", "le", "lt"):
             if getattr(item, name, None) is not None:
                 bounds[name] = getattr(item, name)
-    if "ge" in bounds and "le" in bounds and field_info.annotation is int:
+    if "ge" in bounds and "le" in bounds and is_int:
         return f"{bounds['ge']}..{bounds['le']}"
     lower = f"{bounds['ge']} <= " if "ge" in bounds else f"{bounds['gt']} < " if "gt" in bounds else ""
     upper = f" <= {bounds['le']}" if "le" in bounds else f" < {bounds['lt']}" if "lt" in bounds else ""
-    return f"{lower}x{upper}" if lower or upper else str(field_info.annotation)
+    return f"{lower}x{upper}" if lower or upper else None
 
 
 def _field_info(root: type[BaseModel], loc: tuple) -> Any:
@@ -88,9 +95,43 @@ TYPE_NAMES = {
 }
 
 
+def _field_path(loc: tuple, root: type[BaseModel]) -> tuple[tuple, bool]:
+    """``loc`` without the member tags pydantic adds inside a union (``lr.constrained-float``), and whether
+    there were any: the key a user wrote, and whether it also takes ``auto``."""
+    for end in range(len(loc), 0, -1):
+        info = _field_info(root, loc[:end])
+        if info is not None:
+            union = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+            return (loc[:end], True) if union and end < len(loc) else (loc, False)
+    return loc, False
+
+
+def _number_rule(union: Any) -> str | None:
+    """The bounds of the number member of ``Annotated[float, Field(gt=0, le=10)] | Literal["auto"]``."""
+    from pydantic.fields import FieldInfo
+
+    for member in typing.get_args(union):
+        if typing.get_origin(member) is typing.Annotated:
+            number, *extras = typing.get_args(member)
+            for extra in extras:
+                if isinstance(extra, FieldInfo):
+                    return _bounds_rule(extra.metadata, number is int)
+    return None
+
+
+def _describe_union_member(key: str, value: Any, error: dict, info: Any) -> str:
+    """A value refused by every member of ``float | Literal["auto"]`` (a recipe key): the number's rule."""
+    if error["type"] in TYPE_NAMES:
+        return f"params: {key} = {show(value)} has the wrong type; expected auto or {TYPE_NAMES[error['type']]}"
+    rule = _number_rule(info.annotation) or error["msg"]
+    return f"params: {key} = {show(value)} is not allowed; expected auto or {rule}"
+
+
 def _describe(error: dict, root: type[BaseModel]) -> str:
-    loc = error["loc"]
+    loc, in_union = _field_path(error["loc"], root)
     key = ".".join(str(part) for part in loc)
+    if in_union and error["type"] != "literal_error":
+        return _describe_union_member(key, error.get("input"), error, _field_info(root, loc))
     value = error.get("input")
     kind = error["type"]
     if kind == "extra_forbidden":
