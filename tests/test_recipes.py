@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import committed_params_raw, merge, real_params
 from test_transfer import project
 
@@ -148,3 +149,53 @@ def test_collapsed_model_is_flagged_by_the_stages(tmp_path, capsys):
     assert "constant classifier" not in capsys.readouterr().out
     evaluate(real_params(evaluate={"tta": False}), paths)
     assert json.loads((paths.metrics_dir / "eval.json").read_text())["constant_classifier"] is False
+
+
+CPU = torch.device("cpu")
+PHOTO_AUGMENT = {"crop_scale": 0.4, "color_jitter": 0.3, "policy": "trivialaugment", "mixup": 0.2, "cutmix": 1.0}
+
+
+def fit_photo(resume_from=None, save_state=None, should_stop=None):
+    """Two epochs of convnet with every photo augmentation on (crop, jitter, policy, mixup/cutmix) and the
+    BatchNorm statistics recomputed, on 256 tiny images."""
+    from test_models_training import arguments, separable_data
+
+    from imgcls import runtime
+    from imgcls.model.registry import build_model
+    from imgcls.train.loop import FitHooks, FitSetup, fit
+
+    images, labels = separable_data()
+    config = real_params(
+        train={"model": "convnet", "width": 8, "epochs": 2, "min_steps": 0, "batch_size": 32, "augment": PHOTO_AUGMENT}
+    ).train
+    assert config.recompute_batchnorm is True and config.augment.policy == "trivialaugment"
+    generator = runtime.seed_everything(0)
+    model = build_model("convnet", **arguments(1, 12, classes=4, width=8))
+    hooks = FitHooks(save_state=save_state, should_stop=should_stop or (lambda: False))
+    fit(
+        model,
+        (images, labels),
+        (images[:64], labels[:64]),
+        FitSetup(config, CPU, "fp32"),
+        generator,
+        resume_from=resume_from,
+        hooks=hooks,
+    )
+    return model.state_dict()
+
+
+def test_photo_augmentation_runs_resume_bit_identical():
+    """Stopped after its 11th step (mid-epoch 2) and resumed, a run with every photo augmentation ends with the
+    weights and BatchNorm statistics of the uninterrupted run: every draw comes from the run's generator."""
+    import copy
+    import itertools
+
+    from imgcls.train.loop import StopRequested
+
+    straight = fit_photo()
+    states, asked = [], itertools.count(1)
+    with pytest.raises(StopRequested):
+        fit_photo(save_state=lambda s: states.append(copy.deepcopy(s)), should_stop=lambda: next(asked) == 11)
+    resumed = fit_photo(resume_from=states[-1])
+    assert states[-1]["epoch_progress"] is not None  # stopped inside an epoch
+    assert all(torch.equal(straight[name], value) for name, value in resumed.items())
