@@ -139,6 +139,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     architecture = checkpoint["architecture"]
     arguments = _checked_arguments(path, checkpoint)
     _check_weights(path, checkpoint["state_dict"])
+    _check_fit_before_building(path, architecture, arguments, checkpoint["state_dict"])
     model = build_model(architecture, **arguments.model_dump())
     try:
         model.load_state_dict(checkpoint["state_dict"])
@@ -205,6 +206,32 @@ def _checked_arguments(path: Path, checkpoint: dict) -> ModelArguments:
             f"arguments say {arguments.image_size}",
         )
     return arguments
+
+
+def _check_fit_before_building(path: Path, architecture: str, arguments: ModelArguments, state: dict) -> None:
+    """The file's tensors against the network's names and shapes, compared on the meta device (no memory): a
+    1 KB file naming a 600-million-weight torchvision network is refused before gigabytes are allocated for
+    it. regnet_* cannot be built on the meta device (their widths are computed with tensors): the file must
+    hold at least half the weights torchvision's published model has."""
+    try:
+        with torch.device("meta"):
+            expected = build_model(architecture, **arguments.model_dump()).state_dict()
+    except NotImplementedError:
+        from torchvision.models import get_model_weights
+
+        published = get_model_weights(architecture).DEFAULT.meta["num_params"]
+        held = sum(tensor.numel() for tensor in state.values())
+        if held < published // 2:
+            raise _bad(path, f"it holds {held:,} weights, a {architecture} has about {published:,}") from None
+        return
+    wrong = [name for name, tensor in expected.items() if name not in state or state[name].shape != tensor.shape]
+    unexpected = sorted(set(state) - set(expected))
+    if wrong or unexpected:
+        raise _bad(
+            path,
+            f"its weights do not fit a {architecture} model ({len(wrong)} missing or of another shape, e.g. "
+            f"{wrong[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})",
+        )
 
 
 def _check_weights(path: Path, state: object) -> None:

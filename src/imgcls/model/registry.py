@@ -144,7 +144,7 @@ MODELS: dict[str, ModelSpec] = {
 
 
 # torchvision classification networks left out: in training mode they return auxiliary logits as well
-# (a tuple), which no loss here takes.
+# (a tuple), which no loss here takes. params name them when refusing them.
 TORCHVISION_EXCLUDED = ("googlenet", "inception_v3")
 
 
@@ -159,17 +159,17 @@ def torchvision_models() -> tuple[str, ...]:
 
 @functools.cache
 def torchvision_spec(architecture: str) -> ModelSpec:
-    """A torchvision classification network by its torchvision name, its classifier found by building it
-    (on the meta device where it can be: no memory, no weights): the last layer with 1,000 outputs (ImageNet's
-    classes). Its input floor is 32 pixels (five halvings leave one); networks with a fixed input size
-    (vit_*, swin_*, maxvit_t) are refused with torch's message when the train stage tries its first batch."""
+    """A torchvision classification network by its torchvision name, its classifier found by building it on
+    the meta device (no memory, no weights): the last layer with 1,000 outputs (ImageNet's classes; regnet_*,
+    which cannot be built there, have theirs at fc). Its input floor is 32 pixels (five halvings leave one);
+    networks with a fixed input size (vit_*) are refused with torch's message when the train stage tries its
+    first batch."""
     import torch
     import torchvision
 
-    try:
-        with torch.device("meta"):
-            network = torchvision.models.get_model(architecture, weights=None)
-    except NotImplementedError:  # regnet_* compute their widths with tensors, which meta ones do not hold
+    if architecture.startswith("regnet_"):  # widths computed with tensors: no meta build; its head is fc
+        return _torchvision(architecture, head="fc", min_image_size=32)
+    with torch.device("meta"):
         network = torchvision.models.get_model(architecture, weights=None)
     heads = [
         name

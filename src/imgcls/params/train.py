@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from ..errors import ParamsError
-from ..model.registry import MODELS, Recipe, is_model, model_spec
+from ..model.registry import MODELS, TORCHVISION_EXCLUDED, Recipe, is_model, model_spec
 from .base import BaseParams
 from .core import URL_SCHEME, Section, StageParams, StageParamsT, show
 from .data import DataParams, check_data, input_size
@@ -45,7 +45,11 @@ def augmentation_defaults(image_size: int) -> dict:
 
 
 class TrainParams(Section):
-    model: str = Field(description=f"one of {', '.join(map(repr, MODELS))} or a torchvision classification network")
+    model: str = Field(
+        description=f"one of {', '.join(map(repr, MODELS))} or a torchvision classification network's name "
+        f"(torchvision.models.list_models(); not {' or '.join(TORCHVISION_EXCLUDED)}, whose training output "
+        "carries auxiliary logits)"
+    )
     # none | imagenet (torchvision's weights: torch's cache, else downloaded) | path to torchvision's .pth file
     pretrained: str = Field(min_length=1, description="none, imagenet or the path of a torchvision weights file")
     init_from: str = Field(min_length=1, description="none or the path of a checkpoint.pt this pipeline wrote")
@@ -159,9 +163,10 @@ def check_train_with(base: BaseParams, data: DataParams, train: TrainParams) -> 
     size, smallest = input_size(data), model_spec(train.model).min_image_size
     if size < smallest:
         where = "data.image_size" if data.dataset == "imagefolder" else f"{data.dataset}'s image size"
+        advice = "raise data.image_size or choose" if data.dataset == "imagefolder" else "choose"
         raise ParamsError(
             f"params: train.model = {train.model!r} needs images of at least {smallest}x{smallest} "
-            f"pixels, but {where} is {size}; raise data.image_size or choose another train.model"
+            f"pixels, but {where} is {size}; {advice} another train.model"
         )
 
 

@@ -342,7 +342,7 @@ def build_network(config: TrainParams, meta: dict, rank: Rank) -> BuiltModel:
         raise TrainingError(
             f"train.model = {config.model!r} fails on {channels}x{height}x{width} images "
             f"({type(error).__name__}: {str(error)[:200]})",
-            advice="set data.image_size to a size it takes (torchvision's ViT and Swin networks take only 224) "
+            advice="set data.image_size to a size it takes (torchvision's ViT networks take only 224) "
             "or choose another train.model",
         ) from None
     if config.sync_batchnorm and rank.world.size > 1:
@@ -430,7 +430,8 @@ def plan_run(params: Params, meta: dict, data: TrainingData, step_memory: StepMe
         for line in small_split_warnings(counts["test"], hint):
             emit(line)
     if counts.get("val"):
-        for line in small_split_warnings(counts["val"], "raise preprocess.val_fraction", split="val"):
+        hint = "raise preprocess.val_fraction, or add images to val/ where data.val_folder: val makes it the split"
+        for line in small_split_warnings(counts["val"], hint, split="val"):
             emit(line)
     return length
 
