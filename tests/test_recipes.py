@@ -199,3 +199,57 @@ def test_photo_augmentation_runs_resume_bit_identical():
     resumed = fit_photo(resume_from=states[-1])
     assert states[-1]["epoch_progress"] is not None  # stopped inside an epoch
     assert all(torch.equal(straight[name], value) for name, value in resumed.items())
+
+
+def test_recompute_batchnorm_takes_full_batches_spread_over_the_classes():
+    """A split of 28 images at batch 27 leaves one image over: a 1x1 BatchNorm cannot normalize one image,
+    so only full batches run. The images are spread over the split, which is sorted by class."""
+    from imgcls.model.registry import build_model
+    from imgcls.train.batches import ResidentImages
+    from imgcls.train.loop import FitSetup, recompute_batchnorm
+
+    arguments = {"in_channels": 3, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = build_model("resnet18", **arguments)
+    images = torch.zeros((28, 3, 32, 32), dtype=torch.uint8)
+    recompute_batchnorm(model, ResidentImages(images), 27, FitSetup(real_params().train, CPU, "fp32"))
+    first = model.backbone.bn1
+    assert int(first.num_batches_tracked) == 1 and torch.isfinite(first.running_var).all()
+    # 4,000 images sorted by class (dark class 0, bright class 1): the statistics see both halves.
+    model = build_model("convnet", **{**arguments, "width": 8})
+    sorted_images = torch.cat([torch.zeros((2000, 3, 32, 32)), torch.full((2000, 3, 32, 32), 255.0)]).to(torch.uint8)
+    recompute_batchnorm(model, ResidentImages(sorted_images), 256, FitSetup(real_params().train, CPU, "fp32"))
+    model.eval()
+    with torch.no_grad():  # a mean over both classes: neither image is far off it after normalization
+        dark = model(torch.zeros((1, 3, 32, 32)).contiguous(memory_format=torch.channels_last))
+        bright = model(torch.ones((1, 3, 32, 32)).contiguous(memory_format=torch.channels_last))
+    assert torch.isfinite(dark).all() and torch.isfinite(bright).all() and not torch.equal(dark, bright)
+
+
+@pytest.mark.parametrize("architecture", ["vit_h_14", "regnet_y_128gf"])
+def test_a_tiny_checkpoint_naming_a_huge_network_is_refused_before_building_it(tmp_path, architecture):
+    """A model file is data: 1 KB naming a 600-million-weight network must not allocate gigabytes."""
+    import resource
+    import time
+
+    from imgcls.errors import CheckpointError
+    from imgcls.model.checkpoint import FORMAT_VERSION, load_checkpoint
+
+    path = tmp_path / "hostile.pt"
+    arguments = {"in_channels": 3, "num_classes": 100000, "image_size": 224, "mean": [0.5] * 3, "std": [0.2] * 3}
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "state_dict": {"x": torch.zeros(2)},
+            "architecture": architecture,
+            "arguments": arguments,
+            "class_names": [f"c{i}" for i in range(100000)],
+            "params": {},
+            "extra": {},
+        },
+        path,
+    )
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(CheckpointError, match="weights|holds 2 weights"):
+        load_checkpoint(path)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 500 and time.perf_counter() - started < 30
