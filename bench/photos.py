@@ -183,22 +183,19 @@ def main() -> int:
         print(f"skipped: {SHARED_CIFAR_IMAGES} is absent (it sits beside the checkout on the project's machines)")
         return 0
     cifar = extract_shared_cifar(WORK / "cifar10-images")
-    catdog, summary = catdog_rows(cifar, args.seeds) if args.only != "cifar5k" else ([], {})
-    cifar5k = cifar_rows(cifar) if args.only != "catdog" else []
-    print_tables(summary, cifar5k)
+    name = "photos" if not args.only else f"photos-{args.only}"
     payload = {
         "machine": machine(),
         "command": "bench/photos.py " + " ".join(sys.argv[1:]),
-        "catdog": {
-            "rows": catdog,
-            "summary": summary,
-            "sizes": CATDOG,
-            "photo_size": PHOTO_SIZE,
-            "image_size": TRAIN_SIZE,
-        },
-        "cifar5k": {"rows": cifar5k, "per_class": CIFAR5K},
+        "catdog": {"rows": [], "summary": {}, "sizes": CATDOG, "photo_size": PHOTO_SIZE, "image_size": TRAIN_SIZE},
+        "cifar5k": {"rows": [], "per_class": CIFAR5K},
     }
-    name = "photos" if not args.only else f"photos-{args.only}"
+    if args.only != "cifar5k":
+        payload["catdog"]["rows"], payload["catdog"]["summary"] = catdog_rows(cifar, args.seeds)
+        write_results(name, payload)  # each part as soon as it is done: a long run keeps what it measured
+    if args.only != "catdog":
+        payload["cifar5k"]["rows"] = cifar_rows(cifar)
+    print_tables(payload["catdog"]["summary"], payload["cifar5k"]["rows"])
     print(f"machine: {payload['machine']}\nwrote {write_results(name, payload)}")
     return 0
 
