@@ -224,14 +224,21 @@ def _check_fit_before_building(path: Path, architecture: str, arguments: ModelAr
         if held < published // 2:
             raise _bad(path, f"it holds {held:,} weights, a {architecture} has about {published:,}") from None
         return
-    wrong = [name for name, tensor in expected.items() if name not in state or state[name].shape != tensor.shape]
+    missing = [name for name in expected if name not in state]
+    resized = [name for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
     unexpected = sorted(set(state) - set(expected))
-    if wrong or unexpected:
-        raise _bad(
-            path,
-            f"its weights do not fit a {architecture} model ({len(wrong)} missing or of another shape, e.g. "
-            f"{wrong[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})",
-        )
+    problems = [
+        f"Missing key(s): {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    ]
+    problems = problems if missing else []
+    problems += [
+        f"size mismatch for {name}: {list(state[name].shape)} in the file, {list(expected[name].shape)} in the model"
+        for name in resized[:3]
+    ]
+    if unexpected:
+        problems.append(f"Unexpected key(s): {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+    if problems:
+        raise _bad(path, f"its weights do not fit a {architecture} model ({'; '.join(problems)})")
 
 
 def _check_weights(path: Path, state: object) -> None:
