@@ -34,6 +34,7 @@ CPU = torch.device("cpu")
 # The project's recipe shrunk to seconds: 30 images of 12x12, two epochs of three steps.
 TINY = {
     "model": "convnet",
+    "optimizer": "sgd",  # the damaged states below are SGD's (momentum buffers)
     "width": 8,
     "epochs": 2,
     "min_steps": 0,

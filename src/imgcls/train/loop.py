@@ -93,11 +93,13 @@ def make_training_setup(
 
 
 def recipe_optimizer(model: nn.Module, config: TrainParams, batch_size: int, fine_tune: bool) -> torch.optim.Optimizer:
-    """train.optimizer at train.lr scaled to ``batch_size``; fine-tuning gives the head and backbone own groups."""
+    """train.optimizer at train.lr scaled to ``batch_size`` (sgd: linearly; adamw: by the square root, as
+    Adam's steps do not grow with the gradient's size); fine-tuning gives the head and backbone own groups."""
+    ratio = batch_size / REFERENCE_BATCH_SIZE
     return make_optimizer(
         model,
         name=config.optimizer,
-        lr=config.lr * batch_size / REFERENCE_BATCH_SIZE,
+        lr=config.lr * (ratio if config.optimizer == "sgd" else math.sqrt(ratio)),
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
