@@ -144,7 +144,7 @@ def catdog_rows(cifar: Path, seeds: list[int]) -> tuple[list[dict], dict]:
     return rows, summary
 
 
-def cifar_rows(cifar: Path) -> list[dict]:
+def cifar_rows(cifar: Path, on_row=lambda rows: None) -> list[dict]:
     folder = make_cifar5k(cifar, WORK / "photos-cifar5k")
     data = {"dataset": "imagefolder", "source": str(folder), "image_size": 32, "channels": 3}
     project = scratch_project(WORK / "photos-cifar", {"data": data})
@@ -153,6 +153,7 @@ def cifar_rows(cifar: Path) -> list[dict]:
         row = {"row": model, "seed": 0, **run_row(project, {"model": model}, 0)}
         rows.append(row)
         print_row(model, 0, row)
+        on_row(rows)
     return rows
 
 
@@ -194,7 +195,12 @@ def main() -> int:
         payload["catdog"]["rows"], payload["catdog"]["summary"] = catdog_rows(cifar, args.seeds)
         write_results(name, payload)  # each part as soon as it is done: a long run keeps what it measured
     if args.only != "catdog":
-        payload["cifar5k"]["rows"] = cifar_rows(cifar)
+
+        def keep(rows: list[dict]) -> None:  # after every row: a long run keeps what it measured
+            payload["cifar5k"]["rows"] = rows
+            write_results(name, payload)
+
+        payload["cifar5k"]["rows"] = cifar_rows(cifar, keep)
     print_tables(payload["catdog"]["summary"], payload["cifar5k"]["rows"])
     print(f"machine: {payload['machine']}\nwrote {write_results(name, payload)}")
     return 0
