@@ -110,6 +110,12 @@ def onnx_model(paths: ProjectPaths) -> str:
     return str(paths.export_dir / "model.onnx")
 
 
+def onnx_metadata(paths: ProjectPaths) -> str:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(onnx_model(paths)).metadata_props}["imgcls"]
+
+
 def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tmp_path, capsys):
     paths, splits = project
     images, labels = splits["test"]
@@ -120,10 +126,16 @@ def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tm
     code, out, err = run_main(capsys, str(folder), "--model", onnx_model(paths), "--output", str(tmp_path / "p.json"))
     assert code == 0, err
     rows = json.loads((tmp_path / "p.json").read_text())
-    by_index = {int(Path(r["source"]).stem): r["top"][0]["class"] for r in rows}
+    by_index = {int(Path(r["source"]).stem): r["top"][0] for r in rows}
     with open(paths.metrics_dir / "test_predictions.csv") as f:
-        evaluated = [row["predicted"] for row in csv.DictReader(f)]
-    assert [by_index[i] for i in range(len(images))] == evaluated
+        evaluated = list(csv.DictReader(f))
+    assert [by_index[i]["class"] for i in range(len(images))] == [row["predicted"] for row in evaluated]
+    # The same calibrated probability from both: the temperature travels in the ONNX metadata and both apply
+    # it (within the graph's parity tolerance); and it is a real calibration, not 1.
+    temperature = json.loads(onnx_metadata(paths))["temperature"]
+    assert temperature != 1.0 and 0.01 <= temperature <= 100
+    predicted = np.array([by_index[i]["probability"] for i in range(len(images))])
+    np.testing.assert_allclose(predicted, [float(row["confidence"]) for row in evaluated], atol=2e-4)
     accuracy = json.loads((paths.metrics_dir / "eval.json").read_text())["test"]["accuracy"]
     assert f"accuracy {accuracy:.4f} on {len(images)}" in out
     assert all(r["true_class"] == CLASSES[labels[int(Path(r["source"]).stem)]] for r in rows)

@@ -28,6 +28,10 @@ class ProjectPaths:
         return self.root / "data" / "cache" / "decoded"
 
     @property
+    def audit_dir(self) -> Path:  # duplicates stage: every pair found, by split and row (for evaluate)
+        return self.root / "data" / "audit"
+
+    @property
     def model_dir(self) -> Path:  # checkpoint (train stage)
         return self.root / "data" / "model"
 

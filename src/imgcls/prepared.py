@@ -39,6 +39,29 @@ def meta_file(directory: Path) -> Path:
     return directory / "meta.json"
 
 
+def names_file(directory: Path, split: str) -> Path:
+    """Each image's source, one JSON list per split: the file (image folders) or the official file's row."""
+    return directory / f"{split}_files.json"
+
+
+def save_names(directory: Path, split: str, names: list[str]) -> None:
+    names_file(directory, split).write_text(json.dumps(names, ensure_ascii=False) + "\n")
+
+
+def load_names(directory: Path, split: str, count: int) -> list[str]:
+    """The ``count`` source names of ``split`` (prepared data older than these files: "<split> #<row>")."""
+    path = names_file(directory, split)
+    if not path.is_file():
+        return [f"{split} #{row}" for row in range(count)]
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise _bad(path, f"not valid JSON ({type(error).__name__}: {str(error)[:200]})") from None
+    if not (isinstance(names, list) and len(names) == count and all(isinstance(n, str) for n in names)):
+        raise _bad(path, f"expected a list of {count} file names, one per image of the {split} split")
+    return names
+
+
 def save_labels(directory: Path, split: str, labels: np.ndarray) -> None:
     save_array(labels_file(directory, split), np.asarray(labels, dtype=np.int64))
 

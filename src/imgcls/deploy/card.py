@@ -48,14 +48,17 @@ def model_card(
     latency: dict,
     sizes: dict,
     cpu: str,
+    trust: dict | None = None,
 ) -> str:
-    """The card in Markdown, one section each: what the files take and give, the data, test results,
-    training recipe, speed, intended use and known limits."""
+    """The card in Markdown, one section each: what the files take and give, the data, test results, how
+    far to trust them (``trust``: calibration, leaks, label suspects; see trust_section), training recipe,
+    speed, intended use and known limits."""
     sections = [
         title_section(facts),
         input_section(facts, int8, sizes),
         data_section(facts, meta),
         results_section(facts["class_names"], confusion, fp32, int8),
+        trust_section(trust or {}),
         training_section(checkpoint),
         speed_section(latency, int8, cpu),
         intended_use_section(facts["class_names"]),
@@ -147,6 +150,51 @@ def results_section(names: list[str], confusion: np.ndarray, fp32: dict, int8: d
     return lines
 
 
+def trust_section(trust: dict) -> list[str]:
+    """How far to trust the numbers above: calibrated confidence (ECE before and after the temperature),
+    test images with a copy in train/val (and the accuracy without them), likely label errors found."""
+    lines = ["## How far to trust it"]
+    calibration = trust.get("calibration")
+    if calibration:
+        lines.append(
+            f"- Confidence: probabilities are softmax(logits / {calibration['temperature']:.3f}), the temperature "
+            "fitted on the validation split. Expected calibration error on the test split "
+            f"{calibration['ece_before']:.4f} before, **{calibration['ece_after']:.4f}** after (0: a 0.9 "
+            "confidence is right 90% of the time). Reliability diagram: metrics/reliability.png."
+        )
+    leaks = trust.get("leaks")
+    if leaks is None:
+        lines.append("- Duplicates between splits: not checked (the duplicates stage has not run).")
+    else:
+        counts, clean = leaks["counts"], leaks["test_without_leaks"]
+        if clean["left_out"]:
+            accuracy = f"{clean['accuracy']:.4f}" if clean["images"] else "n/a"
+            lines.append(
+                f"- **{clean['left_out']} test image(s) have an exact or near copy in train or val** "
+                f"({counts['cross_split_exact']} exact and {counts['cross_split_near']} near pairs across the "
+                f"splits): without them the test accuracy is {accuracy} on {clean['images']:,} images. "
+                "Pairs: metrics/duplicates.csv and metrics/duplicates.png."
+            )
+        else:
+            lines.append(
+                "- Duplicates between splits: none found (no test image has an exact or near copy in train or "
+                f"val; {counts['within_split_exact']} exact and {counts['within_split_near']} near pairs within "
+                "splits)."
+            )
+    labels = trust.get("label_errors")
+    if labels and labels.get("folds"):
+        lines.append(
+            f"- Labels: {labels['suspects']:,} training image(s) look mislabelled to models trained "
+            f"{labels['folds']}-fold without them (confident learning; out-of-sample accuracy "
+            f"{labels['out_of_sample_accuracy']:.4f}). Ranked list: metrics/label_suspects.csv; the first ones: "
+            "metrics/label_suspects.png."
+        )
+    elif labels is not None:
+        lines.append("- Labels: not checked (audit.label_folds: 0).")
+    lines.append("- Where the model looks on test images: metrics/activation_maps.png.")
+    return lines
+
+
 def training_section(checkpoint: dict) -> list[str]:
     """The recipe as the checkpoint recorded it (run length and batch as trained), start and time."""
     train = checkpoint["params"]["train"]
@@ -191,7 +239,7 @@ def limits_section(names: list[str], confusion: np.ndarray, fp32: dict) -> list[
     lines = [
         "## Known limits",
         f"- It always answers one of the {len(names)} classes: a picture of anything else gets a confident-looking "
-        "wrong answer. Probabilities are softmax outputs, not calibrated confidences.",
+        "wrong answer. Its probabilities are calibrated on pictures like the validation split, not on others.",
         "- The accuracy above holds for pictures from the same source as the test split; other cameras, "
         "backgrounds, lighting or framing will score lower. Test on your own labelled folder with "
         "`imgcls predict <folder of class folders>`.",

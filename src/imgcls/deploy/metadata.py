@@ -1,5 +1,6 @@
 """What an exported model says about itself, so that `imgcls predict` needs nothing but the file: class
-names, input size and channels, how a picture is made square (resize), data set, test accuracy. One home for
+names, input size and channels, how a picture is made square (resize), data set, test accuracy, the
+temperature that calibrates its probabilities. One home for
 the keys: the export stage writes them (ONNX ``metadata_props``, a TorchScript extra file) and imgcls.predict
 reads them."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..calibration import checkpoint_temperature
 
 METADATA_KEY = "imgcls"  # ONNX: one metadata entry holding the JSON document
 TORCHSCRIPT_EXTRA_FILE = "imgcls.json"
@@ -38,6 +41,8 @@ def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: bo
         "architecture": checkpoint["architecture"],
         "test_accuracy": test_accuracy,
         "tta": tta,
+        # temperature scaling fitted on the validation split: probabilities are softmax(logits / temperature)
+        "temperature": checkpoint_temperature(checkpoint, "checkpoint"),
     }
 
 

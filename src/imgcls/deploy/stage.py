@@ -4,6 +4,7 @@ test accuracy, an int8 ONNX model that must stay within export.int8_max_drop, ba
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,10 @@ import torch
 from torch import nn
 
 from ..arrays import NpyReader
+from ..calibration import expected_calibration_error, probabilities
 from ..cli import log
 from ..errors import ExportError
+from ..evaluate.leaks import read_leaks
 from ..evaluate.metrics import confusion_matrix
 from ..fileio import atomic_dir, write_json, write_text
 from ..model.checkpoint import load_checkpoint
@@ -72,10 +75,41 @@ def export(params: Params, paths: ProjectPaths) -> None:
             latency=fp32.latency,
             sizes=fp32.sizes,
             cpu=cpu_model(),
+            trust=trust_findings(paths, fp32, np.asarray(test_labels)),
         )
         (folder / "model_card.md").write_text(card)
     write_metrics(paths.metrics_dir, card, fp32, int8, tta=config.tta)
     emit(summary_line(fp32, int8))
+
+
+def trust_findings(paths: ProjectPaths, fp32: Fp32Export, labels: np.ndarray) -> dict:
+    """The model card's "how far to trust it": calibration measured on the exported graph's test logits,
+    the duplicates stage's leaks (the graph's accuracy without the leaked test images), the label_errors
+    stage's summary (metrics/label_errors.json)."""
+    calibrated = probabilities(fp32.logits, fp32.facts["temperature"])
+    findings: dict = {
+        "calibration": {
+            "temperature": fp32.facts["temperature"],
+            "ece_before": expected_calibration_error(probabilities(fp32.logits, 1.0), labels),
+            "ece_after": expected_calibration_error(calibrated, labels),
+        }
+    }
+    leaks = read_leaks(paths.audit_dir / "duplicates.json", len(labels))
+    if leaks is not None:
+        keep = np.ones(len(labels), dtype=bool)
+        keep[leaks["leaked_test_rows"]] = False
+        clean = accuracy_of(fp32.logits.argmax(1)[keep], labels[keep])
+        findings["leaks"] = {
+            "counts": leaks["counts"],
+            "test_without_leaks": {"accuracy": clean.value, "images": clean.images, "left_out": int((~keep).sum())},
+        }
+    summary = paths.metrics_dir / "label_errors.json"
+    if summary.is_file():
+        try:
+            findings["label_errors"] = json.loads(summary.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            findings["label_errors"] = None
+    return findings
 
 
 def load_model(checkpoint_path: Path, *, tta: bool) -> tuple[nn.Module, dict]:

@@ -1,4 +1,4 @@
-"""Test-set metrics and the pictures people look at: confusion matrix and misclassified images."""
+"""Test-set metrics and the pictures people look at: confusion matrix, misclassified images, reliability."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration import ReliabilityBin
 from ..fileio import atomic_path
 from ..stats import Accuracy
 
@@ -45,12 +46,26 @@ def write_per_class_csv(path: Path, per_class: dict[str, dict[str, float]]) -> N
         frame.to_csv(tmp, float_format="%.4f")
 
 
-def write_predictions_csv(path: Path, labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> None:
-    """One row per test image (actual, predicted class names): DVC's confusion-matrix plot reads this."""
+def write_predictions_csv(
+    path: Path,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    class_names: list[str],
+    *,
+    confidence: np.ndarray | None = None,
+    names: list[str] | None = None,
+) -> None:
+    """One row per test image (actual, predicted class names; DVC's confusion-matrix plot reads these two),
+    with the calibrated probability of the predicted class and the image's file when given."""
     import pandas as pd
 
-    names = np.array(class_names, dtype=object)
-    frame = pd.DataFrame({"actual": names[labels], "predicted": names[predictions]})
+    classes = np.array(class_names, dtype=object)
+    columns = {"actual": classes[labels], "predicted": classes[predictions]}
+    if confidence is not None:
+        columns["confidence"] = np.round(np.asarray(confidence, dtype=np.float64), 6)
+    if names is not None:
+        columns["file"] = names
+    frame = pd.DataFrame(columns)
     with atomic_path(path, clean_stale=True) as tmp:
         frame.to_csv(tmp, index=False)
 
@@ -117,3 +132,61 @@ def plot_misclassified(
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return len(wrong)
+
+
+def write_reliability(folder: Path, before: list[ReliabilityBin], after: list[ReliabilityBin]) -> None:
+    """before.csv and after.csv (confidence, accuracy, images per non-empty bin) for `dvc plots`: the
+    reliability diagram of the raw and the temperature-scaled probabilities."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in (("before", before), ("after", after)):
+        frame = pd.DataFrame(
+            [
+                {"confidence": round(b.confidence, 6), "accuracy": round(b.accuracy, 6), "images": b.images}
+                for b in table
+                if b.images
+            ],
+            columns=["confidence", "accuracy", "images"],
+        )
+        with atomic_path(folder / f"{name}.csv", clean_stale=True) as tmp:
+            frame.to_csv(tmp, index=False)
+
+
+def plot_reliability(
+    path: Path, before: list[ReliabilityBin], after: list[ReliabilityBin], *, temperature: float
+) -> None:
+    """The reliability diagram: accuracy against confidence per bin, before and after temperature scaling,
+    with the diagonal a calibrated model follows and the share of images per bin below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..calibration import expected_calibration_error_of_bins
+
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(5.2, 6.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True, constrained_layout=True
+    )
+    top.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="calibrated")
+    width = 1 / len(before)
+    for table, colour, label in (
+        (before, "tab:red", f"raw (ECE {expected_calibration_error_of_bins(before):.3f})"),
+        (after, "tab:blue", f"temperature {temperature:.2f} (ECE {expected_calibration_error_of_bins(after):.3f})"),
+    ):
+        filled = [b for b in table if b.images]
+        top.plot([b.confidence for b in filled], [b.accuracy for b in filled], "o-", color=colour, label=label)
+    total = max(1, sum(b.images for b in after))
+    bottom.bar(
+        [b.low + width / 2 for b in after], [b.images / total for b in after], width=width * 0.9, color="tab:blue"
+    )
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title("reliability on the test split", fontsize=10)
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("share of images")
+    with atomic_path(path, clean_stale=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,4 +1,7 @@
-"""evaluate stage: test-set accuracy/loss, per-class accuracy/precision/recall, confusion matrix, misclassified grid."""
+"""evaluate stage: test-set accuracy/loss, per-class accuracy/precision/recall, confusion matrix, misclassified
+grid; calibration (ECE before and after the checkpoint's temperature, a reliability diagram); the accuracy
+without the test images that have a copy in train or val (the duplicates stage's leaks); where the model
+looks (class activation maps)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ import torch
 from torch import nn
 
 from ..arrays import NpyReader
+from ..calibration import (
+    CALIBRATION_BINS,
+    checkpoint_temperature,
+    expected_calibration_error,
+    probabilities,
+    reliability,
+)
 from ..cli import log
 from ..fileio import write_json
 from ..model.checkpoint import load_checkpoint
@@ -19,17 +29,21 @@ from ..model.inference import evaluate_model
 from ..model.networks import TTAModel
 from ..params.evaluate import EvaluateStageParams as Params
 from ..paths import ProjectPaths
-from ..prepared import load_prepared
+from ..prepared import load_names, load_prepared
 from ..report import progress_bar
 from ..runtime import resolve_device, resolve_precision, set_threads
 from ..stats import Accuracy, accuracy_of, spread_of_confusion
+from .leaks import read_leaks
+from .maps import draw_activation_maps
 from .metrics import (
     confusion_matrix,
     per_class_metrics,
     plot_confusion_matrix,
     plot_misclassified,
+    plot_reliability,
     write_per_class_csv,
     write_predictions_csv,
+    write_reliability,
 )
 
 
@@ -44,6 +58,13 @@ class Evaluation:
     score: Accuracy  # counts and 95% interval
     accuracy: float  # as evaluate_model computed it (float32 mean), the number eval.json has always held
     loss: float
+    logits: np.ndarray  # float32 (N, K)
+    temperature: float  # the checkpoint's (imgcls.calibration); 1: uncalibrated
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Calibrated class probabilities (N, K): what `imgcls predict` gives for the same images."""
+        return probabilities(self.logits, self.temperature)
 
 
 def evaluate(params: Params, paths: ProjectPaths) -> None:
@@ -53,7 +74,9 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
     set_threads(params.base.threads)
     device = resolve_device(params.base.device)
     precision = resolve_precision(params.train.precision, device)
-    model, class_names = load_model(paths.checkpoint, device, tta=config.tta)
+    model, checkpoint = load_model(paths.checkpoint, device, tta=config.tta)
+    class_names = checkpoint["class_names"]
+    temperature = checkpoint_temperature(checkpoint, str(paths.checkpoint))
     dataset, images, labels = load_test_split(paths, class_names)
     # images: an NpyReader, read batch by batch (memory holds a batch, not the test split)
     started, bar = time.perf_counter(), progress_bar(len(images), unit="img", label="evaluate")
@@ -71,8 +94,17 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    outcome = score_predictions(result, labels, class_names)
-    write_eval_json(paths.metrics_dir / "eval.json", outcome, tta=config.tta, precision=precision)
+    outcome = score_predictions(result, labels, class_names, temperature)
+    calibration = calibration_summary(outcome)
+    leaks = leak_summary(paths, outcome)
+    write_eval_json(
+        paths.metrics_dir / "eval.json",
+        outcome,
+        tta=config.tta,
+        precision=precision,
+        extra={"calibration": calibration, **leaks},
+    )
+    names = load_names(paths.prepared_dir, "test", len(labels))
     shown = write_tables_and_plots(
         paths.metrics_dir,
         images,
@@ -80,15 +112,32 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
         class_names,
         title=f"{dataset} test, accuracy {outcome.accuracy:.4f}",
         misclassified_images=config.misclassified_images,
+        names=names,
     )
     report(emit, outcome, shown)
+    report_calibration_and_leaks(emit, calibration, leaks)
     emit(f"{len(images):,} test images scored in {seconds:.1f} s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
+    if config.activation_maps:
+        started = time.perf_counter()
+        drawn, method = draw_activation_maps(
+            paths.metrics_dir / "activation_maps.png",
+            model,
+            images,
+            outcome,
+            class_names,
+            config.activation_maps,
+            device,
+        )
+        emit(
+            f"activation maps ({method}) of {drawn} test images, misclassified and right, in "
+            f"{time.perf_counter() - started:.1f} s: metrics/activation_maps.png"
+        )
 
 
-def load_model(checkpoint_path: Path, device: torch.device, *, tta: bool) -> tuple[nn.Module, list[str]]:
-    """The trained model (wrapped for test-time augmentation with ``tta``) and its class names."""
+def load_model(checkpoint_path: Path, device: torch.device, *, tta: bool) -> tuple[nn.Module, dict]:
+    """The trained model (wrapped for test-time augmentation with ``tta``) and its checkpoint."""
     model, checkpoint = load_checkpoint(checkpoint_path, device)
-    return (TTAModel(model) if tta else model), checkpoint["class_names"]
+    return (TTAModel(model) if tta else model), checkpoint
 
 
 def load_test_split(paths: ProjectPaths, class_names: list[str]) -> tuple[str, NpyReader, np.ndarray]:
@@ -99,7 +148,7 @@ def load_test_split(paths: ProjectPaths, class_names: list[str]) -> tuple[str, N
     return prepared.meta["dataset"], images, labels
 
 
-def score_predictions(result: dict, labels: np.ndarray, class_names: list[str]) -> Evaluation:
+def score_predictions(result: dict, labels: np.ndarray, class_names: list[str], temperature: float = 1.0) -> Evaluation:
     """Confusion matrix, per-class metrics and the overall accuracy with its interval."""
     predictions = result["predictions"].cpu().numpy()
     confusion = confusion_matrix(labels, predictions, len(class_names))
@@ -111,10 +160,64 @@ def score_predictions(result: dict, labels: np.ndarray, class_names: list[str]) 
         score=accuracy_of(predictions, labels),
         accuracy=result["accuracy"],
         loss=result["loss"],
+        logits=result["logits"].float().cpu().numpy(),
+        temperature=temperature,
     )
 
 
-def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: str) -> None:
+def calibration_summary(outcome: Evaluation) -> dict:
+    """ECE and negative log-likelihood before and after the temperature (eval.json's calibration)."""
+    before, after = probabilities(outcome.logits, 1.0), outcome.probabilities
+    rows = np.arange(len(outcome.labels))
+    return {
+        "temperature": outcome.temperature,
+        "ece_before": expected_calibration_error(before, outcome.labels),
+        "ece_after": expected_calibration_error(after, outcome.labels),
+        "nll_before": float(-np.log(np.maximum(before[rows, outcome.labels], 1e-12)).mean()),
+        "nll_after": float(-np.log(np.maximum(after[rows, outcome.labels], 1e-12)).mean()),
+        "bins": CALIBRATION_BINS,
+    }
+
+
+def leak_summary(paths: ProjectPaths, outcome: Evaluation) -> dict:
+    """The test accuracy without the test images that have an exact or near copy in train or val (the
+    duplicates stage's data/audit/duplicates.json), beside the counts; empty when that stage has not run."""
+    leaks = read_leaks(paths.audit_dir / "duplicates.json", len(outcome.labels))
+    if leaks is None:
+        return {}
+    keep = np.ones(len(outcome.labels), dtype=bool)
+    keep[leaks["leaked_test_rows"]] = False
+    clean = accuracy_of(outcome.predictions[keep], outcome.labels[keep])
+    low, high = clean.ci95
+    return {
+        "duplicates": leaks["counts"],
+        "test_without_leaks": {
+            "accuracy": clean.value,
+            "ci95_low": low,
+            "ci95_high": high,
+            "images": clean.images,
+            "left_out": int((~keep).sum()),
+        },
+    }
+
+
+def report_calibration_and_leaks(emit: Callable[[str], None], calibration: dict, leaks: dict) -> None:
+    emit(
+        f"calibration: expected calibration error {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} "
+        f"with temperature {calibration['temperature']:.3f} (fitted on the validation split); "
+        "metrics/reliability.png"
+    )
+    if leaks:
+        clean, counts = leaks["test_without_leaks"], leaks["duplicates"]
+        text = f"{clean['accuracy']:.4f} on {clean['images']} images" if clean["images"] else "no image left"
+        emit(
+            f"{clean['left_out']} test image(s) have an exact or near copy in train/val "
+            f"({counts['cross_split_exact']} exact, {counts['cross_split_near']} near pairs across splits); "
+            f"test accuracy without them {text} (eval.json: test_without_leaks; metrics/duplicates.csv)"
+        )
+
+
+def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: str, extra: dict | None = None) -> None:
     """eval.json: test accuracy with its interval and counts, loss, the weakest class, how it was measured.
     Per-class figures go to per_class.csv only: keyed by class name here, they would add a column per class
     of every data set ever run to `dvc exp show`."""
@@ -140,7 +243,7 @@ def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: st
         "most_predicted_share": spread.top_share,
         "chance_accuracy": spread.chance,
     }
-    write_json(path, {"test": test, **summary, "tta": tta, "precision": precision})
+    write_json(path, {"test": test, **summary, **(extra or {}), "tta": tta, "precision": precision})
 
 
 def write_tables_and_plots(
@@ -151,12 +254,25 @@ def write_tables_and_plots(
     *,
     title: str,
     misclassified_images: int,
+    names: list[str] | None = None,
 ) -> int:
-    """per_class.csv, test_predictions.csv (DVC's confusion plot), the confusion matrix and the grid of
-    misclassified images; returns how many the grid shows."""
+    """per_class.csv, test_predictions.csv (DVC's confusion plot), the confusion matrix, the reliability
+    diagram and the grid of misclassified images; returns how many the grid shows."""
     labels, predictions = outcome.labels, outcome.predictions
+    calibrated = outcome.probabilities
     write_per_class_csv(metrics_dir / "per_class.csv", outcome.per_class)
-    write_predictions_csv(metrics_dir / "test_predictions.csv", labels, predictions, class_names)
+    write_predictions_csv(
+        metrics_dir / "test_predictions.csv",
+        labels,
+        predictions,
+        class_names,
+        confidence=calibrated.max(axis=1),
+        names=names,
+    )
+    before = reliability(probabilities(outcome.logits, 1.0), labels)
+    after = reliability(calibrated, labels)
+    write_reliability(metrics_dir / "reliability", before, after)
+    plot_reliability(metrics_dir / "reliability.png", before, after, temperature=outcome.temperature)
     plot_confusion_matrix(metrics_dir / "confusion_matrix.png", outcome.confusion, class_names, title=title)
     return plot_misclassified(
         metrics_dir / "misclassified.png", images, labels, predictions, class_names, misclassified_images

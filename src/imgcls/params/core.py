@@ -25,7 +25,7 @@ from ..errors import ParamsError
 MAX_IMAGE_SIZE = 512
 # The sections of params.yaml. A stage parses only those it reads, but any other name is a typo (``trian:``)
 # that every stage refuses; project.Params has exactly these fields (tests/test_params.py checks).
-SECTIONS = ("base", "data", "preprocess", "train", "evaluate", "export")
+SECTIONS = ("base", "data", "preprocess", "audit", "train", "evaluate", "export")
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, file://, s3://: train paths are never URLs
 
 

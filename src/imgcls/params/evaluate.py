@@ -13,6 +13,7 @@ class EvaluateParams(Section):
     batch_size: int = Field(ge=1, le=65536)
     tta: bool
     misclassified_images: int = Field(ge=0, le=400)
+    activation_maps: int = Field(ge=0, le=64)
 
 
 class EvaluateStageParams(StageParams):

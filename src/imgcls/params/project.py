@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ConfigDict
 
 from . import core
+from .audit import AuditParams, check_audit
 from .base import BaseParams
 from .core import StageParams
 from .data import DataParams, check_data
@@ -25,6 +26,7 @@ class Params(StageParams):
     base: BaseParams
     data: DataParams
     preprocess: PreprocessParams
+    audit: AuditParams
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
@@ -33,6 +35,7 @@ class Params(StageParams):
         check_data(self.data)
         check_train(self.train)
         check_train_with(self.base, self.data, self.train)
+        check_audit(self.audit)
 
 
 def parse_params(raw: Any) -> Params:

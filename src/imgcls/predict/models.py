@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration import checked_temperature, checkpoint_temperature
+from ..calibration import probabilities as calibrated
 from ..deploy.metadata import METADATA_KEY, TORCHSCRIPT_EXTRA_FILE, trained_resize
 from ..errors import UserError
 from ..host import host_available_memory
@@ -60,6 +62,7 @@ class LoadedModel:
     resize: str  # squash | crop | pad: how a picture is made square, as for the model's training images
     facts: dict  # everything the file says about itself (data set, test accuracy, ...)
     logits: Callable[[np.ndarray], np.ndarray]  # float32 images in [0, 1] (N, C, H, W) -> logits (N, K)
+    temperature: float = 1.0  # calibration (imgcls.calibration): probabilities are softmax(logits / temperature)
 
     def probabilities(self, images_uint8: np.ndarray) -> np.ndarray:
         logits = np.asarray(self.logits(images_uint8.astype(np.float32) / 255))
@@ -71,9 +74,7 @@ class LoadedModel:
             )
         if not np.isfinite(logits).all():  # NaN probabilities would also make the JSON output invalid
             raise UserError(f"{self.path}: the model answered NaN or infinite logits; the file is damaged")
-        logits = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+        return calibrated(logits, self.temperature)
 
 
 def _is_int(value: object) -> bool:
@@ -116,6 +117,8 @@ def check_facts(path: Path, facts: object) -> dict:
         raise UserError(f"{path}: metadata field channels = {str(channels)[:40]} is not 1 or 3; {redo}")
     # Exports from before data.resize carry no resize: every image was squashed then.
     facts["resize"] = checked_resize(path, facts.get("resize", "squash"), "metadata field resize", redo)
+    # Exports from before calibration carry no temperature: their probabilities were plain softmax.
+    facts["temperature"] = checked_temperature(facts.get("temperature"), f"{path}: metadata field temperature", redo)
     return facts
 
 
@@ -239,9 +242,11 @@ def _runtime_error(error: Exception, path: Path, *, batch: int) -> UserError:
 
 
 def _loaded(path: Path, kind: str, facts: dict, logits: Callable[[np.ndarray], np.ndarray]) -> LoadedModel:
-    """A LoadedModel of checked ``facts`` (class names, image size, channels, resize)."""
+    """A LoadedModel of checked ``facts`` (class names, image size, channels, resize, temperature)."""
     size, channels = facts["image_size"], facts["channels"]
-    return LoadedModel(path, kind, facts["class_names"], size, channels, facts["resize"], facts, logits)
+    return LoadedModel(
+        path, kind, facts["class_names"], size, channels, facts["resize"], facts, logits, facts["temperature"]
+    )
 
 
 def _missing(path: Path) -> UserError:
@@ -322,6 +327,7 @@ def load_checkpoint_model(path: Path, threads: int) -> LoadedModel:
             path, trained_resize(checkpoint), "params.data.resize", "retrain it (dvc repro train)"
         ),
         "architecture": checkpoint["architecture"],
+        "temperature": checkpoint_temperature(checkpoint, str(path)),
     }
 
     def logits(images: np.ndarray) -> np.ndarray:

@@ -26,6 +26,9 @@ class DecodedDataset:
     # name -> (images uint8 (N, C, H, W): an array in memory or an NpyReader over a scratch file, labels int64 (N,))
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     class_names: list[str]
+    # name -> each image's file (image folders: its path in the source, as the manifest names it); None for the
+    # built-in data sets, whose images are rows of the official files (named by split and row when written)
+    names: dict[str, list[str]] | None = None
 
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:

@@ -300,7 +300,7 @@ def decode_manifest(
     try:
         with ProcessPoolExecutor(workers) as pool:
             run = DecodeRun(pool, workers, settings, cache, bar)
-            splits, bad = _decode_splits(run, tree, listings, workdir, on_bad_image)
+            splits, names, bad = _decode_splits(run, tree, listings, workdir, on_bad_image)
     except SourceChanged as changed:
         raise DataError(
             f"the image folder changed since the download stage listed it: {changed}",
@@ -314,20 +314,22 @@ def decode_manifest(
     _log_left_out(list(listings.values()), bad, log)
     _log_summary(run, total, time.perf_counter() - started, log)
     _require_every_class(splits, train.class_names)
-    return DecodedDataset(splits, train.class_names)
+    return DecodedDataset(splits, train.class_names, names)
 
 
 def _decode_splits(
     run: DecodeRun, tree: ImageTree, listings: dict[str, SplitListing], workdir: Path, on_bad_image: str
-) -> tuple[dict[str, tuple[NpyReader, np.ndarray]], list[tuple[str, str]]]:
-    splits, bad = {}, []
+) -> tuple[dict[str, tuple[NpyReader, np.ndarray]], dict[str, list[str]], list[tuple[str, str]]]:
+    """Each split's images and labels, the files they came from (the good ones, in order) and the bad files."""
+    splits, names, bad = {}, {}, []
     for split, listing in listings.items():
         images, good, split_bad = _decode_split(run, tree, listing.files, workdir / f"{split}.npy")
         if split_bad and on_bad_image == "error":
             raise _unreadable_error(split, split_bad)
         splits[split] = (images, np.asarray(listing.labels, dtype=np.int64)[good])
+        names[split] = [file.path for file, kept in zip(listing.files, good, strict=True) if kept]
         bad += split_bad
-    return splits, bad
+    return splits, names, bad
 
 
 def _log_summary(run: DecodeRun, total: int, seconds: float, log: Callable[[str], None]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..arrays import NpyWriter
-from ..prepared import images_file, save_labels, save_meta
+from ..prepared import images_file, save_labels, save_meta, save_names
 from .formats import DecodedDataset
 from .splits import ChannelStats, SplitPlan, build_meta, gather
 
@@ -19,7 +19,8 @@ COPY_CHUNK_BYTES = 32 << 20
 def write_splits(
     directory: Path, decoded: DecodedDataset, plan: SplitPlan, *, dataset: str, source: dict, resize: str | None = None
 ) -> dict:
-    """Write ``<split>_images.npy``/``<split>_labels.npy`` for every planned split and meta.json; returns meta.
+    """Write ``<split>_images.npy``/``<split>_labels.npy``/``<split>_files.json`` for every planned split and
+    meta.json; returns meta.
     ``resize``: how the images were made square (data.resize), recorded in meta.json; None for data sets whose
     images come square at their fixed size (nothing was resized, and their meta.json stays as it was)."""
     first_images = next(iter(decoded.splits.values()))[0]
@@ -38,6 +39,13 @@ def write_splits(
                     stats.update(chunk)
         labels[split] = origin_labels[rows]
         save_labels(directory, split, labels[split])
+        # Where each image came from, for the reports that name images (duplicates, label suspects).
+        origin_names = decoded.names[origin] if decoded.names is not None else None
+        save_names(
+            directory,
+            split,
+            [origin_names[row] if origin_names else f"{dataset} {origin} #{row}" for row in rows.tolist()],
+        )
     mean, std = stats.result()
     meta = build_meta(
         dataset=dataset, class_names=decoded.class_names, image_shape=image_shape, labels=labels, mean=mean, std=std

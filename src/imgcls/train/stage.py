@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import Temperature, fit_temperature
 from ..cli import log
 from ..errors import RuntimeChoiceError, TrainingError
 from ..fileio import atomic_dir
 from ..model.checkpoint import save_checkpoint
+from ..model.inference import predict
 from ..model.networks import Network
 from ..model.registry import build_model, normalized_channels
 from ..params.core import as_dict
@@ -241,8 +243,27 @@ def train_rank(params: Params, paths: ProjectPaths, world: World) -> None:
         reporter.log_images(data.train_images.first(config.log_images).cpu())
         outcome = fit_or_stop(config, built, data, rank, resume, length, reporter, paths)
         if world.is_main:
-            reporter.close(run_summary(rank, length, outcome))
-            save_trained(params, paths, built, rank, length, outcome.train_seconds)
+            calibration = calibrate(built.model, data.val, rank, config.batch_size)
+            reporter.close(run_summary(rank, length, outcome, calibration))
+            save_trained(params, paths, built, rank, length, outcome.train_seconds, calibration)
+
+
+def calibrate(model: Network, val: tuple | None, rank: Rank, batch_size: int) -> Temperature | None:
+    """Temperature scaling fitted on the validation split (imgcls.calibration); None without one."""
+    if val is None:
+        rank.emit(
+            "no validation split: probabilities are left uncalibrated (temperature 1); "
+            "set preprocess.val_fraction > 0 to calibrate them"
+        )
+        return None
+    images, labels = val
+    logits = predict(model, images, batch_size=batch_size, device=rank.device, precision=rank.precision)
+    fitted = fit_temperature(logits, labels)
+    rank.emit(
+        f"calibration: temperature {fitted.temperature:.3f} fitted on {fitted.images} validation images "
+        f"(negative log-likelihood {fitted.nll_before:.4f} -> {fitted.nll_after:.4f}); predicted classes unchanged"
+    )
+    return fitted
 
 
 def _silent(message: str) -> None:
@@ -313,17 +334,7 @@ def build_network(config: TrainParams, meta: dict, rank: Rank) -> BuiltModel:
         )
     # The normalization the weights were trained with: the data's own from scratch (repeated to RGB for the
     # torchvision networks), the loaded weights' otherwise.
-    repeat = normalized_channels(config.model, channels) // channels
-    mean, std = (start.mean, start.std) if start else (meta["mean"] * repeat, meta["std"] * repeat)
-    arguments = {
-        "in_channels": channels,
-        "num_classes": len(meta["class_names"]),
-        "image_size": height,
-        "mean": mean,
-        "std": std,
-        "width": config.width,
-        "whiten_bias_epochs": config.whiten_bias_epochs,
-    }
+    arguments = model_arguments(config, meta, start)
     model = build_model(config.model, **arguments)
     if start:
         apply_and_describe_start(model, start, config, len(meta["class_names"]), emit)
@@ -349,6 +360,24 @@ def build_network(config: TrainParams, meta: dict, rank: Rank) -> BuiltModel:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rank.device, memory_format=torch.channels_last)
     return BuiltModel(model, arguments, meta["class_names"], start, step_memory)
+
+
+def model_arguments(config: TrainParams, meta: dict, start: StartingWeights | None = None) -> dict:
+    """build_model's keyword arguments for train.model on the prepared data (``meta``): the normalization
+    is the data's own from scratch (repeated to RGB for the torchvision networks), the loaded weights'
+    otherwise."""
+    channels, height, _ = meta["image_shape"]
+    repeat = normalized_channels(config.model, channels) // channels
+    mean, std = (start.mean, start.std) if start else (meta["mean"] * repeat, meta["std"] * repeat)
+    return {
+        "in_channels": channels,
+        "num_classes": len(meta["class_names"]),
+        "image_size": height,
+        "mean": mean,
+        "std": std,
+        "width": config.width,
+        "whiten_bias_epochs": config.whiten_bias_epochs,
+    }
 
 
 def apply_and_describe_start(
@@ -592,9 +621,10 @@ def stopped_message(stop: StopRequested, writer: ResumeStateWriter | None, paths
     )
 
 
-def run_summary(rank: Rank, length: RunLength, outcome: FitOutcome) -> dict:
+def run_summary(rank: Rank, length: RunLength, outcome: FitOutcome, calibration: Temperature | None = None) -> dict:
     """The run's summary metrics (dvclive's metrics.json)."""
     return {
+        "temperature": calibration.temperature if calibration else 1.0,
         "train_seconds": outcome.train_seconds,
         "precision": rank.precision,
         "device": rank.device.type,
@@ -607,7 +637,13 @@ def run_summary(rank: Rank, length: RunLength, outcome: FitOutcome) -> dict:
 
 
 def save_trained(
-    params: Params, paths: ProjectPaths, built: BuiltModel, rank: Rank, length: RunLength, train_seconds: float
+    params: Params,
+    paths: ProjectPaths,
+    built: BuiltModel,
+    rank: Rank,
+    length: RunLength,
+    train_seconds: float,
+    calibration: Temperature | None = None,
 ) -> None:
     """Rank 0: the checkpoint, self-describing; the resume state is no longer needed."""
     save_checkpoint(
@@ -627,6 +663,8 @@ def save_trained(
             "batch_size": length.batch_size,
             "start": built.start.provenance if built.start else None,
             "processes": rank.world.size,
+            # temperature scaling fitted on the validation split; None: no split to fit it on (temperature 1)
+            "calibration": calibration.as_dict() if calibration else None,
         },
     )
     shutil.rmtree(paths.resume_state.parent, ignore_errors=True)  # done: nothing to resume any more

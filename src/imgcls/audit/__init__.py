@@ -1,0 +1,1 @@
+"""Know your data and your model: duplicates and leaks between splits, likely label errors."""

@@ -1,0 +1,50 @@
+"""params.yaml ``audit``: what the duplicates and label_errors stages look for (docs/know-your-data.md)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..errors import ParamsError
+from .base import BaseParams
+from .core import Section, StageParams
+from .data import DataParams, check_data
+from .train import TrainParams, check_train, check_train_with
+
+
+class AuditParams(Section):
+    # Near duplicates: pairs whose 64-bit perceptual hashes differ in at most this many bits (exact copies, the
+    # same pixels, are always paired). imgcls.audit.duplicates documents how the default was calibrated.
+    duplicates_max_distance: int = Field(ge=0, le=32)
+    duplicate_pairs_drawn: int = Field(ge=0, le=64)
+    label_folds: int = Field(ge=0, le=20, description="0 (off) or 2..20")  # cross-validation folds
+    label_epochs: int = Field(ge=1, le=1000)  # epochs of each fold's model
+    label_suspects_drawn: int = Field(ge=0, le=100)
+
+
+class DuplicatesStageParams(StageParams):
+    """What the duplicates stage reads."""
+
+    audit: AuditParams
+
+
+class LabelErrorsStageParams(StageParams):
+    """What the label_errors stage reads: the folds train train.model with train's recipe."""
+
+    base: BaseParams
+    data: DataParams
+    train: TrainParams
+    audit: AuditParams
+
+    def check(self) -> None:
+        check_data(self.data)
+        check_train(self.train)
+        check_train_with(self.base, self.data, self.train)
+        check_audit(self.audit)
+
+
+def check_audit(audit: AuditParams) -> None:
+    if audit.label_folds == 1:
+        raise ParamsError(
+            "audit.label_folds = 1: cross-validation needs at least 2 folds (each image scored by a model that "
+            "never saw it); 0 turns the label-error search off"
+        )

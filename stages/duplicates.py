@@ -1,0 +1,9 @@
+"""duplicates stage (dvc.yaml): validate params.yaml, then run
+imgcls.audit.stage.duplicates through the shared error boundary."""
+
+from imgcls.audit.stage import duplicates
+from imgcls.cli import run_stage
+from imgcls.params.audit import DuplicatesStageParams
+
+if __name__ == "__main__":
+    run_stage("duplicates", duplicates, DuplicatesStageParams)
