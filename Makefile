@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/transfer.py
 	$(BIN)/python bench/photos.py
+	$(BIN)/python bench/know_your_data.py
 	$(BIN)/python bench/distributed.py
 
 clean-venv:
