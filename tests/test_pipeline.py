@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "src", "sources", "plots", ".dvcignore")
-ALL_STAGES = ["validate", "download", "preprocess", "train", "evaluate", "export"]
+ALL_STAGES = ["validate", "download", "preprocess", "duplicates", "label_errors", "train", "evaluate", "export"]
 
 
 def sh(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -57,6 +57,9 @@ def set_params(project: Path, **sections) -> None:
     # Models trained for seconds on a few hundred images lose more than the default 0.5 points in int8;
     # these tests are about the pipeline, not the int8 threshold.
     params["export"]["int8_max_drop"] = 100.0
+    # The label audit's folds are tested on planted errors in tests/test_label_errors.py; here two short folds
+    # show the stage runs in the pipeline without doubling each test's time.
+    params["audit"].update(label_folds=2, label_epochs=1)
     for section, values in sections.items():
         params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -201,6 +204,22 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
         "wasps",
     ]
     assert evaluation["test"]["accuracy"] > 0.5  # each class is one colour (plus noise): learnable in five epochs
+    # Know your data: calibration measured before and after, the duplicates stage's counts and the accuracy
+    # without leaked test images beside the plain one, label suspects named by file.
+    calibration = evaluation["calibration"]
+    assert calibration["ece_after"] <= calibration["ece_before"] + 0.02 and calibration["temperature"] > 0
+    leaks = evaluation["test_without_leaks"]
+    assert (
+        leaks["images"] + leaks["left_out"] == 120
+        and leaks["left_out"] == evaluation["duplicates"]["leaked_test_images"]
+    )
+    suspects = list(csv.DictReader((project / "metrics/label_suspects.csv").open()))
+    assert all(row["file"].startswith("train/") for row in suspects), suspects[:3]
+    predictions = list(csv.DictReader((project / "metrics/test_predictions.csv").open()))
+    assert {row["file"].split("/")[0] for row in predictions} == {"test"} and len(predictions) == 120
+    for picture in ("duplicates", "label_suspects", "reliability", "activation_maps"):
+        assert (project / "metrics" / f"{picture}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    assert "How far to trust it" in (project / "metrics/model_card.md").read_text()
     exported = json.loads((project / "metrics/export.json").read_text())
     assert exported["parity"]["onnx"]["same_predictions"]
     commit(project, "baseline run")
@@ -211,7 +230,8 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     loop = project / "src/imgcls/train/loop.py"
     loop.write_text(loop.read_text() + "\n# a change\n")
     status = json.loads(sh(project, DVC, "status", "--json").stdout)
-    assert status == {"train": [{"changed deps": {"src/imgcls/train": "modified"}}]}, status
+    changed = [{"changed deps": {"src/imgcls/train": "modified"}}]
+    assert status == {"train": changed, "label_errors": changed}, status  # the folds train with it too
     networks = project / "src/imgcls/model/networks.py"
     networks.write_text(networks.read_text() + "\n# a change\n")
     # (validate checks train.model against the model table, so it reruns too; its stamp is constant, so the
@@ -219,6 +239,7 @@ def test_full_pipeline_on_a_generated_image_folder_never_skips(tmp_path):
     assert sorted(json.loads(sh(project, DVC, "status", "--json").stdout)) == [
         "evaluate",
         "export",
+        "label_errors",
         "train",
         "validate",
     ]
@@ -299,13 +320,14 @@ def test_a_killed_dvc_repro_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
         data={"dataset": "imagefolder", "source": str(archive), "image_size": 16},
         train={"epochs": 8, "min_steps": 0, "batch_size": 32, "width": 8, "log_images": 0},
         export={"parity_images": 30, "latency_calls": 200},
+        audit={"label_folds": 0},  # off: the stage still writes its outputs (an empty table)
     )
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = make_project(tmp_path / "a", **settings)
     sh(straight, DVC, "repro")
     killed = make_project(tmp_path / "b", **settings)
-    sh(killed, DVC, "repro", "preprocess")
+    sh(killed, DVC, "repro", "duplicates", "label_errors")
     state = killed / "data/train-resume/state.pt"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
     process = subprocess.Popen(
@@ -451,6 +473,9 @@ def test_dvc_plots_show_draws_the_curves_offline_in_a_real_browser(tmp_path):
         timeout=120,
     )
     dom = result.stdout
-    assert dom.count("<canvas") == 3, dom[-2000:]  # loss, accuracy, confusion matrix
-    for title in ("Loss per epoch", "Accuracy per epoch", "Test confusion matrix"):
+    assert dom.count("<canvas") == 4, dom[-2000:]  # loss, accuracy, confusion matrix, reliability
+    for title in ("Loss per epoch", "Accuracy per epoch", "Test confusion matrix", "Reliability on the test split"):
         assert title in page.read_text()
+    # The pictures (know your data among them) are on the page as images DVC copied beside it.
+    for picture in ("reliability.png", "activation_maps.png", "duplicates.png", "label_suspects.png"):
+        assert picture in dom, picture

@@ -21,6 +21,10 @@ class DatasetSpec:
 
     image_size: int | None  # its fixed side in pixels; None: data.image_size sets it (image folders)
     offline_advice: str  # the next step when no location in data.source could be fetched
+    # Whether a perceptual near-duplicate means a copy here (audit.near_duplicates: auto). Not on Fashion-MNIST:
+    # its items are centred silhouettes on black, so distinct plain shirts match as closely as a JPEG copy
+    # does (measured: imgcls.audit.duplicates' calibration table); there only exact copies are searched.
+    near_duplicates: bool = True
 
 
 FASHION_MNIST_CLASSES = (
@@ -83,6 +87,7 @@ DATASETS: dict[str, DatasetSpec] = {
         image_size=28,
         offline_advice="set data.source to a folder holding the four .gz files, or install Debian's package "
         "(apt-get install dataset-fashion-mnist) which puts them in /usr/share/datasets/fashion-mnist",
+        near_duplicates=False,
     ),
     "cifar10": DatasetSpec(
         image_size=32,

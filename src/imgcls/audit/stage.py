@@ -6,9 +6,10 @@ evaluate stage reports the test accuracy without the leaked test images); metric
 files, metrics/duplicates.png shows the pairs.
 
 label_errors (after preprocess, beside train): each training image is scored by a model trained on the
-other folds (train.model with train's recipe, audit.label_epochs epochs), then confident learning flags the
-images whose given label the out-of-sample model most disagrees with: metrics/label_suspects.csv (ranked, with
-the file and both labels), metrics/label_suspects.png and metrics/label_errors.json."""
+other folds (train.model from scratch with the model's own recipe, audit.label_epochs epochs), then
+confident learning flags the images whose given label the out-of-sample model most disagrees with:
+metrics/label_suspects.csv (ranked, with the file and both labels), metrics/label_suspects.png and
+metrics/label_errors.json."""
 
 from __future__ import annotations
 
@@ -19,40 +20,55 @@ import numpy as np
 import torch
 
 from ..cli import log
+from ..datasets import DATASETS
 from ..fileio import atomic_dir, write_json
 from ..params.audit import DuplicatesStageParams, LabelErrorsStageParams
-from ..params.train import params_with_recipe
+from ..params.train import RECIPE_KEYS, params_with_recipe
 from ..paths import ProjectPaths
 from ..prepared import load_names, load_prepared
 from ..runtime import resolve_device, resolve_precision, seed_everything, set_threads
-from .duplicates import DuplicatePair, find_duplicates, hash_images, plot_pairs, write_pairs_csv
+from .duplicates import (
+    DuplicatePair,
+    cross_split_test_rows,
+    find_duplicates,
+    hash_images,
+    plot_pairs,
+    summarize,
+    write_pairs_csv,
+)
 from .label_errors import confident_learning, out_of_sample_probabilities, plot_suspects, write_suspects_csv
 
 SPLIT_ORDER = ("train", "val", "test")
 
 
 def pair_counts(pairs: list[DuplicatePair]) -> dict:
-    """Exact and near pairs within one split and across two; the test images with a copy in train or val."""
-    across = [p for p in pairs if p.split_a != p.split_b]
-    within = [p for p in pairs if p.split_a == p.split_b]
+    """Exact and near pairs within one split and across two; the test images with a copy in train or val.
+    Flat keys: they are columns of `dvc exp show` (eval.json's duplicates)."""
+    across = [p for p in pairs if p.cross_split]
+    within = [p for p in pairs if not p.cross_split]
     return {
         "cross_split_exact": sum(p.kind == "exact" for p in across),
         "cross_split_near": sum(p.kind == "near" for p in across),
         "within_split_exact": sum(p.kind == "exact" for p in within),
         "within_split_near": sum(p.kind == "near" for p in within),
-        "leaked_test_images": len(leaked_test_rows(pairs)),
+        "leaked_test_images": len(cross_split_test_rows(pairs)),
     }
 
 
-def leaked_test_rows(pairs: list[DuplicatePair]) -> list[int]:
-    """Sorted test rows with an exact or near copy in train or val: the images whose score is inflated."""
-    rows = set()
-    for p in pairs:
-        if p.split_a == "test" and p.split_b != "test":
-            rows.add(p.index_a)
-        elif p.split_b == "test" and p.split_a != "test":
-            rows.add(p.index_b)
-    return sorted(rows)
+def near_search(params: DuplicatesStageParams) -> tuple[int | None, str]:
+    """The near-duplicate threshold to search with (None: exact copies only) and why."""
+    audit, dataset = params.audit, params.data.dataset
+    if audit.near_duplicates == "off":
+        return None, "near duplicates off (audit.near_duplicates: off)"
+    if audit.near_duplicates == "auto" and not DATASETS[dataset].near_duplicates:
+        return None, (
+            f"near duplicates not searched on {dataset} (audit.near_duplicates: auto): its look-alike items "
+            "match as closely as copies do, so only exact copies are reported"
+        )
+    return audit.duplicates_max_distance, (
+        f"near: at most {audit.duplicates_max_distance} bits apart and thumbnails correlated >= "
+        f"{audit.duplicates_min_correlation}"
+    )
 
 
 def duplicates(params: DuplicatesStageParams, paths: ProjectPaths) -> None:
@@ -63,15 +79,18 @@ def duplicates(params: DuplicatesStageParams, paths: ProjectPaths) -> None:
     started = time.perf_counter()
     hashes = {split: hash_images(prepared.splits[split][0]) for split in splits}
     hashed = time.perf_counter()
-    pairs = find_duplicates(hashes, max_distance=audit.duplicates_max_distance)
+    max_distance, rule = near_search(params)
+    pairs = find_duplicates(hashes, max_distance=max_distance, min_correlation=audit.duplicates_min_correlation)
     searched = time.perf_counter()
     names = {split: load_names(paths.prepared_dir, split, len(prepared.splits[split][1])) for split in splits}
     counts = pair_counts(pairs)
     detail = {
-        "max_distance": audit.duplicates_max_distance,
+        "max_distance": max_distance,
+        "min_correlation": audit.duplicates_min_correlation if max_distance is not None else None,
         "images": {split: len(prepared.splits[split][1]) for split in splits},
         "counts": counts,
-        "leaked_test_rows": leaked_test_rows(pairs),
+        "by_split": summarize(pairs, splits),
+        "leaked_test_rows": cross_split_test_rows(pairs).tolist(),
         "pairs": [[p.split_a, p.index_a, p.split_b, p.index_b, p.kind, p.distance] for p in pairs],
     }
     with atomic_dir(paths.audit_dir, clean_stale=True) as tmp:
@@ -83,8 +102,8 @@ def duplicates(params: DuplicatesStageParams, paths: ProjectPaths) -> None:
     emit(
         f"{total:,} images hashed in {hashed - started:.1f} s, compared in {searched - hashed:.1f} s: "
         f"across splits {counts['cross_split_exact']} exact and {counts['cross_split_near']} near pair(s), "
-        f"within splits {counts['within_split_exact']} exact and {counts['within_split_near']} near "
-        f"(audit.duplicates_max_distance = {audit.duplicates_max_distance} bits); metrics/duplicates.csv, "
+        f"within splits {counts['within_split_exact']} exact and {counts['within_split_near']} near ({rule}); "
+        "metrics/duplicates.csv, "
         f"{drawn} pair(s) drawn in metrics/duplicates.png"
     )
     if counts["leaked_test_images"]:
@@ -100,7 +119,10 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
     from ..train.stage import model_arguments
 
     emit, audit = log("label_errors"), params.audit
-    params = params_with_recipe(params)
+    # From scratch with the model's own recipe: what the folds measure is the data, not a recipe being tuned
+    # (and dvc.yaml lists only the train keys read here, so a sweep over train.lr reruns no fold).
+    own = {key: "auto" for key in RECIPE_KEYS} | {"pretrained": "none", "init_from": "none"}
+    params = params_with_recipe(params.model_copy(update={"train": params.train.model_copy(update=own)}))
     prepared = load_prepared(paths.prepared_dir, ("train",))
     images, labels = prepared.splits["train"]
     class_names = prepared.class_names

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ..errors import ParamsError
@@ -12,9 +14,12 @@ from .train import TrainParams, check_train, check_train_with
 
 
 class AuditParams(Section):
-    # Near duplicates: pairs whose 64-bit perceptual hashes differ in at most this many bits (exact copies, the
-    # same pixels, are always paired). imgcls.audit.duplicates documents how the default was calibrated.
+    # Near duplicates: perceptual hashes (63 bits) at most duplicates_max_distance bits apart whose 16 x 16
+    # thumbnails correlate at least duplicates_min_correlation; exact copies (the same pixels) are always
+    # paired. imgcls.audit.duplicates documents how the defaults were calibrated.
+    near_duplicates: Literal["auto", "on", "off"]  # auto: on, except for data sets where look-alikes are no copies
     duplicates_max_distance: int = Field(ge=0, le=32)
+    duplicates_min_correlation: float = Field(ge=0, le=1)
     duplicate_pairs_drawn: int = Field(ge=0, le=64)
     label_folds: int = Field(ge=0, le=20, description="0 (off) or 2..20")  # cross-validation folds
     label_epochs: int = Field(ge=1, le=1000)  # epochs of each fold's model
@@ -22,8 +27,9 @@ class AuditParams(Section):
 
 
 class DuplicatesStageParams(StageParams):
-    """What the duplicates stage reads."""
+    """What the duplicates stage reads (data.dataset: whether near duplicates mean copies there)."""
 
+    data: DataParams
     audit: AuditParams
 
 
