@@ -1,7 +1,7 @@
 """duplicates stage (dvc.yaml): validate params.yaml, then run
-imgcls.audit.stage.duplicates through the shared error boundary."""
+imgcls.audit.duplicates_stage.duplicates through the shared error boundary."""
 
-from imgcls.audit.stage import duplicates
+from imgcls.audit.duplicates_stage import duplicates
 from imgcls.cli import run_stage
 from imgcls.params.audit import DuplicatesStageParams
 

@@ -148,17 +148,7 @@ def class_activation_maps(
     ``torch.no_grad()``; the model's modes and requires_grad flags are restored, and no ``.grad`` is written.
     A map with no positive evidence for its class is all zeros."""
     model = plain_model(model)
-    if method not in (None, INTEGRATED_GRADIENTS):
-        raise ValueError(
-            f"class_activation_maps: method must be None (automatic) or {INTEGRATED_GRADIENTS!r}, got {method!r}"
-        )
-    shape = tuple(int(side) for side in images_uint8.shape)  # tensors, arrays and NpyReaders all have one
-    if len(shape) != 4:
-        raise ValueError(f"class_activation_maps: expected uint8 images (N, C, H, W), got shape {shape}")
-    count, image_shape = shape[0], shape[1:]
-    classes = [int(c) for c in classes]
-    if len(classes) != count:
-        raise ValueError(f"class_activation_maps: {count} images but {len(classes)} target classes; give one each")
+    count, image_shape, classes = _checked_request(images_uint8, classes, method)
     if method == INTEGRATED_GRADIENTS:
         layer = CamLayer(INPUT_LAYER, INTEGRATED_GRADIENTS, map_size=image_shape[1:])
     else:
@@ -192,6 +182,22 @@ def class_activation_maps(
         for m, training in modes.items():
             m.training = training
     return torch.cat(maps).numpy().astype(np.float32, copy=False), layer
+
+
+def _checked_request(images_uint8, classes: Sequence[int], method: str | None) -> tuple[int, tuple, list[int]]:
+    """(image count, (C, H, W), target classes as ints) of a class_activation_maps call; ValueError when the
+    images, the classes or the method do not fit together."""
+    if method not in (None, INTEGRATED_GRADIENTS):
+        raise ValueError(
+            f"class_activation_maps: method must be None (automatic) or {INTEGRATED_GRADIENTS!r}, got {method!r}"
+        )
+    shape = tuple(int(side) for side in images_uint8.shape)  # tensors, arrays and NpyReaders all have one
+    if len(shape) != 4:
+        raise ValueError(f"class_activation_maps: expected uint8 images (N, C, H, W), got shape {shape}")
+    classes = [int(c) for c in classes]
+    if len(classes) != shape[0]:
+        raise ValueError(f"class_activation_maps: {shape[0]} images but {len(classes)} target classes; give one each")
+    return shape[0], shape[1:], classes
 
 
 def _class_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -296,6 +302,30 @@ def _short(name: str, limit: int = 14) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
+def _draw_pair(panels, image: np.ndarray, heat: np.ndarray, caption: tuple[str, str], wrong: bool, alpha: float):
+    """One image (C, H, W) in ``panels[0]`` and with its map overlaid in ``panels[1]``; ``caption``: (true
+    class, "predicted confidence"); a misclassified pair gets red captions and frames."""
+    picture_ax, overlay_ax = panels
+    image = image.transpose(1, 2, 0)  # (H, W, C)
+    gray = image.shape[2] != 3
+    shown = image.mean(axis=2) if gray else image  # 1 channel (or an unusual count): gray
+    # nearest: a 28-pixel image stays sharp when blown up to the panel; the map itself is smooth already
+    for ax in (picture_ax, overlay_ax):
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=255, interpolation="nearest")
+    overlay_ax.imshow(heat, cmap="turbo", alpha=alpha, vmin=0, vmax=1, interpolation="bilinear")
+    colour = "red" if wrong else "black"
+    picture_ax.set_title(f"true {caption[0]}", fontsize=7, color=colour)
+    overlay_ax.set_title(f"pred {caption[1]}", fontsize=7, color=colour)
+    for ax in (picture_ax, overlay_ax):
+        for spine in ax.spines.values():
+            spine.set_visible(wrong)
+            spine.set_color("red")
+            spine.set_linewidth(2)
+
+
 def plot_cam_grid(
     path: Path,
     images_uint8,
@@ -338,28 +368,12 @@ def plot_cam_grid(
         for ax in axes.flat:
             ax.axis("off")
         for i in range(count):
-            picture_ax, overlay_ax = axes[i // pairs_per_row, 2 * (i % pairs_per_row) : 2 * (i % pairs_per_row) + 2]
-            image = images[i].transpose(1, 2, 0)  # (H, W, C)
-            gray = image.shape[2] != 3
-            shown = image.mean(axis=2) if gray else image  # 1 channel (or an unusual count): gray
-            # nearest: a 28-pixel image stays sharp when blown up to the panel; the map itself is smooth already
-            for ax in (picture_ax, overlay_ax):
-                ax.axis("on")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=255, interpolation="nearest")
-            overlay_ax.imshow(maps[i], cmap="turbo", alpha=overlay_alpha, vmin=0, vmax=1, interpolation="bilinear")
-            wrong = int(labels[i]) != int(predictions[i])
-            colour = "red" if wrong else "black"
-            picture_ax.set_title(f"true {_short(class_names[int(labels[i])])}", fontsize=7, color=colour)
-            overlay_ax.set_title(
-                f"pred {_short(class_names[int(predictions[i])])} {float(confidences[i]):.2f}", fontsize=7, color=colour
+            panels = axes[i // pairs_per_row, 2 * (i % pairs_per_row) : 2 * (i % pairs_per_row) + 2]
+            caption = (
+                _short(class_names[int(labels[i])]),
+                f"{_short(class_names[int(predictions[i])])} {float(confidences[i]):.2f}",
             )
-            for ax in (picture_ax, overlay_ax):
-                for spine in ax.spines.values():
-                    spine.set_visible(wrong)
-                    spine.set_color("red")
-                    spine.set_linewidth(2)
+            _draw_pair(panels, images[i], maps[i], caption, int(labels[i]) != int(predictions[i]), overlay_alpha)
     fig.tight_layout()
     with atomic_path(path, clean_stale=True) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

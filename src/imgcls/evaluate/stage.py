@@ -60,6 +60,7 @@ class Evaluation:
     loss: float
     logits: np.ndarray  # float32 (N, K)
     temperature: float  # the checkpoint's (imgcls.calibration); 1: uncalibrated
+    class_names: list[str]
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -95,6 +96,38 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
             bar.close()
     seconds = time.perf_counter() - started
     outcome = score_predictions(result, labels, class_names, temperature)
+    write_outputs(params, paths, outcome, images, dataset=dataset, precision=precision, emit=emit)
+    emit(f"{len(images):,} test images scored in {seconds:.1f} s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
+    started = time.perf_counter()
+    drawn, method = draw_activation_maps(
+        paths.metrics_dir / "activation_maps.png",
+        model,
+        images,
+        labels,
+        outcome.probabilities,
+        class_names,
+        config.activation_maps,
+        device,
+    )
+    if drawn:
+        emit(
+            f"activation maps ({method}) of {drawn} test images, misclassified and right, in "
+            f"{time.perf_counter() - started:.1f} s: metrics/activation_maps.png"
+        )
+
+
+def write_outputs(
+    params: Params,
+    paths: ProjectPaths,
+    outcome: Evaluation,
+    images: NpyReader,
+    *,
+    dataset: str,
+    precision: str,
+    emit: Callable[[str], None],
+) -> None:
+    """eval.json (with calibration and leaks), the tables and the pictures; the stage's summary lines."""
+    config = params.evaluate
     calibration = calibration_summary(outcome)
     leaks = leak_summary(paths, outcome)
     write_eval_json(
@@ -104,34 +137,17 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
         precision=precision,
         extra={"calibration": calibration, **leaks},
     )
-    names = load_names(paths.prepared_dir, "test", len(labels))
     shown = write_tables_and_plots(
         paths.metrics_dir,
         images,
         outcome,
-        class_names,
+        outcome.class_names,
         title=f"{dataset} test, accuracy {outcome.accuracy:.4f}",
         misclassified_images=config.misclassified_images,
-        names=names,
+        names=load_names(paths.prepared_dir, "test", len(outcome.labels)),
     )
     report(emit, outcome, shown)
     report_calibration_and_leaks(emit, calibration, leaks)
-    emit(f"{len(images):,} test images scored in {seconds:.1f} s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
-    if config.activation_maps:
-        started = time.perf_counter()
-        drawn, method = draw_activation_maps(
-            paths.metrics_dir / "activation_maps.png",
-            model,
-            images,
-            outcome,
-            class_names,
-            config.activation_maps,
-            device,
-        )
-        emit(
-            f"activation maps ({method}) of {drawn} test images, misclassified and right, in "
-            f"{time.perf_counter() - started:.1f} s: metrics/activation_maps.png"
-        )
 
 
 def load_model(checkpoint_path: Path, device: torch.device, *, tta: bool) -> tuple[nn.Module, dict]:
@@ -162,6 +178,7 @@ def score_predictions(result: dict, labels: np.ndarray, class_names: list[str], 
         loss=result["loss"],
         logits=result["logits"].float().cpu().numpy(),
         temperature=temperature,
+        class_names=list(class_names),
     )
 
 

@@ -7,10 +7,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..errors import ParamsError
-from .base import BaseParams
 from .core import Section, StageParams
-from .data import DataParams, check_data
-from .train import TrainParams, check_train, check_train_with
+from .data import DataParams
 
 
 class AuditParams(Section):
@@ -31,21 +29,6 @@ class DuplicatesStageParams(StageParams):
 
     data: DataParams
     audit: AuditParams
-
-
-class LabelErrorsStageParams(StageParams):
-    """What the label_errors stage reads: the folds train train.model with train's recipe."""
-
-    base: BaseParams
-    data: DataParams
-    train: TrainParams
-    audit: AuditParams
-
-    def check(self) -> None:
-        check_data(self.data)
-        check_train(self.train)
-        check_train_with(self.base, self.data, self.train)
-        check_audit(self.audit)
 
 
 def check_audit(audit: AuditParams) -> None:
