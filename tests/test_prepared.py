@@ -306,8 +306,20 @@ def test_streamed_preprocess_writes_the_arrays_and_statistics_of_the_in_memory_o
         )["counts"]
     )
     assert sorted(p.name for p in paths.prepared_dir.iterdir()) == sorted(
-        [f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")] + ["meta.json"]
+        [f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")]
+        + [f"{s}_files.json" for s in ("train", "val", "test")]
+        + ["meta.json"]
     )
+    # Each prepared image names the file it came from (the reports that list images use it): every good
+    # file exactly once, in its class folder, the skipped broken one nowhere.
+    from imgcls.prepared import load_names
+
+    names = {s: load_names(paths.prepared_dir, s, len(prepared.splits[s][1])) for s in ("train", "val", "test")}
+    every = sorted(n for split_names in names.values() for n in split_names)
+    assert every == sorted(f"pets/train/{p.parent.name}/{p.name}" for p in good), every[:5]
+    for split in names:
+        labels = prepared.splits[split][1]
+        assert [n.split("/")[2] for n in names[split]] == [["a", "b", "c"][c] for c in labels], split
 
 
 def test_training_from_disk_gives_the_weights_and_metrics_of_training_in_memory(tmp_path):
