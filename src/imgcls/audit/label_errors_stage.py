@@ -19,6 +19,7 @@ from ..params.train import RECIPE_KEYS, params_with_recipe
 from ..paths import ProjectPaths
 from ..prepared import load_names, load_prepared
 from ..runtime import resolve_device, resolve_precision, seed_everything, set_threads
+from ..train.optim import run_length
 from ..train.stage import model_arguments
 from .label_errors import (
     LabelSuspects,
@@ -90,9 +91,17 @@ def score_out_of_sample(
     seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
     precision = resolve_precision(params.train.precision, device)
+    # The epochs each fold trains: audit.label_epochs, raised as a run would be to train.min_steps steps.
+    fold_images = len(labels) - len(labels) // audit.label_folds
+    epochs = run_length(fold_images, params.train.model_copy(update={"epochs": audit.label_epochs})).epochs
+    raised = (
+        f" (audit.label_epochs {audit.label_epochs}, raised to reach train.min_steps)"
+        if epochs > audit.label_epochs
+        else ""
+    )
     emit(
         f"{audit.label_folds} folds of {len(labels):,} training images, each scored by train.model = "
-        f"{params.train.model!r} trained {audit.label_epochs} epoch(s) on the other folds (precision {precision})"
+        f"{params.train.model!r} trained {epochs} epoch(s){raised} on the other folds (precision {precision})"
     )
 
     def on_fold(fold: int, folds: int, seconds: float) -> None:

@@ -176,10 +176,12 @@ def trust_section(trust: dict) -> list[str]:
                 "Pairs: metrics/duplicates.csv and metrics/duplicates.png."
             )
         else:
+            searched = (
+                "an exact or near copy" if counts["near_searched"] else "an exact copy (near copies not searched)"
+            )
             lines.append(
-                "- Duplicates between splits: none found (no test image has an exact or near copy in train or "
-                f"val; {counts['within_split_exact']} exact and {counts['within_split_near']} near pairs within "
-                "splits)."
+                f"- Duplicates between splits: none found (no test image has {searched} in train or val; "
+                f"{counts['within_split_exact']} exact and {counts['within_split_near']} near pairs within splits)."
             )
     labels = trust.get("label_errors")
     if labels and labels.get("folds"):

@@ -14,8 +14,8 @@ COUNT_KEYS = ("cross_split_exact", "cross_split_near", "within_split_exact", "wi
 
 
 def read_leaks(path: Path, test_images: int) -> dict | None:
-    """{"counts": {...COUNT_KEYS}, "leaked_test_rows": [row, ...]} from ``path``; None when it does not exist
-    (a project from before the duplicates stage)."""
+    """{"counts": {...COUNT_KEYS, "near_searched": bool}, "leaked_test_rows": [row, ...]} from ``path``; None
+    when it does not exist (a project from before the duplicates stage)."""
     if not path.is_file():
         return None
     try:
@@ -35,4 +35,6 @@ def read_leaks(path: Path, test_images: int) -> dict | None:
             f"{path}: expected counts ({', '.join(COUNT_KEYS)}) and distinct leaked_test_rows in "
             f"0..{test_images - 1}; it does not describe this test split; {REBUILD}"
         )
-    return {"counts": {key: counts[key] for key in COUNT_KEYS}, "leaked_test_rows": rows}
+    # Near copies were searched unless the stage searched exact copies only (max_distance null).
+    near = found.get("max_distance") is not None
+    return {"counts": {key: counts[key] for key in COUNT_KEYS} | {"near_searched": near}, "leaked_test_rows": rows}

@@ -227,8 +227,9 @@ def report_calibration_and_leaks(emit: Callable[[str], None], calibration: dict,
     if leaks:
         clean, counts = leaks["test_without_leaks"], leaks["duplicates"]
         text = f"{clean['accuracy']:.4f} on {clean['images']} images" if clean["images"] else "no image left"
+        copies = "an exact or near copy" if counts["near_searched"] else "an exact copy (near copies not searched)"
         emit(
-            f"{clean['left_out']} test image(s) have an exact or near copy in train/val "
+            f"{clean['left_out']} test image(s) have {copies} in train/val "
             f"({counts['cross_split_exact']} exact, {counts['cross_split_near']} near pairs across splits); "
             f"test accuracy without them {text} (eval.json: test_without_leaks; metrics/duplicates.csv)"
         )
