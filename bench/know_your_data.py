@@ -99,7 +99,7 @@ def main() -> int:
         f"{d['test_without_leaks']['accuracy']:.4f} without them | {d['seconds']:.1f} |"
     )
     print(
-        f"| label errors | {labels['suspects']} suspects ({labels['folds']} folds x {labels['epochs']} epochs, "
+        f"| label errors | {labels['suspects']} suspects ({labels['folds']} folds x {labels['epochs']} epochs each, "
         f"out-of-sample accuracy {labels['out_of_sample_accuracy']:.4f}) | {labels['seconds']:.1f} |"
     )
     print(

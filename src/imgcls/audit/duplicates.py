@@ -424,10 +424,12 @@ def plot_pairs(
     images: dict[str, Any],
     names: dict[str, Sequence[str]],
     limit: int = 12,
+    note: str = "",
 ) -> int:
     """A PNG grid of up to ``limit`` pairs side by side (cross-split pairs first, then in ``pairs``' order),
     each image captioned with its split/file and the pair's kind and distance; returns how many pairs it
-    draws. With no pairs it still writes a picture that says so. Written atomically."""
+    draws. With no pairs it still writes a picture that says so, with ``note`` (what was searched) below.
+    Written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -437,7 +439,8 @@ def plot_pairs(
     figure = Figure(figsize=(2 * per_row * 1.6, rows * 2.0), dpi=100)
     FigureCanvasAgg(figure)
     if not chosen:
-        figure.text(0.5, 0.5, "no duplicate pairs found", ha="center", va="center", fontsize=14)
+        figure.text(0.5, 0.55, "no duplicate pairs found", ha="center", va="center", fontsize=14)
+        figure.text(0.5, 0.3, note, ha="center", va="center", fontsize=8, wrap=True)
     for number, pair in enumerate(chosen):
         caption = "exact copy" if pair.kind == "exact" else f"near, {pair.distance} bits"
         for side, (split, index) in enumerate(((pair.split_a, pair.index_a), (pair.split_b, pair.index_b))):

@@ -82,7 +82,14 @@ def duplicates(params: DuplicatesStageParams, paths: ProjectPaths) -> None:
         write_json(tmp / "duplicates.json", detail)
     write_pairs_csv(paths.metrics_dir / "duplicates.csv", pairs, names)
     images = {split: prepared.splits[split][0] for split in splits}
-    drawn = plot_pairs(paths.metrics_dir / "duplicates.png", pairs, images, names, limit=audit.duplicate_pairs_drawn)
+    drawn = plot_pairs(
+        paths.metrics_dir / "duplicates.png",
+        pairs,
+        images,
+        names,
+        limit=audit.duplicate_pairs_drawn,
+        note=f"exact copies; {rule}",
+    )
     total = sum(len(prepared.splits[s][1]) for s in splits)
     emit(
         f"{total:,} images hashed in {hashed - started:.1f} s, compared in {searched - hashed:.1f} s: "

@@ -54,7 +54,7 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
         return
     pixels = torch.from_numpy(images.load())
     started = time.perf_counter()
-    probabilities = score_out_of_sample(params, prepared.meta, pixels, labels, emit)
+    probabilities, epochs = score_out_of_sample(params, prepared.meta, pixels, labels, emit)
     seconds = time.perf_counter() - started
     suspects = confident_learning(labels, probabilities)
     names = load_names(paths.prepared_dir, "train", len(labels))
@@ -67,7 +67,8 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
         outputs[2],
         {
             "folds": audit.label_folds,
-            "epochs": audit.label_epochs,
+            "epochs": epochs,  # each fold's, audit.label_epochs raised to reach train.min_steps where needed
+            "label_epochs": audit.label_epochs,
             "images": int(len(labels)),
             "out_of_sample_accuracy": held_out_accuracy,
             "suspects": int(len(suspects.indices)),
@@ -84,8 +85,9 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
 
 def score_out_of_sample(
     params: LabelErrorsStageParams, meta: dict, pixels: torch.Tensor, labels: np.ndarray, emit: Callable[[str], None]
-) -> np.ndarray:
-    """Each training image's class probabilities from a model trained on the other folds (N, K)."""
+) -> tuple[np.ndarray, int]:
+    """Each training image's class probabilities from a model trained on the other folds (N, K), and the
+    epochs each fold trained."""
     audit = params.audit
     set_threads(params.base.threads)
     seed_everything(params.base.seed)
@@ -107,7 +109,7 @@ def score_out_of_sample(
     def on_fold(fold: int, folds: int, seconds: float) -> None:
         emit(f"fold {fold}/{folds} trained and scored in {seconds:.1f} s")
 
-    return out_of_sample_probabilities(
+    probabilities = out_of_sample_probabilities(
         pixels,
         labels,
         config=params.train,
@@ -119,6 +121,7 @@ def score_out_of_sample(
         seed=params.base.seed,
         on_fold=on_fold,
     )
+    return probabilities, epochs
 
 
 def write_off(outputs: tuple[Path, Path, Path], class_names: list[str]) -> None:
