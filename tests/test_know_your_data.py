@@ -30,7 +30,7 @@ def class_pattern(label: int) -> np.ndarray:
     middle = (SIZE - 1) / 2
     return [
         (y // 2 + x // 2) % 2 == 0,
-        edge < 4,
+        edge < 2,
         (y // 2) % 2 == 0,
         (abs(y - middle) < SIZE / 5) & (abs(x - middle) < SIZE / 5),
         (x // 2) % 2 == 0,
@@ -42,7 +42,7 @@ def picture(rng: np.random.Generator, label: int) -> Image.Image:
     perceptual hash sees) with its class's pattern drawn over it (what a classifier learns)."""
     field = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((SIZE, SIZE), Image.BICUBIC)
     pixels = np.asarray(field).astype(np.int16)
-    pixels = pixels * 0.6 + np.where(class_pattern(label)[:, :, None], 90, 0)
+    pixels = pixels * 0.7 + np.where(class_pattern(label)[:, :, None], 70, 0)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
@@ -108,7 +108,7 @@ def audited(tmp_path_factory):
         train={"model": "convnet", "width": 16, "epochs": 3, "precision": "fp32", "log_images": 0},
         audit={"label_folds": 4, "label_epochs": 3},
         evaluate={"tta": False, "activation_maps": 8},
-        export={"parity_images": 50, "latency_calls": 20, "int8_max_drop": 100.0},
+        export={"parity_images": 50, "latency_calls": 200, "int8_max_drop": 100.0},
         base={"threads": 1},
     )
     paths = ProjectPaths(root)
@@ -174,10 +174,12 @@ def test_the_misfiled_pictures_lead_the_label_suspects(audited):
 def test_calibration_and_activation_maps_come_with_the_evaluation(audited):
     metrics = audited["paths"].metrics_dir
     calibration = json.loads((metrics / "eval.json").read_text())["calibration"]
-    assert 0.01 <= calibration["temperature"] <= 100 and calibration["nll_after"] <= calibration["nll_before"] + 0.05
+    # 32 validation images are too few to fit a temperature on (MIN_CALIBRATION_IMAGES): it stays 1, so the
+    # figures after equal those before (fitted anyway, T = 1.82 raised the test ECE from 0.04 to 0.16 here).
+    assert calibration["temperature"] == 1.0 and calibration["ece_after"] == calibration["ece_before"]
     for name in ("before", "after"):
         table = list(csv.DictReader((metrics / "reliability" / f"{name}.csv").open()))
         assert sum(int(r["images"]) for r in table) == 90
     assert Image.open(metrics / "activation_maps.png").size[0] > 400
     checkpoint = torch.load(audited["paths"].checkpoint, weights_only=True)
-    assert checkpoint["extra"]["calibration"]["temperature"] == calibration["temperature"]
+    assert checkpoint["extra"]["calibration"] is None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import Temperature, fit_temperature
+from ..calibration import MIN_CALIBRATION_IMAGES, Temperature, fit_temperature
 from ..cli import log
 from ..errors import RuntimeChoiceError, TrainingError
 from ..fileio import atomic_dir
@@ -257,6 +257,13 @@ def calibrate(model: Network, val: tuple | None, rank: Rank, batch_size: int) ->
         )
         return None
     images, labels = val
+    if len(labels) < MIN_CALIBRATION_IMAGES:
+        rank.emit(
+            f"only {len(labels)} validation images: probabilities are left uncalibrated (temperature 1); a "
+            f"temperature fitted on fewer than {MIN_CALIBRATION_IMAGES} images chases one or two mistakes. "
+            "Raise preprocess.val_fraction (or add images to val/) to calibrate them"
+        )
+        return None
     started = time.perf_counter()
     logits = predict(model, images, batch_size=batch_size, device=rank.device, precision=rank.precision)
     fitted = fit_temperature(logits, labels)
