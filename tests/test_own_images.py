@@ -50,6 +50,7 @@ def new_project(root: Path) -> Path:
     params["data"].update(dataset="imagefolder", source="data/images", image_size=16)
     params["train"].update(epochs=3, min_steps=0, batch_size=32, log_images=0)
     params["evaluate"].update(misclassified_images=4)
+    params["audit"].update(label_folds=2, label_epochs=1)  # the label audit runs, briefly (its own tests: planted)
     params["export"].update(parity_images=40, latency_calls=200, int8_max_drop=100.0)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(project, "git", "init", "-q")
@@ -79,7 +80,16 @@ def test_own_images_are_versioned_shared_and_reproduced_on_a_fresh_clone(tmp_pat
     untracked = sh(project, "git", "status", "--porcelain", "-uall", "data").stdout.split()
     assert "data/images.dvc" in untracked and not [p for p in untracked if p.startswith("data/images/")]
     first = sh(project, DVC, "repro")
-    assert ran_stages(first.stdout) == ["validate", "download", "preprocess", "train", "evaluate", "export"]
+    assert ran_stages(first.stdout) == [
+        "validate",
+        "download",
+        "preprocess",
+        "duplicates",
+        "label_errors",
+        "train",
+        "evaluate",
+        "export",
+    ]
     assert "120 images: 120 decoded" in first.stdout  # 60 train + 60 test, nothing cached yet
     raw = project / "data" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == ["manifest.json", "source.json"]  # read in place: no copy
@@ -108,7 +118,15 @@ def test_own_images_are_versioned_shared_and_reproduced_on_a_fresh_clone(tmp_pat
     diff = sh(project, DVC, "diff").stdout
     assert all(f"data/images/train/cats/new-{i}.png" in diff for i in range(3)), diff
     second = sh(project, DVC, "repro")
-    assert ran_stages(second.stdout) == ["download", "preprocess", "train", "evaluate", "export"], second.stdout
+    assert ran_stages(second.stdout) == [
+        "download",
+        "preprocess",
+        "duplicates",
+        "label_errors",
+        "train",
+        "evaluate",
+        "export",
+    ], second.stdout
     assert "123 images: 3 decoded, 120 reused from the decode cache" in second.stdout, second.stdout
     meta = json.loads((project / "data" / "prepared" / "meta.json").read_text())
     assert sum(sum(meta["counts"][split].values()) for split in meta["counts"]) == 123
