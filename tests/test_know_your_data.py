@@ -183,3 +183,25 @@ def test_calibration_and_activation_maps_come_with_the_evaluation(audited):
     assert Image.open(metrics / "activation_maps.png").size[0] > 400
     checkpoint = torch.load(audited["paths"].checkpoint, weights_only=True)
     assert checkpoint["extra"]["calibration"] is None
+
+
+def test_every_picture_is_in_tensorboard_too(audited):
+    """`tensorboard --logdir data` shows each stage's pictures and headline figures beside the curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    paths = audited["paths"]
+    expected = {
+        "duplicates": ({"duplicates/pairs"}, {"duplicates/cross_split_exact", "duplicates/leaked_test_images"}),
+        "label_errors": ({"label_errors/suspects"}, {"label_errors/suspects"}),
+        "evaluate": (
+            {"evaluate/reliability", "evaluate/activation_maps", "evaluate/confusion_matrix", "evaluate/misclassified"},
+            {"calibration/ece_after", "test/accuracy_without_leaked_images"},
+        ),
+    }
+    for stage, (images, scalars) in expected.items():
+        events = EventAccumulator(str(paths.stage_tensorboard_dir(stage)), size_guidance={"images": 0}).Reload()
+        assert images <= set(events.Tags()["images"]) and scalars <= set(events.Tags()["scalars"]), stage
+    evaluation = json.loads((paths.metrics_dir / "eval.json").read_text())
+    events = EventAccumulator(str(paths.stage_tensorboard_dir("evaluate"))).Reload()
+    (leak_free,) = events.Scalars("test/accuracy_without_leaked_images")
+    assert leak_free.value == pytest.approx(evaluation["test_without_leaks"]["accuracy"])

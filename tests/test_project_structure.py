@@ -172,6 +172,9 @@ def test_dvc_yaml_paths_agree_with_the_paths_module():
     assert {str(paths.model_dir), str(paths.tensorboard_dir), str(paths.train_log_dir)} == set(outs["train"])
     assert str(paths.export_dir) in outs["export"] and str(paths.metrics_dir / "export.json") in outs["export"]
     assert str(paths.metrics_dir / "eval.json") in outs["evaluate"]
+    assert str(paths.audit_dir) in outs["duplicates"] and str(paths.audit_dir) in stages["evaluate"]["deps"]
+    for stage in ("duplicates", "label_errors", "evaluate"):  # each stage's pictures in a TensorBoard run of its own
+        assert str(paths.stage_tensorboard_dir(stage)) in outs[stage], stage
     assert str(paths.checkpoint).startswith(str(paths.model_dir) + "/")
 
 

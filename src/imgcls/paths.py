@@ -51,6 +51,10 @@ class ProjectPaths:
     def tensorboard_dir(self) -> Path:
         return self.root / "data" / "tensorboard"
 
+    def stage_tensorboard_dir(self, stage: str) -> Path:
+        """A stage's pictures and figures as a TensorBoard run (`tensorboard --logdir data` shows them all)."""
+        return self.root / "data" / f"tensorboard-{stage.replace('_', '-')}"
+
     @property
     def export_dir(self) -> Path:
         return self.root / "data" / "export"

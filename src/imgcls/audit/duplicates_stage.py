@@ -13,6 +13,7 @@ from ..fileio import atomic_dir, write_json
 from ..params.audit import DuplicatesStageParams
 from ..paths import ProjectPaths
 from ..prepared import load_names, load_prepared
+from ..tensorboard import write_tensorboard_run
 from .duplicates import (
     DuplicatePair,
     cross_split_test_rows,
@@ -89,6 +90,11 @@ def duplicates(params: DuplicatesStageParams, paths: ProjectPaths) -> None:
         names,
         limit=audit.duplicate_pairs_drawn,
         note=f"exact copies; {rule}",
+    )
+    write_tensorboard_run(
+        paths.stage_tensorboard_dir("duplicates"),
+        {"duplicates/pairs": paths.metrics_dir / "duplicates.png"},
+        {f"duplicates/{key}": value for key, value in counts.items() if key != "near_searched"},
     )
     total = sum(len(prepared.splits[s][1]) for s in splits)
     emit(

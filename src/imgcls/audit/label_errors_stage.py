@@ -19,6 +19,7 @@ from ..params.train import RECIPE_KEYS, params_with_recipe
 from ..paths import ProjectPaths
 from ..prepared import load_names, load_prepared
 from ..runtime import resolve_device, resolve_precision, seed_everything, set_threads
+from ..tensorboard import write_tensorboard_run
 from ..train.optim import run_length
 from ..train.stage import model_arguments
 from .label_errors import (
@@ -50,6 +51,7 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
     )
     if audit.label_folds == 0:
         write_off(outputs, prepared.class_names)
+        write_tensorboard_run(paths.stage_tensorboard_dir("label_errors"), {"label_errors/suspects": outputs[1]})
         emit("off (audit.label_folds: 0): no training image was checked; metrics/label_suspects.csv is empty")
         return
     pixels = torch.from_numpy(images.load())
@@ -75,6 +77,11 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
             "estimated_label_errors": int(suspects.estimated_issues),
             "seconds": seconds,
         },
+    )
+    write_tensorboard_run(
+        paths.stage_tensorboard_dir("label_errors"),
+        {"label_errors/suspects": outputs[1]},
+        {"label_errors/suspects": len(suspects.indices), "label_errors/out_of_sample_accuracy": held_out_accuracy},
     )
     emit(
         f"{len(suspects.indices)} training image(s) flagged as likely mislabelled (confident learning estimates "

@@ -5,6 +5,7 @@ looks (class activation maps)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ..prepared import load_names, load_prepared
 from ..report import progress_bar
 from ..runtime import resolve_device, resolve_precision, set_threads
 from ..stats import Accuracy, accuracy_of, spread_of_confusion
+from ..tensorboard import write_tensorboard_run
 from .leaks import read_leaks
 from .maps import draw_activation_maps
 from .metrics import (
@@ -114,6 +116,27 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
             f"activation maps ({method}) of {drawn} test images, misclassified and right, in "
             f"{time.perf_counter() - started:.1f} s: metrics/activation_maps.png"
         )
+    write_tensorboard_run(
+        paths.stage_tensorboard_dir("evaluate"),
+        {f"evaluate/{name}": paths.metrics_dir / f"{name}.png" for name in PICTURES},
+        tensorboard_scalars(json.loads((paths.metrics_dir / "eval.json").read_text())),
+    )
+
+
+# The evaluate stage's pictures (metrics/<name>.png), also shown in TensorBoard.
+PICTURES = ("confusion_matrix", "misclassified", "reliability", "activation_maps")
+
+
+def tensorboard_scalars(evaluation: dict) -> dict[str, float | None]:
+    """eval.json's headline figures for TensorBoard."""
+    calibration, clean = evaluation["calibration"], evaluation.get("test_without_leaks", {})
+    return {
+        "test/accuracy": evaluation["test"]["accuracy"],
+        "test/accuracy_without_leaked_images": clean.get("accuracy"),
+        "calibration/temperature": calibration["temperature"],
+        "calibration/ece_before": calibration["ece_before"],
+        "calibration/ece_after": calibration["ece_after"],
+    }
 
 
 def write_outputs(
