@@ -27,14 +27,8 @@ from imgcls.model.registry import MODELS, build_model, normalized_channels
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machines share two cores between workers: two OpenMP threads that wait on each other made a
-    # small training step 20x slower (0.5 s instead of 0.027 s). One thread is fast and predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for every test here (conftest.one_thread says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(name: str, channels: int, size: int, num_classes: int = 3, width: int = 8) -> nn.Module:

@@ -4,11 +4,11 @@ project's real image-folder decoder."""
 from __future__ import annotations
 
 import csv
-import io
 import shutil
 
 import numpy as np
 import pytest
+from conftest import near_copy
 from PIL import Image, ImageDraw, ImageEnhance
 
 from imgcls.arrays import NpyReader, save_array
@@ -42,22 +42,6 @@ def distinct_picture(rng: np.random.Generator, label: int, size: int = 48) -> Im
         for k in range(0, size, 8):
             draw.line((0, k + x % 8, size, k + y % 8), fill=colour, width=2)
     return field
-
-
-def near_copy(picture: Image.Image, variant: int) -> Image.Image:
-    """A typical edited copy: JPEG re-save, resize round trip, brightness, a crop of the border, or a mix."""
-    size = picture.size[0]
-    if variant == 0:  # JPEG at quality 60
-        buffer = io.BytesIO()
-        picture.save(buffer, "JPEG", quality=60)
-        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    if variant == 1:  # shrunk by 10% (decoding resizes it back)
-        return picture.resize((round(size * 0.9),) * 2, Image.BILINEAR)
-    if variant == 2:  # 10% brighter
-        return ImageEnhance.Brightness(picture).enhance(1.1)
-    if variant == 3:  # one pixel of the left and top border cropped (2%)
-        return picture.crop((1, 1, size, size))
-    return ImageEnhance.Brightness(near_copy(picture, 0)).enhance(0.92)  # mix: JPEG and 8% darker
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ The library tests (test_duplicates, test_label_errors, test_calibration, test_ca
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import real_params
-from PIL import Image, ImageEnhance
+from conftest import near_copy, real_params
+from PIL import Image
 
 from imgcls.paths import ProjectPaths
 
@@ -44,21 +43,6 @@ def picture(rng: np.random.Generator, label: int) -> Image.Image:
     pixels = np.asarray(field).astype(np.int16)
     pixels = pixels * 0.7 + np.where(class_pattern(label)[:, :, None], 70, 0)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def near_copy(image: Image.Image, variant: int) -> Image.Image:
-    """The edits a copy goes through: JPEG re-save, a resize, brightness, a cropped border, or a mix."""
-    if variant == 0:
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=60)
-        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    if variant == 1:
-        return image.resize((int(SIZE * 1.1),) * 2, Image.BILINEAR)
-    if variant == 2:
-        return ImageEnhance.Brightness(image).enhance(1.1)
-    if variant == 3:
-        return image.crop((1, 1, SIZE, SIZE))
-    return ImageEnhance.Brightness(near_copy(image, 0)).enhance(0.92)
 
 
 @pytest.fixture(scope="module")

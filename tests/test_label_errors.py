@@ -28,14 +28,8 @@ from imgcls.preprocess.splits import channel_stats
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machines share two cores between workers: two OpenMP threads that wait on each other made the
-    # fold training here 7x slower (55 s instead of 8 s; tests/test_cam.py saw the same). One thread is steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for every test here (conftest.one_thread says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern_masks(size: int) -> np.ndarray:
