@@ -189,3 +189,19 @@ def test_every_picture_is_in_tensorboard_too(audited):
     events = EventAccumulator(str(paths.stage_tensorboard_dir("evaluate"))).Reload()
     (leak_free,) = events.Scalars("test/accuracy_without_leaked_images")
     assert leak_free.value == pytest.approx(evaluation["test_without_leaks"]["accuracy"])
+
+
+def test_the_label_audit_stops_before_loading_what_memory_cannot_hold(audited, monkeypatch, capsys):
+    """Too little free memory for the split twice: a clear error naming the way on, and the previous
+    audit's outputs kept as they were."""
+    from imgcls.audit import label_errors_stage
+    from imgcls.errors import DataError
+
+    paths = audited["paths"]
+    before = (paths.metrics_dir / "label_suspects.csv").read_bytes()
+    monkeypatch.setattr(label_errors_stage, "available_memory", lambda device: 100_000)
+    monkeypatch.chdir(paths.root)
+    params = real_params(data={"dataset": "imagefolder", "source": "data/images", "image_size": SIZE})
+    with pytest.raises(DataError, match=r"holds the 290 training images in memory twice .* audit.label_folds: 0"):
+        label_errors_stage.label_errors(params, paths)
+    assert (paths.metrics_dir / "label_suspects.csv").read_bytes() == before

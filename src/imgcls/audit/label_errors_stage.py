@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from ..cli import log
+from ..errors import DataError
 from ..fileio import write_json
 from ..params.label_errors import LabelErrorsStageParams
 from ..params.train import RECIPE_KEYS, params_with_recipe
 from ..paths import ProjectPaths
 from ..prepared import load_names, load_prepared
-from ..runtime import resolve_device, resolve_precision, seed_everything, set_threads
+from ..runtime import available_memory, resolve_device, resolve_precision, seed_everything, set_threads
 from ..tensorboard import write_tensorboard_run
 from ..train.optim import run_length
 from ..train.stage import model_arguments
@@ -54,6 +55,7 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
         write_tensorboard_run(paths.stage_tensorboard_dir("label_errors"), {"label_errors/suspects": outputs[1]})
         emit("off (audit.label_folds: 0): no training image was checked; metrics/label_suspects.csv is empty")
         return
+    check_memory(images.nbytes, len(labels), resolve_device(params.base.device))
     pixels = torch.from_numpy(images.load())
     started = time.perf_counter()
     probabilities, epochs = score_out_of_sample(params, prepared.meta, pixels, labels, emit)
@@ -88,6 +90,18 @@ def label_errors(params: LabelErrorsStageParams, paths: ProjectPaths) -> None:
         f"{suspects.estimated_issues}); out-of-sample accuracy {held_out_accuracy:.4f}; {seconds:.1f} s; "
         f"metrics/label_suspects.csv, the first {drawn} in metrics/label_suspects.png"
     )
+
+
+def check_memory(nbytes: int, count: int, device: torch.device) -> None:
+    """The folds hold the training split and each fold's training part (a copy): twice its size, which must
+    fit in half the free memory, or the stage stops before loading anything, saying how to go on."""
+    need, free = 2 * nbytes, available_memory(device)
+    if need > free // 2:
+        raise DataError(
+            f"the label audit holds the {count:,} training images in memory twice ({need / 1e9:.1f} GB) but "
+            f"{free / 1e9:.1f} GB are free on {device.type}",
+            advice="set audit.label_folds: 0 to skip it, or a smaller data.image_size",
+        )
 
 
 def score_out_of_sample(
