@@ -43,7 +43,7 @@ def project(tmp_path_factory):
     paths = ProjectPaths(root)
     rng = np.random.default_rng(0)
     splits = {}
-    for split, n in (("train", 240), ("val", 30), ("test", 60)):
+    for split, n in (("train", 240), ("val", 200), ("test", 60)):
         labels = np.arange(n, dtype=np.int64) % 3
         splits[split] = (np.stack([coloured(int(label), rng).transpose(2, 0, 1) for label in labels]), labels)
     paths.prepared_dir.mkdir(parents=True)
@@ -131,7 +131,8 @@ def test_png_round_trip_gives_exactly_the_evaluate_stage_predictions(project, tm
         evaluated = list(csv.DictReader(f))
     assert [by_index[i]["class"] for i in range(len(images))] == [row["predicted"] for row in evaluated]
     # The same calibrated probability from both: the temperature travels in the ONNX metadata and both apply
-    # it (within the graph's parity tolerance); and it is a real calibration, not 1.
+    # it (within the graph's parity tolerance); and it is a real calibration, not 1 (the fixture's 200
+    # validation images are what MIN_CALIBRATION_IMAGES asks for).
     temperature = json.loads(onnx_metadata(paths))["temperature"]
     assert temperature != 1.0 and 0.01 <= temperature <= 100
     predicted = np.array([by_index[i]["probability"] for i in range(len(images))])
