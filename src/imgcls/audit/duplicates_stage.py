@@ -15,7 +15,6 @@ from ..paths import ProjectPaths
 from ..prepared import load_names, load_prepared
 from ..tensorboard import write_tensorboard_run
 from .duplicates import (
-    DuplicatePair,
     cross_split_test_rows,
     find_duplicates,
     hash_images,
@@ -27,17 +26,15 @@ from .duplicates import (
 SPLIT_ORDER = ("train", "val", "test")
 
 
-def pair_counts(pairs: list[DuplicatePair]) -> dict:
-    """Exact and near pairs within one split and across two; the test images with a copy in train or val.
-    Flat keys: they are columns of `dvc exp show` (eval.json's duplicates)."""
-    across = [p for p in pairs if p.cross_split]
-    within = [p for p in pairs if not p.cross_split]
+def pair_counts(summary: dict) -> dict:
+    """The flat counts eval.json and `dvc exp show` carry, from ``summarize``'s per-split tables: exact and
+    near pairs across two splits and within one, and the test images with a copy in train or val."""
     return {
-        "cross_split_exact": sum(p.kind == "exact" for p in across),
-        "cross_split_near": sum(p.kind == "near" for p in across),
-        "within_split_exact": sum(p.kind == "exact" for p in within),
-        "within_split_near": sum(p.kind == "near" for p in within),
-        "leaked_test_images": len(cross_split_test_rows(pairs)),
+        "cross_split_exact": sum(summary["exact_across"].values()),
+        "cross_split_near": sum(summary["near_across"].values()),
+        "within_split_exact": sum(summary["exact_within"].values()),
+        "within_split_near": sum(summary["near_within"].values()),
+        "leaked_test_images": summary["leaked_test_images"],
     }
 
 
@@ -69,13 +66,14 @@ def duplicates(params: DuplicatesStageParams, paths: ProjectPaths) -> None:
     pairs = find_duplicates(hashes, max_distance=max_distance, min_correlation=audit.duplicates_min_correlation)
     searched = time.perf_counter()
     names = {split: load_names(paths.prepared_dir, split, len(prepared.splits[split][1])) for split in splits}
-    counts = pair_counts(pairs)
+    by_split = summarize(pairs, splits)
+    counts = pair_counts(by_split)
     detail = {
         "max_distance": max_distance,
         "min_correlation": audit.duplicates_min_correlation if max_distance is not None else None,
         "images": {split: len(prepared.splits[split][1]) for split in splits},
         "counts": counts,
-        "by_split": summarize(pairs, splits),
+        "by_split": by_split,
         "leaked_test_rows": cross_split_test_rows(pairs).tolist(),
         "pairs": [[p.split_a, p.index_a, p.split_b, p.index_b, p.kind, p.distance] for p in pairs],
     }

@@ -5,7 +5,6 @@ looks (class activation maps)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,12 +61,8 @@ class Evaluation:
     loss: float
     logits: np.ndarray  # float32 (N, K)
     temperature: float  # the checkpoint's (imgcls.calibration); 1: uncalibrated
+    probabilities: np.ndarray  # calibrated (N, K): what `imgcls predict` gives for the same images
     class_names: list[str]
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        """Calibrated class probabilities (N, K): what `imgcls predict` gives for the same images."""
-        return probabilities(self.logits, self.temperature)
 
 
 def evaluate(params: Params, paths: ProjectPaths) -> None:
@@ -98,7 +93,7 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
             bar.close()
     seconds = time.perf_counter() - started
     outcome = score_predictions(result, labels, class_names, temperature)
-    write_outputs(params, paths, outcome, images, dataset=dataset, precision=precision, emit=emit)
+    figures = write_outputs(params, paths, outcome, images, dataset=dataset, precision=precision, emit=emit)
     emit(f"{len(images):,} test images scored in {seconds:.1f} s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
     started = time.perf_counter()
     drawn, method = draw_activation_maps(
@@ -119,7 +114,7 @@ def evaluate(params: Params, paths: ProjectPaths) -> None:
     write_tensorboard_run(
         paths.stage_tensorboard_dir("evaluate"),
         {f"evaluate/{name}": paths.metrics_dir / f"{name}.png" for name in PICTURES},
-        tensorboard_scalars(json.loads((paths.metrics_dir / "eval.json").read_text())),
+        tensorboard_scalars(figures),
     )
 
 
@@ -128,7 +123,7 @@ PICTURES = ("confusion_matrix", "misclassified", "reliability", "activation_maps
 
 
 def tensorboard_scalars(evaluation: dict) -> dict[str, float | None]:
-    """eval.json's headline figures for TensorBoard."""
+    """eval.json's headline figures (``evaluation``: what it holds) for TensorBoard."""
     calibration, clean = evaluation["calibration"], evaluation.get("test_without_leaks", {})
     return {
         "test/accuracy": evaluation["test"]["accuracy"],
@@ -148,12 +143,13 @@ def write_outputs(
     dataset: str,
     precision: str,
     emit: Callable[[str], None],
-) -> None:
-    """eval.json (with calibration and leaks), the tables and the pictures; the stage's summary lines."""
+) -> dict:
+    """eval.json (with calibration and leaks), the tables and the pictures; the stage's summary lines.
+    Returns what eval.json holds."""
     config = params.evaluate
     calibration = calibration_summary(outcome)
     leaks = leak_summary(paths, outcome)
-    write_eval_json(
+    evaluation = write_eval_json(
         paths.metrics_dir / "eval.json",
         outcome,
         tta=config.tta,
@@ -171,6 +167,7 @@ def write_outputs(
     )
     report(emit, outcome, shown)
     report_calibration_and_leaks(emit, calibration, leaks)
+    return evaluation
 
 
 def load_model(checkpoint_path: Path, device: torch.device, *, tta: bool) -> tuple[nn.Module, dict]:
@@ -190,6 +187,7 @@ def load_test_split(paths: ProjectPaths, class_names: list[str]) -> tuple[str, N
 def score_predictions(result: dict, labels: np.ndarray, class_names: list[str], temperature: float = 1.0) -> Evaluation:
     """Confusion matrix, per-class metrics and the overall accuracy with its interval."""
     predictions = result["predictions"].cpu().numpy()
+    logits = result["logits"].float().cpu().numpy()
     confusion = confusion_matrix(labels, predictions, len(class_names))
     return Evaluation(
         labels=labels,
@@ -199,8 +197,9 @@ def score_predictions(result: dict, labels: np.ndarray, class_names: list[str], 
         score=accuracy_of(predictions, labels),
         accuracy=result["accuracy"],
         loss=result["loss"],
-        logits=result["logits"].float().cpu().numpy(),
+        logits=logits,
         temperature=temperature,
+        probabilities=probabilities(logits, temperature),
         class_names=list(class_names),
     )
 
@@ -258,7 +257,7 @@ def report_calibration_and_leaks(emit: Callable[[str], None], calibration: dict,
         )
 
 
-def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: str, extra: dict | None = None) -> None:
+def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: str, extra: dict | None = None) -> dict:
     """eval.json: test accuracy with its interval and counts, loss, the weakest class, how it was measured.
     Per-class figures go to per_class.csv only: keyed by class name here, they would add a column per class
     of every data set ever run to `dvc exp show`."""
@@ -284,7 +283,9 @@ def write_eval_json(path: Path, outcome: Evaluation, *, tta: bool, precision: st
         "most_predicted_share": spread.top_share,
         "chance_accuracy": spread.chance,
     }
-    write_json(path, {"test": test, **summary, **(extra or {}), "tta": tta, "precision": precision})
+    evaluation = {"test": test, **summary, **(extra or {}), "tta": tta, "precision": precision}
+    write_json(path, evaluation)
+    return evaluation
 
 
 def write_tables_and_plots(
