@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import UserError
 from ..fileio import atomic_path
 from ..report import LISTED, progress_bar
-from .models import LoadedModel, load_model
+from .models import STOP_SIGNALS, LoadedModel, load_model
 from .sources import FileJob, Item, Skipped, camera_frames, decode_jobs, plan_sources, video_frames
 
 DEFAULT_MODEL = Path("data/export/model.onnx")
@@ -44,9 +44,6 @@ MAX_THREADS = 1024
 class Terminated(BaseException):
     """SIGTERM or SIGHUP (a closed terminal or SSH session): unwinds like Ctrl-C, so temporaries are removed
     and finished results kept."""
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def printable(text: str) -> str:

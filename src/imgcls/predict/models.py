@@ -20,10 +20,12 @@ Every loaded model takes uint8 images (N, C, H, W) at its own input size and ret
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,10 @@ TRUST_HINT = (
     "pass --trust-model only if you trust whoever made the file, or use the ONNX export "
     "(model.onnx), which predict loads as data"
 )
+
+
+# What stops `imgcls predict` cleanly besides Ctrl-C: a kill, and the terminal or SSH session closing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -192,7 +198,7 @@ def run_interruptibly(session, feed: dict, *, seconds: float, path: Path) -> np.
     finished = _start_run(session, feed, options, outcome)
     deadline = time.monotonic() + seconds
     try:
-        while not finished.wait(0.05):
+        while not _wait_holding_signals(finished, 0.05):
             if time.monotonic() > deadline:
                 raise UserError(
                     f"{path}: one inference call ran longer than {seconds:.0f} s and was stopped; the graph "
@@ -222,8 +228,32 @@ def _start_run(session, feed: dict, options, outcome: dict) -> threading.Event:
         finally:
             finished.set()
 
-    threading.Thread(target=work, name="onnx-run", daemon=True).start()
+    with signals_held():
+        threading.Thread(target=work, name="onnx-run", daemon=True).start()
     return finished
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and the stop signals back while threading waits on a Condition (Thread.start, Event.wait):
+    their handlers raise wherever the main thread is, and raised inside a Condition's lock handling the
+    exception leaves the lock broken ("release unlocked lock", a traceback instead of a clean stop). A signal
+    that came meanwhile is delivered, on the main thread, as soon as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, *STOP_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _wait_holding_signals(event: threading.Event, seconds: float) -> bool:
+    """``event.wait(seconds)`` with the signals held (signals_held): a Ctrl-C or stop meanwhile is raised after
+    it, at most ``seconds`` later."""
+    with signals_held():
+        return event.wait(seconds)
 
 
 def _runtime_error(error: Exception, path: Path, *, batch: int) -> UserError:
