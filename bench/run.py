@@ -54,10 +54,13 @@ CIFAR_DATA = {
 }
 
 
-def run_stages(project: Path, stages: list[str]) -> dict:
+def run_stages(project: Path, stages: list[str], candidates: bool = False) -> dict:
+    """Each stage in a child process, timed; ``candidates``: through bench/candidate_stage.py, which registers
+    bench/candidates.py's layouts first (issue 25's search)."""
     total = {"seconds": 0.0, "peak_rss_mib": 0.0}
     for stage in stages:
-        result = run_timed([sys.executable, f"stages/{stage}.py"], project, project / f"{stage}.log")
+        script = [str(REPO_ROOT / "bench" / "candidate_stage.py"), stage] if candidates else [f"stages/{stage}.py"]
+        result = run_timed([sys.executable, *script], project, project / f"{stage}.log")
         if result["returncode"]:
             raise SystemExit(f"{stage} failed:\n{(project / f'{stage}.log').read_text()[-3000:]}")
         total["seconds"] += result["seconds"]
@@ -111,10 +114,10 @@ def recipe_data(name: str, overrides: dict) -> tuple[str, dict]:
     return dataset + "".join(f"-{key}{value}" for key, value in sorted(own.items())), merged
 
 
-def recipe_row(name: str, overrides: dict, project: Path) -> dict:
+def recipe_row(name: str, overrides: dict, project: Path, candidates: bool = False) -> dict:
     dataset = recipe_dataset(name)
     set_params(project, _reset(overrides))
-    run = run_stages(project, ["train", "evaluate"])
+    run = run_stages(project, ["train", "evaluate"], candidates)
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
     config = yaml.safe_load((project / "params.yaml").read_text())["train"]
@@ -141,9 +144,10 @@ def recipe_row(name: str, overrides: dict, project: Path) -> dict:
 
 
 def _reset(overrides: dict) -> dict:
-    """The committed params.yaml's train/evaluate sections with this recipe's overrides on top."""
+    """The committed params.yaml's base/train/evaluate sections with this recipe's overrides on top (a seed set
+    by one row does not leak into the next)."""
     committed = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    sections = ("train", "evaluate")
+    sections = ("base", "train", "evaluate")
     return merge_params(
         {section: committed[section] for section in sections},
         {section: values for section, values in overrides.items() if section in sections},

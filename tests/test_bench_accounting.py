@@ -121,3 +121,35 @@ def test_every_benchmark_recipe_is_valid_params():
                 folder != run.recipe_dataset(name)
                 and data["preprocess"]["val_fraction"] == overrides["preprocess"]["val_fraction"]
             )
+
+
+def test_every_search_run_is_valid_params_on_a_candidate_layout():
+    """bench/search.yaml (issue 25's search) names candidate layouts registered by bench/candidates.py only in
+    the benchmark's processes; each run must parse with them registered, and each layout must build and keep
+    its smallest image size."""
+    import torch
+    import yaml
+
+    import candidates
+    from imgcls.model.registry import MODELS
+    from imgcls.params.core import read_yaml
+    from imgcls.params.project import parse_params
+
+    runs = yaml.safe_load((REPO_ROOT / "bench" / "search.yaml").read_text())
+    saved = dict(MODELS)
+    try:
+        candidates.register()
+        for name, overrides in runs.items():
+            assert set(overrides) <= {"preprocess", "train", "evaluate"}, name
+            assert overrides["train"]["model"].startswith("cand_"), name
+            parse_params(merge(read_yaml(REPO_ROOT / "params.yaml"), overrides))  # raises naming the key
+        for name, layout in candidates.LAYOUTS.items():
+            side = layout.min_image_size()
+            model = MODELS[f"cand_{name}"].build(
+                8, 0.0, in_channels=1, num_classes=3, image_size=side, mean=[0.5], std=[0.25]
+            )
+            model.initialize_from_data(torch.randint(0, 256, (4, 1, side, side), dtype=torch.uint8))
+            assert model(torch.rand(2, 1, side, side)).shape == (2, 3), name
+    finally:
+        MODELS.clear()
+        MODELS.update(saved)

@@ -49,6 +49,7 @@ CASES = {
     ("tutorial_cnn", 3, 32, 2): (GRAD_CAM, "features", (4, 4)),
     ("convnet", 1, 28, 2): (GRAD_CAM, "groups", (3, 3)),
     ("fast", 3, 32, 2): (GRAD_CAM, "groups", (3, 3)),  # the valid 2x2 stem: 32 -> 31 -> 15 -> 7 -> 3
+    ("fast_lite", 1, 28, 2): (GRAD_CAM, "groups", (3, 3)),  # 28 -> 27 -> 13 -> 6 -> 3
     ("resnet18", 1, 32, 2): (GRAD_CAM, "backbone.layer3", (2, 2)),  # layer4 is 1x1 at 32 px: no place in it
     ("mobilenet_v3_small", 3, 64, 2): (GRAD_CAM, "backbone.features", (2, 2)),
     ("shufflenet_v2_x0_5", 3, 64, 2): (GRAD_CAM, "backbone.conv5", (2, 2)),

@@ -11,7 +11,7 @@ import torch
 from imgcls.deploy.export import check_parity, export_onnx, export_torchscript, measure_latency
 from imgcls.errors import CheckpointError, ExportError
 from imgcls.model.checkpoint import load_checkpoint, plain_state_dict, save_checkpoint
-from imgcls.model.networks import TTAModel
+from imgcls.model.networks import with_tta
 from imgcls.model.registry import MODELS, build_model
 
 ARGUMENTS = {"in_channels": 1, "num_classes": 3, "image_size": 16, "mean": [0.3], "std": [0.2], "width": 8}
@@ -71,12 +71,16 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     "name, tta",
-    [("convnet", False), ("fast", True), ("lenet", False), ("resnet18", False), ("mobilenet_v3_small", False)],
+    [
+        ("convnet", "mirror"),
+        ("fast", "mirror_shifts"),
+        ("lenet", "none"),
+        ("resnet18", "none"),
+        ("mobilenet_v3_small", "none"),
+    ],
 )
 def test_exports_match_pytorch_and_take_images_in_unit_range(tmp_path, name, tta):
-    model = trained_looking_model(name)
-    if tta:
-        model = TTAModel(model).eval()
+    model = with_tta(trained_looking_model(name), tta).eval()
     images = np.random.default_rng(0).random((40, 1, 16, 16), dtype=np.float32)
     example = torch.from_numpy(images[:2])
     export_torchscript(model, example, tmp_path / "m.pt", {"class_names": ["a", "b"]})

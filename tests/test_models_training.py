@@ -8,7 +8,7 @@ from torch import nn
 from imgcls import runtime
 from imgcls.errors import ParamsError, RuntimeChoiceError, TrainingError
 from imgcls.model.inference import evaluate_model
-from imgcls.model.networks import TTAModel
+from imgcls.model.networks import TTAModel, with_tta
 from imgcls.model.registry import MODELS, build_model
 from imgcls.train.batches import Augmentation, batch_flip, batch_translate, iterate_batches, reflect_pad
 from imgcls.train.loop import FitHooks, FitSetup, StopRequested, fit
@@ -106,6 +106,19 @@ def test_tta_averages_mirror_and_shifts():
         shifted = torch.stack([model(padded[:, :, :8, :8]), model(padded[:, :, 2:, 2:])]).mean(0)
         expected = 0.5 * plain + 0.5 * 0.5 * (shifted[:3] + shifted[3:])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_tta_mirror_level_averages_the_image_and_its_mirror_only():
+    model = build_model("convnet", **arguments(3, 8)).eval()
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        got = TTAModel(model, "mirror")(x)
+        expected = 0.5 * (model(x) + model(x.flip(3)))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert with_tta(model, "none") is model
+    assert isinstance(with_tta(model, "mirror_shifts"), TTAModel) and with_tta(model, "mirror_shifts").shifts
+    with pytest.raises(ValueError, match="TTA level 'none'"):
+        TTAModel(model, "none")
 
 
 def test_batch_translate_moves_whole_images_within_the_padding():

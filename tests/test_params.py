@@ -63,7 +63,7 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         (
             {"train": {"pretrained": "imagenet"}},
             "train.pretrained = 'imagenet' loads torchvision's ImageNet weights, "
-            "which exist for torchvision's networks (resnet18, mobilenet_v3_small, ...), not for train.model = 'fast'",
+            "which exist for torchvision's networks (resnet18, mobilenet_v3_small, ...), not for train.model = 'fast_lite'",
         ),
         (
             {"train": {"model": "resnet18", "pretrained": "imagenet", "init_from": "a.pt"}},
@@ -84,7 +84,7 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         ),
         (
             {"data": {"dataset": "imagefolder", "source": "x.zip", "image_size": 8}},
-            "train.model = 'fast' needs images of at least 9x9 pixels, but data.image_size is 8",
+            "train.model = 'fast_lite' needs images of at least 9x9 pixels, but data.image_size is 8",
         ),
     ],
 )
@@ -92,6 +92,26 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(change, fragment)
     with pytest.raises(ParamsError) as caught:
         parse_params(merge(committed_params_raw(), change))
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "given, level", [(True, "mirror_shifts"), (False, "none"), ("mirror", "mirror"), ("none", "none")]
+)
+def test_tta_takes_a_level_or_the_old_true_and_false(given, level):
+    params = parse_params(merge(committed_params_raw(), {"evaluate": {"tta": given}, "export": {"tta": given}}))
+    assert params.evaluate.tta == level and params.export.tta == level
+
+
+def test_tta_levels_of_params_are_the_networks_levels():
+    import typing
+
+    from imgcls.model.networks import TTA_LEVELS
+    from imgcls.params.evaluate import TTALevel
+
+    assert set(typing.get_args(typing.get_args(TTALevel)[0])) == set(TTA_LEVELS)
+    with pytest.raises(ParamsError) as caught:
+        parse_params(merge(committed_params_raw(), {"evaluate": {"tta": "shifts"}}))
+    assert "evaluate.tta = 'shifts' is not allowed" in str(caught.value) and "mirror_shifts" in str(caught.value)
 
 
 def write_params(tmp_path, text_edit):

@@ -30,10 +30,24 @@ def resolved(data: dict | None = None, **train_keys):
 
 
 def test_auto_keys_take_the_models_recipe_and_set_keys_win():
-    params = resolved()  # committed params: fast, every recipe key auto
+    params = resolved()  # committed params: fast_lite, every recipe key auto
     assert params.train.lr == "auto"
-    fast = params.with_recipe().train
-    assert (fast.optimizer, fast.lr, fast.bias_lr_scale, fast.ema) == ("sgd", 0.375, 64.0, 0.95)
+    lite = params.with_recipe().train
+    assert (lite.optimizer, lite.lr, lite.bias_lr_scale, lite.ema, lite.label_smoothing) == (
+        "sgd",
+        0.375,
+        64.0,
+        0.95,
+        0.1,
+    )
+    fast = resolved(model="fast").with_recipe().train
+    assert (fast.optimizer, fast.lr, fast.bias_lr_scale, fast.ema, fast.label_smoothing) == (
+        "sgd",
+        0.375,
+        64.0,
+        0.95,
+        0.2,
+    )
     assert fast.recompute_batchnorm is FAST_RECIPE.recompute_batchnorm is False
     mobilenet = resolved(model="mobilenet_v3_small", label_smoothing=0.0).with_recipe().train
     assert mobilenet.lr == TORCHVISION_RECIPE.lr and mobilenet.bias_lr_scale == 1.0 and mobilenet.ema == 0.0
@@ -44,8 +58,9 @@ def test_auto_keys_take_the_models_recipe_and_set_keys_win():
 
 
 def test_augmentation_defaults_follow_the_image_size():
-    small = resolved().with_recipe().train.augment  # Fashion-MNIST: 28 px
-    assert (small.translate, small.crop_scale, small.color_jitter, small.policy) == (2, 1.0, 0.0, "none")
+    small = resolved().with_recipe().train.augment  # Fashion-MNIST: 28 px, fast_lite's 1-pixel shift
+    assert (small.translate, small.crop_scale, small.color_jitter, small.policy) == (1, 1.0, 0.0, "none")
+    assert resolved(model="fast").with_recipe().train.augment.translate == 2  # the other models' shift
     photos = resolved(data=PHOTOS).with_recipe().train.augment
     assert photos.crop_scale < 1 and photos.color_jitter > 0 and photos.policy == "none"
     assert photos.translate == 0

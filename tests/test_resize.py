@@ -251,7 +251,7 @@ def save_model_files(paths: ProjectPaths, params_dict: dict, folder: Path) -> di
     )
     model, checkpoint = load_checkpoint(files["checkpoint"])
     example = torch.zeros((2, 3, SIZE, SIZE))
-    facts = model_facts(checkpoint, dataset="imagefolder", test_accuracy=0.5, tta=False)
+    facts = model_facts(checkpoint, dataset="imagefolder", test_accuracy=0.5, tta="none")
     export_onnx(model, example, files["onnx"], 17)
     add_onnx_metadata(files["onnx"], facts)
     export_torchscript(model, example, files["torchscript"], facts)

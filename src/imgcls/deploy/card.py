@@ -12,6 +12,17 @@ from ..evaluate.metrics import per_class_metrics
 from ..stats import spread_of_confusion
 
 
+TTA_WORDS = {
+    "none": "no",
+    "mirror": "yes, the image and its mirror (2 views, twice the latency)",
+    "mirror_shifts": "yes, mirror and one-pixel shifts (6 views, 6x the latency)",
+}
+
+
+def tta_words(level: str) -> str:
+    return TTA_WORDS.get(level, str(level))
+
+
 def confused_pairs(confusion: np.ndarray, class_names: list[str], top: int = 5) -> list[tuple[str, str, int]]:
     """The ``top`` most frequent (true, predicted, images) mistakes, largest first; none with zero images."""
     off = confusion.copy()
@@ -90,7 +101,7 @@ def input_section(facts: dict, int8: dict | None, sizes: dict) -> list[str]:
         f"transparency composited onto white, EXIF rotation, bilinear resize to {size}x{size} "
         "(`imgcls.preprocess.images`; `imgcls predict` does all of it).",
         f"- Output: `logits` (N, {len(names)}), classes in this order: {', '.join(names)}.",
-        f"- Test-time augmentation inside the graph: {'yes (6 views)' if facts['tta'] else 'no'}.",
+        f"- Test-time augmentation inside the graph: {tta_words(facts['tta'])}.",
         f"- Files: model.onnx ({sizes['onnx_bytes'] / 1e6:.2f} MB)"
         + (f", model.int8.onnx ({int8['onnx_bytes'] / 1e6:.2f} MB)" if int8 else "")
         + f", model.torchscript.pt ({sizes['torchscript_bytes'] / 1e6:.2f} MB). The ONNX metadata (`imgcls`) holds "

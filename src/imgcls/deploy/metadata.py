@@ -25,7 +25,7 @@ def trained_resize(checkpoint: dict) -> object:
     return data.get("resize", "squash") if isinstance(data, dict) else "squash"
 
 
-def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: bool) -> dict:
+def model_facts(checkpoint: dict, *, dataset: str, test_accuracy: float, tta: str) -> dict:
     arguments = checkpoint["arguments"]
     return {
         "format_version": FORMAT_VERSION,

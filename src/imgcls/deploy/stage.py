@@ -21,7 +21,7 @@ from ..evaluate.leaks import read_leaks
 from ..evaluate.metrics import confusion_matrix
 from ..fileio import atomic_dir, write_json, write_text
 from ..model.checkpoint import load_checkpoint
-from ..model.networks import TTAModel
+from ..model.networks import with_tta
 from ..params.export import ExportParams
 from ..params.export import ExportStageParams as Params
 from ..paths import ProjectPaths
@@ -112,11 +112,11 @@ def trust_findings(paths: ProjectPaths, fp32: Fp32Export, labels: np.ndarray) ->
     return findings
 
 
-def load_model(checkpoint_path: Path, *, tta: bool) -> tuple[nn.Module, dict]:
+def load_model(checkpoint_path: Path, *, tta: str) -> tuple[nn.Module, dict]:
     """The trained model on the CPU (exports are fp32 CPU graphs), wrapped for test-time augmentation with
     ``tta``, and its checkpoint."""
     model, checkpoint = load_checkpoint(checkpoint_path, "cpu")
-    return (TTAModel(model).eval() if tta else model), checkpoint
+    return with_tta(model, tta).eval(), checkpoint
 
 
 def graph_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -220,7 +220,7 @@ def check_int8_drop(
         )
 
 
-def write_metrics(metrics_dir: Path, card: str, fp32: Fp32Export, int8: dict, *, tta: bool) -> None:
+def write_metrics(metrics_dir: Path, card: str, fp32: Fp32Export, int8: dict, *, tta: str) -> None:
     """metrics/model_card.md (a copy of the exported card) and metrics/export.json."""
     write_text(metrics_dir / "model_card.md", card)
     write_json(

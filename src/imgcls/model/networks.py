@@ -109,20 +109,25 @@ class Conv(nn.Conv2d):
 
 
 class ConvGroup(nn.Module):
-    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the second conv's cost)."""
+    """conv -> 2x2 max-pool -> BN -> GELU, then ``convs - 1`` times conv -> BN -> GELU (pooling early makes the
+    later convs four times cheaper). Layers are named conv1/norm1, conv2/norm2, ... (two convs: the airbench block)."""
 
-    def __init__(self, in_channels: int, out_channels: int, fast: bool):
+    def __init__(self, in_channels: int, out_channels: int, fast: bool, convs: int = 2):
         super().__init__()
+        self.convs = convs
         self.conv1 = Conv(in_channels, out_channels, dirac=fast)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = BatchNorm(out_channels, frozen_scale=fast)
-        self.conv2 = Conv(out_channels, out_channels, dirac=fast)
-        self.norm2 = BatchNorm(out_channels, frozen_scale=fast)
+        for index in range(2, convs + 1):
+            setattr(self, f"conv{index}", Conv(out_channels, out_channels, dirac=fast))
+            setattr(self, f"norm{index}", BatchNorm(out_channels, frozen_scale=fast))
         self.activation = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
-        return self.activation(self.norm2(self.conv2(x)))
+        for index in range(2, self.convs + 1):
+            x = self.activation(getattr(self, f"norm{index}")(getattr(self, f"conv{index}")(x)))
+        return x
 
 
 class ConvNet(Network):
@@ -131,6 +136,10 @@ class ConvNet(Network):
     fast: a 2x2 first conv whose weights are set from the eigenvectors of training-image patches
     (whitening, after tysam-code/hlb-cifar10 and airbench), BatchNorm with frozen scale, dirac init,
     a bias-free head scaled by 1/9. convnet: a learnable 3x3 stem conv and ordinary BatchNorm.
+
+    The layout: one ConvGroup per entry of ``widths`` (each halves the side), with ``convs`` convolutions
+    each; ``stem_stride`` 2 (fast only) makes the whitening stem a space-to-depth step (2x2 patches, stride 2:
+    a quarter of the pixels, nothing lost) so every later layer costs a quarter.
     """
 
     def __init__(
@@ -140,9 +149,11 @@ class ConvNet(Network):
         image_size: int,
         mean: list[float],
         std: list[float],
-        widths: tuple[int, int, int],
+        widths: tuple[int, ...],
         fast: bool,
         whiten_bias_epochs: float = 0.0,
+        convs: tuple[int, ...] = (2, 2, 2),
+        stem_stride: int = 1,
     ):
         super().__init__()
         self.fast = fast
@@ -156,25 +167,26 @@ class ConvNet(Network):
         self.normalize = Normalize(mean, std)
         if fast:
             stem_width = 2 * in_channels * 2 * 2  # each 2x2 patch eigenvector, positive and negated
-            self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=2, padding=0, bias=True)
+            self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=2, stride=stem_stride, padding=0, bias=True)
             self.stem.weight.requires_grad = False  # set by init_whitening, never trained
             self.stem_post = nn.GELU()
         else:
             stem_width = widths[0]
             self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=3, padding=1, bias=False)
             self.stem_post = nn.Sequential(nn.BatchNorm2d(stem_width), nn.GELU())
-        self.groups = nn.Sequential(
-            ConvGroup(stem_width, widths[0], fast),
-            ConvGroup(widths[0], widths[1], fast),
-            ConvGroup(widths[1], widths[2], fast),
-        )
-        self.head = nn.Linear(widths[2], num_classes, bias=not fast)
+        if len(convs) != len(widths) or (stem_stride != 1 and not fast):
+            raise ValueError(
+                f"ConvNet layout: {len(widths)} widths, {len(convs)} conv counts, stem stride {stem_stride}"
+            )
+        inputs = (stem_width, *widths[:-1])
+        self.groups = nn.Sequential(*(ConvGroup(i, o, fast, n) for i, o, n in zip(inputs, widths, convs, strict=True)))
+        self.head = nn.Linear(widths[-1], num_classes, bias=not fast)
         self.head_scale = 1 / 9 if fast else 1.0  # airbench: keeps initial logits small with frozen-scale BN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_post(self.stem(self.normalize(x)))  # (N, stem, H, W)
-        x = self.groups(x)  # (N, widths[2], H/8, W/8)
-        x = torch.amax(x, dim=(2, 3))  # global max pool -> (N, widths[2])
+        x = self.groups(x)  # (N, widths[-1], H/2^groups, W/2^groups)
+        x = torch.amax(x, dim=(2, 3))  # global max pool -> (N, widths[-1])
         return self.head(x) * self.head_scale
 
     # airbench whitens from 5,000 training images: enough for a stable 12x12 (RGB) patch covariance.
@@ -237,17 +249,33 @@ class TorchvisionNet(Network):
         return self.backbone(self.normalize(x))
 
 
-class TTAModel(nn.Module):
-    """Average logits over the image, its mirror, and both shifted by one pixel (airbench's TTA level 2)."""
+# Test-time augmentation levels (evaluate.tta, export.tta) and the views each averages.
+TTA_LEVELS = {"none": 1, "mirror": 2, "mirror_shifts": 6}
 
-    def __init__(self, model: nn.Module):
+
+class TTAModel(nn.Module):
+    """Average logits over views of each image (airbench's TTA levels 1 and 2). ``level`` mirror: the image and
+    its mirror; mirror_shifts: half that average, half the average of both shifted by one pixel up-left and
+    down-right (6 views)."""
+
+    def __init__(self, model: nn.Module, level: str = "mirror_shifts"):
         super().__init__()
+        if level not in ("mirror", "mirror_shifts"):
+            raise ValueError(f"TTA level {level!r}: mirror or mirror_shifts (none is the model itself)")
         self.model = model
+        self.shifts = level == "mirror_shifts"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w = x.shape[0], x.shape[2], x.shape[3]
         both = torch.cat([x, torch.flip(x, dims=[3])])  # (2N, C, H, W): image and mirror
+        if not self.shifts:
+            return self.model(both).view(2, n, -1).mean(dim=0)
         padded = F.pad(both, (1, 1, 1, 1), mode="reflect")
         views = torch.cat([both, padded[:, :, 0:h, 0:w], padded[:, :, 2 : h + 2, 2 : w + 2]])  # (6N, C, H, W)
         logits = self.model(views).view(3, 2, n, -1)  # (view, mirror, N, classes)
         return 0.5 * logits[0].mean(dim=0) + 0.5 * logits[1:].mean(dim=(0, 1))
+
+
+def with_tta(model: nn.Module, level: str) -> nn.Module:
+    """``model`` wrapped for test-time augmentation at ``level`` (TTA_LEVELS); none: the model itself."""
+    return model if level == "none" else TTAModel(model, level)

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from .base import BaseParams
 from .core import Section, StageParams
+from .evaluate import TTALevel
 
 
 class ExportParams(Section):
@@ -15,7 +16,7 @@ class ExportParams(Section):
         ge=200, le=100000, description="200..100000 (the median needs enough calls to be stable)"
     )
     opset: int = Field(ge=13, le=21)
-    tta: bool
+    tta: TTALevel
     int8_max_drop: float = Field(ge=0, le=100, description="0..100 (percentage points of test accuracy)")
     int8_calibration_images: int = Field(ge=1, le=100000)
 

@@ -17,7 +17,8 @@ from .core import URL_SCHEME, Section, StageParams, StageParamsT, show
 from .data import DataParams, check_data, input_size
 
 Auto = Literal["auto"]  # the model's recipe (or, for augmentation, what the image size suggests)
-RECIPE_KEYS = tuple(field.name for field in fields(Recipe))
+# The train keys a recipe fills (small_image_translate fills train.augment.translate's auto instead)
+RECIPE_KEYS = tuple(field.name for field in fields(Recipe) if field.name != "small_image_translate")
 # From this side up images are photos rather than thumbnails: random resized crops, colour jitter and an
 # automatic policy help them; at 32 pixels (CIFAR-10, Fashion-MNIST) a flip and a 2-pixel shift do best.
 PHOTO_IMAGE_SIZE = 64
@@ -34,10 +35,11 @@ class AugmentParams(Section):
     cutmix: float = Field(ge=0, le=10)  # Beta(alpha, alpha) of cutmix (0 = off)
 
 
-def augmentation_defaults(image_size: int) -> dict:
-    """What train.augment's ``auto`` keys become for images of this side."""
+def augmentation_defaults(image_size: int, small_image_translate: int = 2) -> dict:
+    """What train.augment's ``auto`` keys become for images of this side (``small_image_translate``: the
+    model's recipe's shift below PHOTO_IMAGE_SIZE)."""
     if image_size < PHOTO_IMAGE_SIZE:
-        return {"translate": 2, "crop_scale": 1.0, "color_jitter": 0.0, "policy": "none"}
+        return {"translate": small_image_translate, "crop_scale": 1.0, "color_jitter": 0.0, "policy": "none"}
     # The random resized crop moves and scales the image itself: no shift on top. No automatic policy by
     # default: per image it runs at 0.28x the flip-and-shift path at 64 px (bench/results/augment.json) and,
     # on the 244-image cat/dog set at 64 px, it scored 0.53 against 0.65 without it (one seed, 200 steps).
@@ -94,12 +96,11 @@ class TrainParams(Section):
 
 def with_recipe(train: TrainParams, image_size: int) -> TrainParams:
     """``train`` with every ``auto`` replaced: the recipe keys by the model's recipe, the augmentation keys by
-    what ``image_size`` suggests."""
+    what ``image_size`` suggests (small images: the shift of the model's recipe)."""
     recipe = model_spec(train.model).recipe
     update = {key: getattr(recipe, key) for key in RECIPE_KEYS if getattr(train, key) == "auto"}
-    augment = {
-        key: value for key, value in augmentation_defaults(image_size).items() if getattr(train.augment, key) == "auto"
-    }
+    defaults = augmentation_defaults(image_size, recipe.small_image_translate)
+    augment = {key: value for key, value in defaults.items() if getattr(train.augment, key) == "auto"}
     return train.model_copy(update={**update, "augment": train.augment.model_copy(update=augment)})
 
 
