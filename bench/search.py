@@ -3,7 +3,8 @@ accuracy per second, on this machine.
 
     .venv/bin/python bench/search.py speed DATASET [--widths 16 24 32] [--layouts NAME ...]
         training images/s of every layout x width (the real set-up and step of imgcls.train.loop on random
-        uint8 images of the data set's shape, batch 512 or --batch-size, the precision `auto` picks; 12 steps timed after 3),
+        uint8 images of the data set's shape, batch 512 or --batch-size, the precision `auto` picks; 12 steps
+        timed after 3),
         with its FLOPs per image -> bench/results/search-speed-DATASET.json (rows replaced by layout+width)
     .venv/bin/python bench/search.py accuracy RUN [RUN ...] [--seeds 0 1 2]
         each run of bench/search.yaml trained and evaluated by bench/run.py's stages in its prepared project
@@ -207,7 +208,8 @@ def run_table(args: argparse.Namespace) -> None:
     tutorials = ", ".join(f"{cpu}: {t['wall_seconds']:.1f} s" for cpu, t in payload["tutorials"].items())
     print(f"tutorial's loop: {tutorials}\n")
     print(
-        "| run | seed | layout | test accuracy | TTA none / mirror / mirror_shifts | wall s | x tutorial | train img/s | MFLOP/img |"
+        "| run | seed | layout | test accuracy | TTA none / mirror / mirror_shifts | wall s | x tutorial "
+        "| train img/s | MFLOP/img |"
     )
     print("|---|---:|---|---:|---|---:|---:|---:|---:|")
     for row in payload["rows"]:
@@ -215,12 +217,13 @@ def run_table(args: argparse.Namespace) -> None:
         layout = LAYOUTS[train["model"].removeprefix("cand_")]
         widths = "/".join(str(m * train["width"]) for m in layout.multipliers)
         convs = "".join(map(str, layout.convs))
-        levels = " / ".join(f"{v['test_accuracy']:.4f}" for v in row.get("tta_levels", {}).values()) or "not rescored"
+        rescored = row.get("tta_levels", {}).values()
+        levels = " / ".join(f"{v['test_accuracy']:.4f}" for v in rescored) or "not rescored"
         print(
             f"| {row['recipe'].removeprefix(args.dataset + '-')} | {row['seed']} | {widths}, convs {convs}"
             f"{', s2d stem' if layout.stem_stride == 2 else ''} | {row['test_accuracy']:.4f} | {levels} | "
-            f"{row['wall_seconds']:.1f} | {row['time_ratio_to_tutorial']:.2f} | {row['train_images_per_second']:,.0f} | "
-            f"{row['train_flops_per_image'] / 1e6:.1f} |"
+            f"{row['wall_seconds']:.1f} | {row['time_ratio_to_tutorial']:.2f} | "
+            f"{row['train_images_per_second']:,.0f} | {row['train_flops_per_image'] / 1e6:.1f} |"
         )
 
 

@@ -127,10 +127,10 @@ def test_every_search_run_is_valid_params_on_a_candidate_layout():
     """bench/search.yaml (issue 25's search) names candidate layouts registered by bench/candidates.py only in
     the benchmark's processes; each run must parse with them registered, and each layout must build and keep
     its smallest image size."""
+    import candidates
     import torch
     import yaml
 
-    import candidates
     from imgcls.model.registry import MODELS
     from imgcls.params.core import read_yaml
     from imgcls.params.project import parse_params

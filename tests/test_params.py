@@ -63,7 +63,8 @@ def test_the_schema_holds_no_defaults_so_params_yaml_is_the_one_home_of_values()
         (
             {"train": {"pretrained": "imagenet"}},
             "train.pretrained = 'imagenet' loads torchvision's ImageNet weights, "
-            "which exist for torchvision's networks (resnet18, mobilenet_v3_small, ...), not for train.model = 'fast_lite'",
+            "which exist for torchvision's networks (resnet18, mobilenet_v3_small, ...), "
+            "not for train.model = 'fast_lite'",
         ),
         (
             {"train": {"model": "resnet18", "pretrained": "imagenet", "init_from": "a.pt"}},

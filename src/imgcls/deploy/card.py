@@ -11,7 +11,6 @@ import numpy as np
 from ..evaluate.metrics import per_class_metrics
 from ..stats import spread_of_confusion
 
-
 TTA_WORDS = {
     "none": "no",
     "mirror": "yes, the image and its mirror (2 views, twice the latency)",
