@@ -107,7 +107,7 @@ def test_tta_levels_of_params_are_the_networks_levels():
     import typing
 
     from imgcls.model.networks import TTA_LEVELS
-    from imgcls.params.evaluate import TTALevel
+    from imgcls.params.core import TTALevel
 
     assert set(typing.get_args(typing.get_args(TTALevel)[0])) == set(TTA_LEVELS)
     with pytest.raises(ParamsError) as caught:

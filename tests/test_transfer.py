@@ -320,14 +320,14 @@ def test_params_keep_transfer_settings_consistent():
 
 
 def test_small_data_gets_enough_steps_and_short_runs_warn():
-    config = real_params().train  # the committed recipe: batch 512, 10 epochs, at least 8 batches and 200 steps
+    config = real_params().train  # the committed recipe: batch 512, 9 epochs, at least 8 batches and 200 steps
     ants_bees = run_length(220, config)
     assert (ants_bees.batch_size, ants_bees.steps_per_epoch, ants_bees.epochs) == (27, 8, 25)
     assert any("train.min_batches_per_epoch = 8" in note for note in ants_bees.notes)
-    assert any("25 epochs instead of train.epochs 10" in note for note in ants_bees.notes)
+    assert any("25 epochs instead of train.epochs 9" in note for note in ants_bees.notes)
     assert not ants_bees.warnings
     fashion = run_length(54000, config)  # large data: the recipe as written
-    assert (fashion.batch_size, fashion.epochs, fashion.notes, fashion.warnings) == (512, 10, [], [])
+    assert (fashion.batch_size, fashion.epochs, fashion.notes, fashion.warnings) == (512, 9, [], [])
     # Freezing for at least train.epochs means the head alone, however many epochs min_steps adds.
     images = torch.zeros(220, 3, 16, 16, dtype=torch.uint8)
     model = build_model("fast", in_channels=3, num_classes=2, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, width=8)
@@ -340,8 +340,8 @@ def test_small_data_gets_enough_steps_and_short_runs_warn():
     with pytest.raises(TrainingError, match="cannot give each of train.processes = 16 processes two images"):
         run_length(20, config, processes=16)
     short = run_length(220, real_params(train={"min_steps": 0}).train)
-    assert short.total_steps == 80 < SHORT_RUN_STEPS
-    assert short.warnings and "only 80 optimizer steps" in short.warnings[0] and "train.min_steps" in short.warnings[0]
+    assert short.total_steps == 72 < SHORT_RUN_STEPS
+    assert short.warnings and "only 72 optimizer steps" in short.warnings[0] and "train.min_steps" in short.warnings[0]
 
 
 def test_a_tiny_test_split_warns_with_its_interval(tmp_path, capsys):

@@ -14,9 +14,9 @@ import reprlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from ..errors import ParamsError
 
@@ -27,6 +27,16 @@ MAX_IMAGE_SIZE = 512
 # that every stage refuses; project.Params has exactly these fields (tests/test_params.py checks).
 SECTIONS = ("base", "data", "preprocess", "audit", "train", "evaluate", "export")
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # https://, file://, s3://: train paths are never URLs
+
+
+def _tta_level(value: object) -> object:
+    """true and false, the values before there were levels: all 6 views, and none."""
+    return {True: "mirror_shifts", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+
+# evaluate.tta and export.tta, test-time augmentation: none | mirror (2 views) | mirror_shifts (6 views); the
+# views of each are imgcls.model.networks.TTA_LEVELS.
+TTALevel = Annotated[Literal["none", "mirror", "mirror_shifts"], BeforeValidator(_tta_level)]
 
 
 class Section(BaseModel):

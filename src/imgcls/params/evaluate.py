@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
 from .base import BaseParams
-from .core import Section, StageParams
+from .core import Section, StageParams, TTALevel
 from .train import TrainParams
-
-
-def _tta_level(value: object) -> object:
-    """true and false, the values before there were levels: all 6 views, and none."""
-    return {True: "mirror_shifts", False: "none"}.get(value, value) if isinstance(value, bool) else value
-
-
-# Test-time augmentation: none | mirror (2 views) | mirror_shifts (6 views); imgcls.model.networks.TTA_LEVELS.
-TTALevel = Annotated[Literal["none", "mirror", "mirror_shifts"], BeforeValidator(_tta_level)]
 
 
 class EvaluateParams(Section):

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import BaseParams
-from .core import Section, StageParams
-from .evaluate import TTALevel
+from .core import Section, StageParams, TTALevel
 
 
 class ExportParams(Section):
