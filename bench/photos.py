@@ -40,7 +40,7 @@ CATDOG_ROWS = {
     "mobilenet_v3_small from scratch": {"model": "mobilenet_v3_small"},
     "resnet18 from scratch": {"model": "resnet18"},
 }
-CIFAR_MODELS = ["lenet", "tutorial_cnn", "convnet", "fast", "resnet18", "mobilenet_v3_small"]
+CIFAR_MODELS = ["lenet", "tutorial_cnn", "convnet", "fast", "fast_lite", "resnet18", "mobilenet_v3_small"]
 CIFAR_EXTRA_TORCHVISION = ["shufflenet_v2_x1_0", "regnet_x_400mf"]  # through torchvision's registry
 
 

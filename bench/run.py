@@ -108,9 +108,10 @@ def recipe_data(name: str, overrides: dict) -> tuple[str, dict]:
     dataset = recipe_dataset(name)
     data = CIFAR_DATA if dataset == "cifar10-jpeg" else FASHION_MNIST_SOURCE
     own = overrides.get("preprocess", {})
-    if not own:
-        return dataset, data
-    merged = {**data, "preprocess": {**data.get("preprocess", {}), **own}}
+    # The committed preprocess section is part of what prepared the data: a project prepared under an earlier
+    # params.yaml (another val_fraction) no longer matches and is prepared again.
+    committed = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["preprocess"]
+    merged = {**data, "preprocess": {**committed, **data.get("preprocess", {}), **own}}
     return dataset + "".join(f"-{key}{value}" for key, value in sorted(own.items())), merged
 
 
