@@ -34,6 +34,8 @@ from common import (
 )
 from flops import cpu_features, matmul_peak, nominal_peak, training_flops_per_image
 
+from imgcls.paths import ProjectPaths
+
 WORK = Path("/tmp/imgcls-bench")
 # Issue 14's targets: (data set, least test accuracy, most wall time as a multiple of the tutorial's loop on the
 # same data set in the same run).
@@ -118,6 +120,9 @@ def recipe_data(name: str, overrides: dict) -> tuple[str, dict]:
 def recipe_row(name: str, overrides: dict, project: Path, candidates: bool = False) -> dict:
     dataset = recipe_dataset(name)
     set_params(project, _reset(overrides))
+    # A benchmark row trains from scratch: a resume state left by an interrupted earlier row would make the
+    # train stage continue that run (and its seconds meaningless).
+    ProjectPaths(project).resume_state.unlink(missing_ok=True)
     run = run_stages(project, ["train", "evaluate"], candidates)
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     train = json.loads((project / "metrics" / "train" / "metrics.json").read_text())
