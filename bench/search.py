@@ -154,52 +154,29 @@ def accuracy_row(name: str, overrides: dict, seed: int) -> None:
     )
 
 
-TTA_VIEWS = {"none": (False, False), "mirror": (True, False), "mirror_shifts": (True, True)}
-
-
 def tta_levels(project, precision: str) -> dict:
-    """The run's checkpoint rescored on the test split at each test-time augmentation level: accuracy and the
-    seconds the scoring took (what the evaluate stage's wall time would gain or lose at that level)."""
+    """The run's checkpoint rescored on the test split at each test-time augmentation level (the library's
+    TTA_LEVELS, 1,000 views per call as the evaluate stage does): accuracy and the seconds the scoring took."""
     import numpy as np
 
     from imgcls.model.checkpoint import load_checkpoint
     from imgcls.model.inference import predict
+    from imgcls.model.networks import TTA_LEVELS, with_tta
 
     model, _ = load_checkpoint(project / "data" / "model" / "checkpoint.pt", torch.device("cpu"))
     images = torch.from_numpy(np.load(project / "data" / "prepared" / "test_images.npy"))
     labels = torch.from_numpy(np.load(project / "data" / "prepared" / "test_labels.npy"))
     levels = {}
-    for level, (mirror, shifts) in TTA_VIEWS.items():
+    for level, views in TTA_LEVELS.items():
         started = time.perf_counter()
         logits = predict(
-            ViewAverage(model, mirror, shifts), images, batch_size=1000, device=torch.device("cpu"), precision=precision
+            with_tta(model, level), images, batch_size=1000 // views, device=torch.device("cpu"), precision=precision
         )
         levels[level] = {
             "test_accuracy": float((logits.argmax(1) == labels).float().mean()),
             "seconds": time.perf_counter() - started,
         }
     return levels
-
-
-class ViewAverage(torch.nn.Module):
-    """Logits averaged over the image and its mirror (``mirror``), then half-weighted with the one-pixel shifts
-    of both (``shifts``): TTAModel's 6 views when both are on."""
-
-    def __init__(self, model: torch.nn.Module, mirror: bool, shifts: bool):
-        super().__init__()
-        self.model, self.mirror, self.shifts = model, mirror, shifts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        h, w = x.shape[2], x.shape[3]
-        both = [x, torch.flip(x, dims=[3])] if self.mirror else [x]
-        logits = torch.stack([self.model(view) for view in both]).mean(0)
-        if not self.shifts:
-            return logits
-        padded = [F.pad(view, (1, 1, 1, 1), mode="reflect") for view in both]
-        shifted = [self.model(p[:, :, a : a + h, a : a + w]) for p in padded for a in (0, 2)]
-        return 0.5 * logits + 0.5 * torch.stack(shifted).mean(0)
 
 
 def run_table(args: argparse.Namespace) -> None:
